@@ -1,0 +1,246 @@
+"""What a servable LoRA adapter looks like on disk, checked without torch.
+
+PEFT's ``save_pretrained`` writes ``adapter_config.json`` and ``adapter_model.safetensors`` whose
+tensors are named ``base_model.model.model.layers.<i>.<self_attn|mlp>.<proj>.lora_<A|B>.weight``
+with ``lora_A`` of shape ``(r, in_features)`` and ``lora_B`` of shape ``(out_features, r)``.
+Both the adapter store (before a download is accepted) and the model core (before weights reach a
+device) use these checks, so a bad adapter is refused with the same message wherever it is seen.
+Only the safetensors *header* is read here; the tensors themselves are never loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from safetensors import safe_open
+
+from openlora_ray.errors import InvalidAdapterError
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PICKLE_FILES = ("adapter_model.bin", "pytorch_model.bin")
+
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+PROJECTIONS = ATTENTION_PROJECTIONS + MLP_PROJECTIONS
+
+ALLOWED_DTYPES = frozenset({"F32", "F16", "BF16"})
+
+_WEIGHT_KEY = re.compile(
+    r"^base_model\.model\.model\.layers\.(?P<layer>\d+)\."
+    r"(?:self_attn|mlp)\.(?P<proj>[a-z_]+)\.lora_(?P<ab>[AB])\.weight$"
+)
+
+
+class PeftLoraConfig(BaseModel):
+    """The fields of PEFT's ``adapter_config.json`` that decide whether we can serve it.
+
+    PEFT writes many more fields (task type, init options, revision...); they are accepted and
+    ignored, because they do not change what the saved tensors mean at inference time.
+    """
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    peft_type: str
+    r: int = Field(gt=0)
+    lora_alpha: float = Field(gt=0)
+    target_modules: list[str] | str | None = None
+    use_rslora: bool = False
+    use_dora: bool = False
+    modules_to_save: list[str] | None = None
+    bias: Literal["none", "all", "lora_only"] = "none"
+    lora_bias: bool = False
+    rank_pattern: dict[str, int] = Field(default_factory=dict)
+    alpha_pattern: dict[str, float] = Field(default_factory=dict)
+    base_model_name_or_path: str | None = None
+
+    @property
+    def scale(self) -> float:
+        """The factor PEFT multiplies ``B @ A`` by: alpha/r, or alpha/sqrt(r) for rsLoRA."""
+        return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+
+@dataclass(frozen=True)
+class BaseModelDims:
+    """The shapes of a Llama-family base model that adapter tensors must agree with."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict[str, Any]) -> "BaseModelDims":
+        """Read a Hugging Face ``config.json`` dict (Llama, Mistral, Qwen2 and SmolLM share it)."""
+        heads = cfg["num_attention_heads"]
+        return cls(
+            hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"],
+            num_layers=cfg["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=cfg.get("num_key_value_heads") or heads,
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+        )
+
+    @classmethod
+    def from_model_dir(cls, path: str | Path) -> "BaseModelDims":
+        return cls.from_hf_config(json.loads((Path(path) / "config.json").read_text()))
+
+    def in_out(self, proj: str) -> tuple[int, int]:
+        """(in_features, out_features) of a projection of this model."""
+        h, i = self.hidden_size, self.intermediate_size
+        q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        return {
+            "q_proj": (h, q),
+            "k_proj": (h, kv),
+            "v_proj": (h, kv),
+            "o_proj": (q, h),
+            "gate_proj": (h, i),
+            "up_proj": (h, i),
+            "down_proj": (i, h),
+        }[proj]
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """A validated adapter: its config and which (layer, projection) pairs it changes."""
+
+    adapter_id: str
+    config: PeftLoraConfig
+    targets: frozenset[tuple[int, str]]
+
+    @property
+    def rank(self) -> int:
+        return self.config.r
+
+    @property
+    def projections(self) -> frozenset[str]:
+        return frozenset(p for _, p in self.targets)
+
+
+def parse_weight_key(key: str) -> tuple[int, str, str] | None:
+    """``(layer, projection, "A"|"B")`` for a LoRA tensor name, ``None`` for anything else."""
+    m = _WEIGHT_KEY.match(key)
+    if m is None or m["proj"] not in PROJECTIONS:
+        return None
+    return int(m["layer"]), m["proj"], m["ab"]
+
+
+def read_config(adapter_id: str, adapter_dir: Path) -> PeftLoraConfig:
+    """Parse and check ``adapter_config.json``; refuse features we cannot serve exactly."""
+    path = adapter_dir / CONFIG_FILE
+    if not path.is_file():
+        raise InvalidAdapterError(adapter_id, f"missing {CONFIG_FILE}")
+    try:
+        cfg = PeftLoraConfig.model_validate_json(path.read_bytes())
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "config"
+        raise InvalidAdapterError(adapter_id, f"{CONFIG_FILE}: {where}: {first['msg']}") from e
+    problems = []
+    if cfg.peft_type.upper() != "LORA":
+        problems.append(f"peft_type is {cfg.peft_type!r}, only LORA is supported")
+    if cfg.use_dora:
+        problems.append("DoRA (use_dora=true) is not supported")
+    if cfg.modules_to_save:
+        problems.append(f"modules_to_save {cfg.modules_to_save} is not supported (full weights)")
+    if cfg.bias != "none" or cfg.lora_bias:
+        problems.append("trained biases are not supported (bias must be 'none')")
+    if cfg.rank_pattern or cfg.alpha_pattern:
+        problems.append("per-module rank_pattern/alpha_pattern is not supported")
+    if isinstance(cfg.target_modules, list):
+        unknown = sorted(set(cfg.target_modules) - set(PROJECTIONS))
+        if unknown:
+            problems.append(f"target_modules {unknown} are not among the base model's {list(PROJECTIONS)}")
+    if problems:
+        raise InvalidAdapterError(adapter_id, "; ".join(problems))
+    return cfg
+
+
+def validate_adapter_dir(
+    adapter_id: str,
+    adapter_dir: str | Path,
+    dims: BaseModelDims | None = None,
+    max_rank: int | None = None,
+) -> AdapterSpec:
+    """Check an adapter folder without loading its tensors.
+
+    Refuses pickle-only adapters, configs with unsupported features, safetensors files that are
+    truncated or hold unexpected tensors, dtypes other than float32/float16/bfloat16, ranks above
+    ``max_rank``, and (when ``dims`` is given) shapes or layers the base model does not have.
+    """
+    adapter_dir = Path(adapter_dir)
+    weights = adapter_dir / WEIGHTS_FILE
+    if not weights.is_file():
+        if any((adapter_dir / p).exists() for p in PICKLE_FILES):
+            raise InvalidAdapterError(
+                adapter_id, "only pickled .bin weights found; re-save with safe_serialization=True"
+            )
+        raise InvalidAdapterError(adapter_id, f"missing {WEIGHTS_FILE}")
+    cfg = read_config(adapter_id, adapter_dir)
+    if max_rank is not None and cfg.r > max_rank:
+        raise InvalidAdapterError(adapter_id, f"rank {cfg.r} exceeds the server's max_rank {max_rank}")
+    try:
+        with safe_open(str(weights), framework="numpy") as f:
+            header = {k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape())) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own SafetensorError for any malformed file
+        raise InvalidAdapterError(adapter_id, f"{WEIGHTS_FILE} is not a valid safetensors file: {e}") from e
+    return AdapterSpec(adapter_id, cfg, _check_header(adapter_id, header, cfg, dims))
+
+
+def _check_header(
+    adapter_id: str,
+    header: dict[str, tuple[str, tuple[int, ...]]],
+    cfg: PeftLoraConfig,
+    dims: BaseModelDims | None,
+) -> frozenset[tuple[int, str]]:
+    if not header:
+        raise InvalidAdapterError(adapter_id, f"{WEIGHTS_FILE} holds no tensors")
+    seen: dict[tuple[int, str], set[str]] = {}
+    for key, (dtype, shape) in header.items():
+        parsed = parse_weight_key(key)
+        if parsed is None:
+            raise InvalidAdapterError(adapter_id, f"unsupported tensor {key!r}: {_explain_key(key)}")
+        layer, proj, ab = parsed
+        if dtype not in ALLOWED_DTYPES:
+            raise InvalidAdapterError(adapter_id, f"tensor {key!r} has dtype {dtype}, expected F32/F16/BF16")
+        if len(shape) != 2:
+            raise InvalidAdapterError(adapter_id, f"tensor {key!r} has shape {list(shape)}, expected 2-D")
+        if dims is not None:
+            if layer >= dims.num_layers:
+                raise InvalidAdapterError(
+                    adapter_id, f"tensor {key!r} targets layer {layer}, base model has {dims.num_layers}"
+                )
+            fan_in, fan_out = dims.in_out(proj)
+            expected = (cfg.r, fan_in) if ab == "A" else (fan_out, cfg.r)
+        else:
+            expected = (cfg.r, shape[1]) if ab == "A" else (shape[0], cfg.r)
+        if shape != expected:
+            raise InvalidAdapterError(
+                adapter_id,
+                f"tensor {key!r} has shape {list(shape)}, expected {list(expected)} (r={cfg.r})",
+            )
+        seen.setdefault((layer, proj), set()).add(ab)
+    unpaired = sorted(k for k, v in seen.items() if v != {"A", "B"})
+    if unpaired:
+        layer, proj = unpaired[0]
+        raise InvalidAdapterError(adapter_id, f"layer {layer} {proj} has lora_A or lora_B but not both")
+    return frozenset(seen)
+
+
+def _explain_key(key: str) -> str:
+    if "lora_magnitude_vector" in key:
+        return "DoRA is not supported"
+    if "modules_to_save" in key or not ("lora_A" in key or "lora_B" in key):
+        return "only LoRA A/B matrices are supported (no full weights, biases or modules_to_save)"
+    if "embed" in key or "lm_head" in key:
+        return "LoRA on embeddings or lm_head is not supported"
+    return f"only the projections {list(PROJECTIONS)} of decoder layers can be adapted"

@@ -1,0 +1,41 @@
+"""Domain exceptions shared by every layer.
+
+Each layer raises one of these; only the HTTP ingress maps them to status codes, so the engine,
+the store and the model core stay usable (and testable) without a web framework.
+"""
+
+from __future__ import annotations
+
+
+class OpenLoraError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class InvalidAdapterError(OpenLoraError):
+    """An adapter exists but cannot be served (bad config, shapes, weights or format). HTTP 422."""
+
+    def __init__(self, adapter_id: str, reason: str) -> None:
+        super().__init__(f"adapter {adapter_id!r} cannot be served: {reason}")
+        self.adapter_id = adapter_id
+        self.reason = reason
+
+
+class InvalidAdapterIdError(OpenLoraError):
+    """An adapter id that is not well formed (never turned into a path or key). HTTP 400."""
+
+
+class AdapterNotFoundError(OpenLoraError):
+    """No adapter (or no such version) under the store root. HTTP 404."""
+
+    def __init__(self, adapter_id: str, where: str = "") -> None:
+        suffix = f" in {where}" if where else ""
+        super().__init__(f"adapter {adapter_id!r} not found{suffix}")
+        self.adapter_id = adapter_id
+
+
+class StoreUnavailableError(OpenLoraError):
+    """The object store did not answer in time or refused the connection. HTTP 503."""
+
+
+class CapacityError(OpenLoraError):
+    """No room right now (every slot pinned, queue full); retrying later can succeed. HTTP 429/503."""

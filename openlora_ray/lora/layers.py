@@ -1,0 +1,83 @@
+"""A group of base projections that share one input, fused, with per-slot LoRA stacks.
+
+q/k/v (and gate/up) read the same activations, so their base weights are concatenated into one
+GEMM and their LoRA A matrices into one shrink. The buffers are allocated once, at construction:
+loading an adapter copies into them and never creates parameters, re-wraps modules or changes a
+shape, so nothing downstream (a captured graph, a compiled kernel) has to be rebuilt.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from openlora_ray.lora.ops import add_lora_delta
+
+
+@dataclass(frozen=True)
+class GroupBatch:
+    """Which rows of a batch apply LoRA in one projection group, and from which slots."""
+
+    rows: torch.Tensor | None  # (K,) long; None = every row of the batch
+    slots: torch.Tensor  # (K,) long, all >= 0
+    rank: int  # largest rank among those slots
+
+
+class LoraProjectionGroup(nn.Module):
+    """``n`` projections ``in -> out_j`` sharing an input; returns their outputs as a tuple.
+
+    Buffers (S slots, R = max rank):
+      weight  (sum_j out_j, in)   frozen base weights, concatenated
+      bias    (sum_j out_j,)      base bias if the model has one (Qwen2's q/k/v), else None
+      lora_a  (S, n, R, in)       A of each projection, rank zero-padded
+      lora_b  (S, sum_j out_j, R) B of each projection concatenated along out, scale folded in
+    """
+
+    def __init__(
+        self,
+        names: tuple[str, ...],
+        weights: list[torch.Tensor],  # each (out_j, in)
+        biases: list[torch.Tensor | None],
+        num_slots: int,
+        max_rank: int,
+    ) -> None:
+        super().__init__()
+        self.names = names
+        self.out_splits = tuple(w.shape[0] for w in weights)
+        in_features = weights[0].shape[1]
+        dtype, device = weights[0].dtype, weights[0].device
+        self.register_buffer("weight", torch.cat(weights, dim=0))
+        has_bias = any(b is not None for b in biases)
+        bias = (
+            torch.cat([b if b is not None else torch.zeros(w.shape[0], dtype=dtype, device=device) for w, b in zip(weights, biases)])
+            if has_bias
+            else None
+        )
+        self.register_buffer("bias", bias)
+        shape_a = (num_slots, len(names), max_rank, in_features)
+        self.register_buffer("lora_a", torch.zeros(shape_a, dtype=dtype, device=device))
+        self.register_buffer("lora_b", torch.zeros(num_slots, sum(self.out_splits), max_rank, dtype=dtype, device=device))
+
+    def forward(self, x: torch.Tensor, lora: GroupBatch | None) -> tuple[torch.Tensor, ...]:
+        y = F.linear(x, self.weight, self.bias)  # (B, L, sum out)
+        if lora is not None:
+            add_lora_delta(y, x, self.lora_a, self.lora_b, lora.rows, lora.slots, lora.rank, self.out_splits)
+        return y.split(self.out_splits, dim=-1)
+
+    def clear_slot(self, slot: int) -> None:
+        self.lora_a[slot].zero_()
+        self.lora_b[slot].zero_()
+
+    def write_slot(self, slot: int, name: str, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Copy one projection's ``A (r, in)`` and scaled ``B (out, r)`` into a slot."""
+        j = self.names.index(name)
+        r = a.shape[0]
+        start = sum(self.out_splits[:j])
+        self.lora_a[slot, j, :r].copy_(a)
+        self.lora_b[slot, start : start + self.out_splits[j], :r].copy_(b)
+
+    def bytes_per_slot(self) -> int:
+        return (self.lora_a[0].nbytes + self.lora_b[0].nbytes)

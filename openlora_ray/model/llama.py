@@ -1,0 +1,194 @@
+"""A compact forward pass for Llama-family models with a different LoRA adapter per row.
+
+The weights come from a Hugging Face ``LlamaForCausalLM`` (also Mistral, Qwen2 and SmolLM, which
+share its layout); norms, rotary embeddings and activation are reused from transformers, and the
+seven projections of every decoder layer become four ``LoraProjectionGroup``s (qkv, o, gate_up,
+down). The same forward serves a prefill (L tokens per row) and a decode step (L = 1) against a
+KV cache allocated once; every row carries its own positions, so rows of different lengths and
+ages share one batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.activations import ACT2FN
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from openlora_ray.adapter_format import BaseModelDims
+from openlora_ray.lora.layers import GroupBatch, LoraProjectionGroup
+from openlora_ray.lora.ops import NO_ADAPTER
+from openlora_ray.lora.weights import LoraWeights
+
+GROUPS: dict[str, tuple[str, ...]] = {
+    "qkv": ("q_proj", "k_proj", "v_proj"),
+    "o": ("o_proj",),
+    "gate_up": ("gate_proj", "up_proj"),
+    "down": ("down_proj",),
+}
+GROUP_OF = {proj: group for group, projs in GROUPS.items() for proj in projs}
+
+
+@dataclass(frozen=True)
+class LoraBatch:
+    """Per-group row/slot indices for one forward; a group absent here runs base-only."""
+
+    groups: dict[str, GroupBatch]
+
+
+class KVCache:
+    """Keys and values for ``rows`` sequences of up to ``max_len`` tokens, allocated once.
+
+    k, v: (num_layers, rows, kv_heads, max_len, head_dim). A sequence owns one row for its
+    lifetime; writing position p overwrites whatever an earlier occupant left there, and
+    attention only reads positions <= the query's, so stale entries are never seen.
+    """
+
+    def __init__(self, dims: BaseModelDims, rows: int, max_len: int, dtype: torch.dtype, device: torch.device) -> None:
+        shape = (dims.num_layers, rows, dims.num_kv_heads, max_len, dims.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.rows, self.max_len = rows, max_len
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, hf_layer: nn.Module, act: nn.Module, num_slots: int, max_rank: int) -> None:
+        super().__init__()
+        attn, mlp = hf_layer.self_attn, hf_layer.mlp
+        self.input_norm = hf_layer.input_layernorm
+        self.post_norm = hf_layer.post_attention_layernorm
+        self.num_heads = attn.config.num_attention_heads
+        self.num_kv_heads = attn.config.num_key_value_heads
+        self.head_dim = attn.head_dim
+        self.scaling = attn.scaling
+        self.act = act
+
+        def group(names: tuple[str, ...], owner: nn.Module) -> LoraProjectionGroup:
+            linears = [getattr(owner, n) for n in names]
+            return LoraProjectionGroup(names, [m.weight.data for m in linears], [m.bias.data if m.bias is not None else None for m in linears], num_slots, max_rank)
+
+        self.groups = nn.ModuleDict({"qkv": group(GROUPS["qkv"], attn), "o": group(GROUPS["o"], attn), "gate_up": group(GROUPS["gate_up"], mlp), "down": group(GROUPS["down"], mlp)})
+
+    def forward(
+        self,
+        x: torch.Tensor,  # (B, L, D)
+        rope: tuple[torch.Tensor, torch.Tensor],  # cos, sin: (B, L, head_dim)
+        mask: torch.Tensor,  # (B, 1, L, T) bool, True = may attend
+        lora: LoraBatch | None,
+        kv: tuple[torch.Tensor, torch.Tensor] | None,  # this layer's cache: (rows, KVH, max_len, hd) each
+        cache_rows: torch.Tensor | None,  # (B,)
+        positions: torch.Tensor,  # (B, L)
+    ) -> torch.Tensor:
+        g = lora.groups if lora is not None else {}
+        bsz, seq, _ = x.shape
+        q, k, v = self.groups["qkv"](self.input_norm(x), g.get("qkv"))
+        q = q.view(bsz, seq, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, L, hd)
+        k = k.view(bsz, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, KVH, L, hd)
+        v = v.view(bsz, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, *rope)
+        if kv is not None:
+            ck, cv = kv
+            ck[cache_rows[:, None], :, positions] = k.transpose(1, 2)  # (B, L, KVH, hd) at each row's positions
+            cv[cache_rows[:, None], :, positions] = v.transpose(1, 2)
+            t = mask.shape[-1]
+            k, v = ck[cache_rows, :, :t], cv[cache_rows, :, :t]  # (B, KVH, T, hd)
+        att = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling, enable_gqa=True)
+        x = x + self.groups["o"](att.transpose(1, 2).reshape(bsz, seq, -1), g.get("o"))[0]
+        gate, up = self.groups["gate_up"](self.post_norm(x), g.get("gate_up"))
+        return x + self.groups["down"](self.act(gate) * up, g.get("down"))[0]
+
+
+class MultiLoraLlama(nn.Module):
+    """The base model plus ``num_slots`` LoRA slots of rank up to ``max_rank`` in every layer."""
+
+    def __init__(self, hf_model: nn.Module, num_slots: int, max_rank: int) -> None:
+        super().__init__()
+        cfg = hf_model.config
+        self.config = cfg
+        self.dims = BaseModelDims.from_hf_config(cfg.to_dict())
+        self.num_slots, self.max_rank = num_slots, max_rank
+        inner = hf_model.model
+        self.embed = inner.embed_tokens
+        self.rotary = inner.rotary_emb
+        act = ACT2FN[cfg.hidden_act]
+        self.layers = nn.ModuleList(DecoderLayer(layer, act, num_slots, max_rank) for layer in inner.layers)
+        self.norm = inner.norm
+        self.lm_head = hf_model.lm_head
+        # What each slot holds, for building per-group batches without touching the buffers.
+        self._slot_rank = [0] * num_slots
+        self._slot_groups: list[frozenset[str]] = [frozenset()] * num_slots
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    def bytes_per_slot(self) -> int:
+        return sum(g.bytes_per_slot() for layer in self.layers for g in layer.groups.values())
+
+    def new_kv_cache(self, rows: int, max_len: int) -> KVCache:
+        return KVCache(self.dims, rows, max_len, self.dtype, self.device)
+
+    # ----------------------------------------------------------------- slots
+    def write_slot(self, slot: int, weights: LoraWeights) -> None:
+        """Copy an adapter into ``slot``, replacing whatever was there."""
+        self.clear_slot(slot)
+        for (layer, proj), (a, b) in weights.modules.items():
+            self.layers[layer].groups[GROUP_OF[proj]].write_slot(slot, proj, a.to(self.device), b.to(self.device))
+        self._slot_rank[slot] = weights.rank
+        self._slot_groups[slot] = frozenset(GROUP_OF[p] for p in weights.projections)
+
+    def clear_slot(self, slot: int) -> None:
+        for layer in self.layers:
+            for group in layer.groups.values():
+                group.clear_slot(slot)
+        self._slot_rank[slot] = 0
+        self._slot_groups[slot] = frozenset()
+
+    def lora_batch(self, slots: Sequence[int]) -> LoraBatch | None:
+        """Per-group indices for rows using ``slots`` (``NO_ADAPTER`` = base only). Built once per forward."""
+        groups: dict[str, GroupBatch] = {}
+        for name in GROUPS:
+            rows = [i for i, s in enumerate(slots) if s != NO_ADAPTER and name in self._slot_groups[s]]
+            if not rows:
+                continue
+            rank = max(self._slot_rank[slots[i]] for i in rows)
+            row_t = None if len(rows) == len(slots) else torch.tensor(rows, device=self.device)
+            slot_t = torch.tensor([slots[i] for i in rows], device=self.device)
+            groups[name] = GroupBatch(row_t, slot_t, rank)
+        return LoraBatch(groups) if groups else None
+
+    # ---------------------------------------------------------------- forward
+    def forward(
+        self,
+        tokens: torch.Tensor,  # (B, L) long
+        positions: torch.Tensor,  # (B, L) long, position of each token in its sequence
+        lora: LoraBatch | None = None,
+        cache: KVCache | None = None,
+        cache_rows: torch.Tensor | None = None,  # (B,) long, the cache row of each batch row
+        logits_at: torch.Tensor | None = None,  # (B,) long, one position index per row; None = all
+    ) -> torch.Tensor:  # (B, L, V), or (B, V) with logits_at
+        x = self.embed(tokens)  # (B, L, D)
+        rope = self.rotary(x, positions)
+        if cache is None:
+            key_pos = positions  # attend within this chunk
+        else:
+            key_pos = torch.arange(int(positions.max()) + 1, device=tokens.device).expand(tokens.shape[0], -1)
+        mask = (key_pos[:, None, None, :] <= positions[:, None, :, None])  # (B, 1, L, T)
+        for i, layer in enumerate(self.layers):
+            kv = (cache.k[i], cache.v[i]) if cache is not None else None
+            x = layer(x, rope, mask, lora, kv, cache_rows, positions)
+        if logits_at is not None:
+            x = x[torch.arange(x.shape[0], device=x.device), logits_at]  # (B, D)
+        return self.lm_head(self.norm(x))

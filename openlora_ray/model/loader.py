@@ -1,0 +1,50 @@
+"""Load a Hugging Face causal LM folder (safetensors) into a ``MultiLoraLlama``."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from openlora_ray.errors import OpenLoraError
+from openlora_ray.model.llama import MultiLoraLlama
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2"})
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``auto`` means bfloat16 where the hardware computes it natively, float32 otherwise."""
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if torch.backends.cpu.get_cpu_capability() in ("AVX512", "AVX512_BF16", "AMX") else torch.float32
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise OpenLoraError(f"unknown dtype {name!r}; choose one of auto, {', '.join(DTYPES)}") from None
+
+
+def load_hf_model(path: str | Path, dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.nn.Module:
+    """A frozen ``*ForCausalLM`` from a local folder; never reaches out to a model hub."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise OpenLoraError(f"{path} is not a Hugging Face model folder (no config.json)")
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        raise OpenLoraError(f"model type {config.model_type!r} is not supported; supported: {sorted(SUPPORTED_MODEL_TYPES)}")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True, use_safetensors=True)
+    return model.to(device).eval().requires_grad_(False)
+
+
+def load_multi_lora_model(
+    path: str | Path, num_slots: int, max_rank: int, dtype: torch.dtype, device: torch.device | str = "cpu"
+) -> MultiLoraLlama:
+    model = MultiLoraLlama(load_hf_model(path, dtype, device), num_slots, max_rank)
+    log.info("loaded %s (%s, %s) with %d LoRA slots of rank <= %d (%.1f MiB of slots)", path, dtype, device, num_slots, max_rank, model.bytes_per_slot() * num_slots / 2**20)
+    return model.eval().requires_grad_(False)

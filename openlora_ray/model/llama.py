@@ -142,8 +142,7 @@ class MultiLoraLlama(nn.Module):
 
     # ----------------------------------------------------------------- slots
     def write_slot(self, slot: int, weights: LoraWeights) -> None:
-        """Copy an adapter into ``slot``, replacing whatever was there."""
-        self.clear_slot(slot)
+        """Copy an adapter into ``slot``, which must be clear (fresh, or ``clear_slot``-ed)."""
         for (layer, proj), (a, b) in weights.modules.items():
             self.layers[layer].groups[GROUP_OF[proj]].write_slot(slot, proj, a.to(self.device), b.to(self.device))
         self._slot_rank[slot] = weights.rank

@@ -1,0 +1,187 @@
+"""Which adapter sits in which slot: loading, pinning, LRU eviction and a host-RAM tier.
+
+The manager owns bookkeeping only; the tensors live in the model's pre-allocated buffers, which it
+fills through the small ``SlotBuffers`` protocol. It is used from one thread (the engine loop):
+adapters are read from disk elsewhere, and only the copy into a slot happens here.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from openlora_ray.errors import CapacityError, OpenLoraError
+from openlora_ray.lora.weights import LoraWeights
+
+log = logging.getLogger(__name__)
+
+
+class SlotBuffers(Protocol):
+    num_slots: int
+
+    def write_slot(self, slot: int, weights: LoraWeights) -> None:
+        """Copy into a clear slot (buffers start clear; the manager clears a slot when it frees it)."""
+
+    def clear_slot(self, slot: int) -> None: ...
+
+
+@dataclass(frozen=True)
+class SlotState:
+    adapter_id: str | None  # None = free
+    pins: int  # in-flight requests using the slot
+    last_used: int  # logical clock of the last acquire
+
+
+def choose_slot(slots: Sequence[SlotState]) -> int | None:
+    """Where a new adapter goes: a free slot, else the least recently used unpinned one, else None."""
+    free = [i for i, s in enumerate(slots) if s.adapter_id is None]
+    if free:
+        return free[0]
+    idle = [i for i, s in enumerate(slots) if s.pins == 0]
+    return min(idle, key=lambda i: slots[i].last_used) if idle else None
+
+
+class HostCache:
+    """Recently evicted adapters kept in host RAM, LRU under a byte budget.
+
+    The budget counts each adapter at its own rank (``LoraWeights.nbytes``), not at the padded
+    slot size, so many small adapters fit where a few large ones would.
+    """
+
+    def __init__(self, budget_bytes: int) -> None:
+        self.budget_bytes = budget_bytes
+        self._entries: OrderedDict[str, LoraWeights] = OrderedDict()
+        self.nbytes = 0
+
+    def __contains__(self, adapter_id: str) -> bool:
+        return adapter_id in self._entries
+
+    def ids(self) -> list[str]:
+        return list(self._entries)
+
+    def get(self, adapter_id: str) -> LoraWeights | None:
+        weights = self._entries.get(adapter_id)
+        if weights is not None:
+            self._entries.move_to_end(adapter_id)
+        return weights
+
+    def put(self, weights: LoraWeights) -> None:
+        self.pop(weights.adapter_id)
+        if weights.nbytes > self.budget_bytes:
+            return
+        while self.nbytes + weights.nbytes > self.budget_bytes:
+            self.pop(next(iter(self._entries)))
+        self._entries[weights.adapter_id] = weights
+        self.nbytes += weights.nbytes
+
+    def pop(self, adapter_id: str) -> None:
+        weights = self._entries.pop(adapter_id, None)
+        if weights is not None:
+            self.nbytes -= weights.nbytes
+
+
+class SlotManager:
+    """Maps adapters to slots; a pinned slot (a request is using it) is never evicted."""
+
+    def __init__(self, buffers: SlotBuffers, host_cache_bytes: int) -> None:
+        self.buffers = buffers
+        self.host = HostCache(host_cache_bytes)
+        n = buffers.num_slots
+        self._adapter: list[str | None] = [None] * n
+        self._weights: list[LoraWeights | None] = [None] * n
+        self._pins = [0] * n
+        self._last_used = [0] * n
+        self._clock = 0
+        self._slot_of: dict[str, int] = {}
+
+    # ------------------------------------------------------------------ views
+    def states(self) -> list[SlotState]:
+        return [SlotState(a, p, t) for a, p, t in zip(self._adapter, self._pins, self._last_used)]
+
+    def slot_of(self, adapter_id: str) -> int | None:
+        return self._slot_of.get(adapter_id)
+
+    def resident(self) -> list[str]:
+        return list(self._slot_of)
+
+    @property
+    def free_slots(self) -> int:
+        return self._adapter.count(None)
+
+    def pins(self, adapter_id: str) -> int:
+        slot = self._slot_of.get(adapter_id)
+        return 0 if slot is None else self._pins[slot]
+
+    # -------------------------------------------------------------- lifecycle
+    def acquire(self, adapter_id: str, fetch: Callable[[str], LoraWeights]) -> int:
+        """Pin ``adapter_id`` in a slot, loading it from the host tier or ``fetch`` if needed.
+
+        Raises ``CapacityError`` when every slot is pinned; errors from ``fetch`` propagate and
+        leave every slot as it was.
+        """
+        slot = self._slot_of.get(adapter_id)
+        if slot is None:
+            weights = self.host.get(adapter_id) or fetch(adapter_id)
+            slot = self.load(weights)
+        self._pins[slot] += 1
+        self._touch(slot)
+        return slot
+
+    def release(self, adapter_id: str) -> None:
+        """Drop one pin; the adapter stays resident until its slot is needed."""
+        slot = self._slot_of.get(adapter_id)
+        if slot is None or self._pins[slot] == 0:
+            raise OpenLoraError(f"adapter {adapter_id!r} is not pinned")
+        self._pins[slot] -= 1
+
+    def load(self, weights: LoraWeights) -> int:
+        """Copy ``weights`` into a slot (evicting the LRU unpinned adapter if none is free)."""
+        slot = self._slot_of.get(weights.adapter_id)
+        if slot is not None:
+            return slot
+        slot = choose_slot(self.states())
+        if slot is None:
+            raise CapacityError(
+                f"all {self.buffers.num_slots} adapter slots are in use by running requests; "
+                f"cannot load {weights.adapter_id!r} now, retry shortly"
+            )
+        if self._adapter[slot] is not None:
+            self._evict(slot)
+        self.buffers.write_slot(slot, weights)
+        self.host.pop(weights.adapter_id)
+        self._adapter[slot], self._weights[slot] = weights.adapter_id, weights
+        self._slot_of[weights.adapter_id] = slot
+        self._touch(slot)
+        log.debug("loaded %s into slot %d", weights.adapter_id, slot)
+        return slot
+
+    def unload(self, adapter_id: str) -> None:
+        """Remove an adapter from its slot and from the host tier (e.g. the adapter was deleted)."""
+        slot = self._slot_of.get(adapter_id)
+        if slot is not None:
+            if self._pins[slot]:
+                raise OpenLoraError(f"adapter {adapter_id!r} is used by {self._pins[slot]} running request(s)")
+            self._free(slot)
+        self.host.pop(adapter_id)
+
+    # --------------------------------------------------------------- helpers
+    def _evict(self, slot: int) -> None:
+        weights = self._weights[slot]
+        assert weights is not None
+        log.debug("evicting %s from slot %d to the host tier", weights.adapter_id, slot)
+        self._free(slot)
+        self.host.put(weights)
+
+    def _free(self, slot: int) -> None:
+        adapter_id = self._adapter[slot]
+        self.buffers.clear_slot(slot)
+        del self._slot_of[adapter_id]
+        self._adapter[slot], self._weights[slot] = None, None
+        self._last_used[slot] = 0
+
+    def _touch(self, slot: int) -> None:
+        self._clock += 1
+        self._last_used[slot] = self._clock

@@ -1,0 +1,185 @@
+"""SlotManager: LRU eviction, pins, the host tier, and the outputs after each move."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from openlora_ray.errors import CapacityError, OpenLoraError
+from openlora_ray.lora.ops import NO_ADAPTER
+from openlora_ray.lora.slots import HostCache, SlotManager, SlotState, choose_slot
+from openlora_ray.lora.weights import LoraWeights, load_lora_weights
+from openlora_ray.model.loader import load_multi_lora_model
+
+
+def test_choose_slot_prefers_free_then_lru_unpinned():
+    assert choose_slot([SlotState("a", 0, 5), SlotState(None, 0, 0), SlotState(None, 0, 0)]) == 1
+    assert choose_slot([SlotState("a", 0, 5), SlotState("b", 0, 2), SlotState("c", 1, 1)]) == 1
+    assert choose_slot([SlotState("a", 1, 5), SlotState("b", 2, 2)]) is None
+
+
+def _fake_weights(adapter_id: str, nbytes: int) -> LoraWeights:
+    return LoraWeights(adapter_id, 1, {(0, "q_proj"): (torch.zeros(nbytes // 2, dtype=torch.uint8), torch.zeros(nbytes - nbytes // 2, dtype=torch.uint8))})
+
+
+def test_host_cache_is_lru_under_a_byte_budget():
+    cache = HostCache(budget_bytes=100)
+    for name in "abc":
+        cache.put(_fake_weights(name, 40))
+    assert cache.ids() == ["b", "c"] and cache.nbytes == 80
+    cache.get("b")
+    cache.put(_fake_weights("d", 40))
+    assert cache.ids() == ["b", "d"]
+    cache.put(_fake_weights("huge", 101))  # larger than the budget: not kept, nothing dropped
+    assert cache.ids() == ["b", "d"]
+
+
+@pytest.fixture()
+def real(tiny_model_dir, make_adapter):
+    model = load_multi_lora_model(tiny_model_dir, num_slots=2, max_rank=8, dtype=torch.float32)
+    dirs = {
+        "a": make_adapter("a", r=8, alpha=16.0, seed=21),
+        "b": make_adapter("b", r=4, alpha=6.0, targets=("q_proj", "v_proj", "down_proj"), seed=22),
+        "c": make_adapter("c", r=2, alpha=5.0, targets=("o_proj", "up_proj"), seed=23),
+    }
+    fetched: list[str] = []
+
+    def fetch(adapter_id: str) -> LoraWeights:
+        fetched.append(adapter_id)
+        return load_lora_weights(adapter_id, dirs[adapter_id], model.dims, model.max_rank, model.dtype)
+
+    return model, fetch, fetched
+
+
+TOKENS = torch.randint(0, 256, (1, 7), generator=torch.Generator().manual_seed(3))
+POS = torch.arange(7)[None]
+
+
+@torch.inference_mode()
+def _logits(model, slot: int) -> torch.Tensor:
+    return model(TOKENS, POS, model.lora_batch([slot]))[0]
+
+
+def test_load_evict_reload_unload_keeps_outputs_right(real):
+    model, fetch, fetched = real
+    mgr = SlotManager(model, host_cache_bytes=10**9)
+    slot_a = mgr.acquire("a", fetch)
+    want_a = _logits(model, slot_a)
+    slot_b = mgr.acquire("b", fetch)
+    want_b = _logits(model, slot_b)
+    mgr.release("a")
+    mgr.release("b")
+    mgr.acquire("b", fetch)  # b is now the most recently used
+    mgr.release("b")
+    slot_c = mgr.acquire("c", fetch)  # evicts a (LRU), not b
+    assert slot_c == slot_a and mgr.resident() == ["b", "c"] and mgr.host.ids() == ["a"]
+    want_c = _logits(model, slot_c)
+    mgr.release("c")
+    slot_a2 = mgr.acquire("a", fetch)  # from the host tier: no fetch; evicts b (LRU)
+    assert fetched == ["a", "b", "c"] and mgr.host.ids() == ["b"]
+    torch.testing.assert_close(_logits(model, slot_a2), want_a, rtol=0, atol=0)
+    mgr.release("a")
+    torch.testing.assert_close(_logits(model, mgr.acquire("b", fetch)), want_b, rtol=0, atol=0)  # evicts c
+    torch.testing.assert_close(_logits(model, mgr.acquire("c", fetch)), want_c, rtol=0, atol=0)  # evicts a
+    assert fetched == ["a", "b", "c"] and mgr.host.ids() == ["a"]
+    assert not torch.allclose(want_a, want_b) and not torch.allclose(want_b, want_c)
+
+
+def test_unload_frees_the_slot_for_real(real):
+    model, fetch, _ = real
+    mgr = SlotManager(model, host_cache_bytes=10**9)
+    slot = mgr.acquire("a", fetch)
+    with pytest.raises(OpenLoraError, match="used by 1 running"):
+        mgr.unload("a")
+    mgr.release("a")
+    mgr.unload("a")
+    assert mgr.free_slots == 2 and "a" not in mgr.host and mgr.slot_of("a") is None
+    for layer in model.layers:
+        for group in layer.groups.values():
+            assert not group.lora_a[slot].any() and not group.lora_b[slot].any()
+    base = model(TOKENS, POS, model.lora_batch([NO_ADAPTER]))[0]
+    torch.testing.assert_close(_logits(model, slot), base)  # an empty slot is a no-op
+
+
+def test_pinned_slots_are_never_evicted(real):
+    model, fetch, fetched = real
+    mgr = SlotManager(model, host_cache_bytes=10**9)
+    mgr.acquire("a", fetch)
+    mgr.acquire("b", fetch)
+    with pytest.raises(CapacityError, match="all 2 adapter slots"):
+        mgr.acquire("c", fetch)
+    assert sorted(mgr.resident()) == ["a", "b"] and mgr.pins("a") == 1 and mgr.pins("b") == 1
+    mgr.release("b")
+    mgr.acquire("c", fetch)
+    assert sorted(mgr.resident()) == ["a", "c"]
+
+
+class RecordingBuffers:
+    """Real bookkeeping target for property tests: records what each slot holds."""
+
+    def __init__(self, num_slots: int) -> None:
+        self.num_slots = num_slots
+        self.content: list[str | None] = [None] * num_slots
+
+    def write_slot(self, slot: int, weights: LoraWeights) -> None:
+        assert self.content[slot] is None, "write into a slot that was not cleared"
+        self.content[slot] = weights.adapter_id
+
+    def clear_slot(self, slot: int) -> None:
+        self.content[slot] = None
+
+
+ops = st.lists(st.tuples(st.sampled_from(["acquire", "release", "unload"]), st.integers(0, 7)), max_size=60)
+
+
+@settings(max_examples=200, deadline=None)
+@given(num_slots=st.integers(1, 4), sequence=ops)
+def test_slot_bookkeeping_invariants(num_slots, sequence):
+    buffers = RecordingBuffers(num_slots)
+    mgr = SlotManager(buffers, host_cache_bytes=3 * 10)
+    pins: dict[str, int] = {}
+    order: list[str] = []  # resident adapters, least recently acquired first
+    for op, k in sequence:
+        name = f"ad{k}"
+        if op == "acquire":
+            before = dict(zip(mgr.resident(), [mgr.slot_of(r) for r in mgr.resident()]))
+            full = name not in before and mgr.free_slots == 0
+            unpinned = [r for r in order if pins.get(r, 0) == 0]
+            try:
+                mgr.acquire(name, lambda i: _fake_weights(i, 10))
+            except CapacityError:
+                assert full and not unpinned
+                continue
+            if full:  # the victim is the least recently used unpinned adapter
+                victim = unpinned[0]
+                assert mgr.slot_of(victim) is None and victim in mgr.host
+                order.remove(victim)
+            pins[name] = pins.get(name, 0) + 1
+            if name in order:
+                order.remove(name)
+            order.append(name)
+        elif op == "release":
+            if pins.get(name, 0):
+                mgr.release(name)
+                pins[name] -= 1
+            else:
+                with pytest.raises(OpenLoraError):
+                    mgr.release(name)
+        else:
+            if pins.get(name, 0):
+                with pytest.raises(OpenLoraError):
+                    mgr.unload(name)
+            else:
+                mgr.unload(name)
+                if name in order:
+                    order.remove(name)
+                assert name not in mgr.host
+        # invariants after every step
+        assert sorted(mgr.resident()) == sorted(order)
+        for r in mgr.resident():
+            assert buffers.content[mgr.slot_of(r)] == r and mgr.pins(r) == pins.get(r, 0)
+        assert buffers.content.count(None) == mgr.free_slots
+        assert mgr.host.nbytes <= mgr.host.budget_bytes
+        assert not set(mgr.host.ids()) & set(mgr.resident())

@@ -244,3 +244,35 @@ def _explain_key(key: str) -> str:
     if "embed" in key or "lm_head" in key:
         return "LoRA on embeddings or lm_head is not supported"
     return f"only the projections {list(PROJECTIONS)} of decoder layers can be adapted"
+
+
+# Bit masks of the exponent field per dtype: a value is NaN or +-Inf exactly when all its exponent
+# bits are set. Checking bits works for bfloat16 too, which numpy cannot represent as a float.
+_EXPONENT_MASKS = {"F32": ("<u4", 0x7F800000), "F16": ("<u2", 0x7C00), "BF16": ("<u2", 0x7F80)}
+
+
+def check_finite(adapter_id: str, adapter_dir: str | Path) -> None:
+    """Refuse an adapter whose weights hold NaN or Inf, without torch and without a float copy.
+
+    Call after :func:`validate_adapter_dir` (which vouches for the header). The tensors are
+    memory-mapped and tested on their raw bits, so this costs one pass over the file.
+    """
+    import numpy as np  # imported here: only callers that scan weights pay for numpy
+
+    path = Path(adapter_dir) / WEIGHTS_FILE
+    try:
+        with open(path, "rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(header_len))
+        data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + header_len)
+    except (OSError, ValueError) as e:
+        raise InvalidAdapterError(adapter_id, f"{WEIGHTS_FILE} cannot be read: {e}") from e
+    for name, info in header.items():
+        if name == "__metadata__" or info.get("dtype") not in _EXPONENT_MASKS:
+            continue
+        word, mask = _EXPONENT_MASKS[info["dtype"]]
+        start, end = info["data_offsets"]
+        words = data[start:end].view(word)
+        bad = np.count_nonzero((words & mask) == mask)
+        if bad:
+            raise InvalidAdapterError(adapter_id, f"tensor {name!r} holds {bad} NaN/Inf values")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -163,5 +162,9 @@ class LocalObjectStore:
             path.unlink(missing_ok=True)
             # Drop now-empty version/name folders so listings stay clean.
             for parent in (path.parent, path.parent.parent):
-                if parent != self.root and parent.is_dir() and not any(parent.iterdir()):
-                    shutil.rmtree(parent, ignore_errors=True)
+                if parent == self.root:
+                    break
+                try:
+                    parent.rmdir()
+                except OSError:  # not empty: other files or versions remain
+                    break

@@ -50,6 +50,13 @@ class CacheEntry:
     last_used: float
 
 
+def _touch(path: Path) -> None:
+    # An explicit timestamp: ``utime(path)`` alone uses the kernel's coarse clock (a few ms), which
+    # would make entries used in quick succession tie in LRU order.
+    now = time.time_ns()
+    os.utime(path, ns=(now, now))
+
+
 class _KeyLock:
     """A lock object that can be weakly referenced (plain ``threading.Lock`` cannot)."""
 
@@ -101,7 +108,7 @@ class DiskCache:
         """The entry's folder if cached (and mark it used), else None. Never touches the network."""
         path = self.path(key)
         try:
-            os.utime(path)
+            _touch(path)
         except FileNotFoundError:
             return None
         return path
@@ -141,7 +148,7 @@ class DiskCache:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        os.utime(final)
+        _touch(final)
         log.debug("cached %s (%s)", key, final)
         return final, result
 
@@ -169,7 +176,7 @@ class DiskCache:
                 for version_dir in self._subdirs(name_dir):
                     try:
                         size = sum(f.stat().st_size for f in version_dir.iterdir() if f.is_file())
-                        mtime = version_dir.stat().st_mtime
+                        mtime = version_dir.stat().st_mtime_ns / 1e9
                     except FileNotFoundError:  # evicted by another process while we looked
                         continue
                     key = version_dir.relative_to(self.root).as_posix()

@@ -18,9 +18,11 @@ import boto3
 from boto3.exceptions import S3UploadFailedError
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
+from botocore.exceptions import ConnectionError as BotoConnectionError
 from botocore.exceptions import (
     ClientError,
     HTTPClientError,
+    IncompleteReadError,
     NoCredentialsError,
     PartialCredentialsError,
     ReadTimeoutError,
@@ -92,7 +94,11 @@ class S3ObjectStore:
                 f"({self.settings.max_attempts} attempts) while trying to {action} {key!r}; "
                 "check that the server is healthy and not overloaded, or raise read_timeout_s"
             ) from e
-        except HTTPClientError as e:
+        except IncompleteReadError as e:
+            raise StoreUnavailableError(
+                f"{where} closed the connection in the middle of {key!r} ({e}); check the server's health"
+            ) from e
+        except (HTTPClientError, BotoConnectionError) as e:  # refused, reset, connect timeout, TLS
             raise StoreUnavailableError(
                 f"cannot reach {where} to {action} {key!r}: {e}; check the endpoint URL, that the "
                 "server is running and reachable from this host"

@@ -135,3 +135,50 @@ def silent_endpoint():
     srv.close()
 
 
+
+
+@pytest.fixture
+def half_body_endpoint(adapters):
+    """A minimal S3-style HTTP server: serves ``half@v1`` but sends only half of the weights, then
+    stalls (``?mode=stall``) or drops the connection; set ``server.mode`` before use."""
+    import http.server
+
+    from openlora_ray.store import MANIFEST_FILE
+    from openlora_ray.store.manifest import build_manifest
+
+    objects = {f: (adapters[0] / f).read_bytes() for f in ("adapter_config.json", "adapter_model.safetensors")}
+    objects[MANIFEST_FILE] = build_manifest("half", "v1", adapters[0]).to_json()
+    state = {"mode": "stall"}
+    release = threading.Event()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            body = objects.get(self.path.rsplit("/", 1)[-1].split("?")[0])
+            if body is None:
+                self.send_error(404)
+                return
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if not self.path.endswith("safetensors"):
+                self.wfile.write(body)
+                return
+            self.wfile.write(body[: len(body) // 2])
+            self.wfile.flush()
+            if state["mode"] == "stall":
+                release.wait(10)
+            self.close_connection = True
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    srv.daemon_threads = True
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}", state
+    release.set()
+    srv.shutdown()
+    srv.server_close()

@@ -105,3 +105,12 @@ def cache_files(cache_dir: Path) -> list[Path]:
         return []
     return [p for p in cache_dir.rglob("*") if p.is_file() and ".locks" not in p.parts]
 
+
+
+def resolve_in_process(settings_json: str, adapter_id: str, barrier, results) -> None:
+    """Child-process body of the cross-process dedupe test (importable for ``spawn``)."""
+    from openlora_ray.store import AdapterStore
+
+    store = AdapterStore(StoreSettings.model_validate_json(settings_json))
+    barrier.wait()
+    results.put(str(store.resolve(adapter_id)))

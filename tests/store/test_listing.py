@@ -1,0 +1,46 @@
+"""Listing a store with many adapters, through the store's API (pagination included)."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from moto.core import DEFAULT_ACCOUNT_ID
+from moto.s3.models import s3_backends
+from store_helpers import WEIGHTS
+
+from openlora_ray.store import MANIFEST_FILE
+from openlora_ray.store.manifest import FileEntry, Manifest
+
+N_NAMES, N_VERSIONS = 550, 2  # 1,100 versions, 2,200 objects: three ListObjectsV2 pages
+
+
+def test_listing_many_adapters(make_store, s3, s3_client):
+    # The objects are put straight into the (in-process) server's state: 2,200 PUTs over HTTP
+    # would take most of this test's time. The listing goes over HTTP through AdapterStore.list.
+    backend = s3_backends[DEFAULT_ACCOUNT_ID]["global"]
+
+    def put(i: int) -> None:
+        name, version = f"adapter-{i // N_VERSIONS:04d}", f"v{i % N_VERSIONS}"
+        files = {f: FileEntry(size=i, sha256="0" * 64) for f in ("adapter_config.json", WEIGHTS)}
+        m = Manifest(name=name, version=version, created_at=datetime.now(timezone.utc), files=files)
+        base = f"adapters/{name}/{version}/"
+        backend.put_object(s3.bucket, base + WEIGHTS, b"w" * i)
+        backend.put_object(s3.bucket, base + MANIFEST_FILE, m.to_json())
+
+    for i in range(N_NAMES * N_VERSIONS):
+        put(i)
+    # Stray objects that are not versions are ignored.
+    s3_client.put_object(Bucket=s3.bucket, Key="adapters/README.txt", Body=b"x")
+    s3_client.put_object(Bucket=s3.bucket, Key=f"adapters/Bad Name/v1/{MANIFEST_FILE}", Body=b"{}")
+
+    store = make_store()
+    s3.log.clear()
+    versions = store.list()
+    assert len(versions) == N_NAMES * N_VERSIONS
+    assert sum(1 for m, p in s3.log if m == "GET" and p.rstrip("/").endswith(s3.bucket)) >= 3  # paginated
+    names = [v.id.name for v in versions]
+    assert names == sorted(names) and len(set(names)) == N_NAMES
+    sizes = {str(v.id): v.size for v in versions}
+    assert sizes["adapter-0123@v1"] == 123 * 2 + 1
+    assert [str(v.id) for v in store.list("adapter-0042")] == ["adapter-0042@v0", "adapter-0042@v1"]
+    assert store.list("adapter-9999") == []

@@ -1,0 +1,163 @@
+"""``openlora-ray bench lora``: the mixed-adapter forward against base-only and against PEFT.
+
+One batch of 16 rows, each row a different adapter, on the demo model; a decode step (one token
+per row after a 32-token context) and a prefill step (32 tokens per row); two adapter shapes.
+Everything is measured in one process, interleaved, and reported as ratios.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import DynamicCache
+
+from openlora_ray.bench.timing import print_table, time_interleaved, write_json
+from openlora_ray.lora.weights import load_lora_weights
+from openlora_ray.model.loader import load_hf_model, load_multi_lora_model
+
+log = logging.getLogger(__name__)
+
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    rank: int
+    targets: tuple[str, ...]
+
+
+SHAPES = (Shape("r16-all", 16, ALL_LINEAR), Shape("r8-qv", 8, ("q_proj", "v_proj")))
+
+
+def _make_peft_adapters(hf: torch.nn.Module, shape: Shape, n: int, out_dir: Path, seed: int) -> torch.nn.Module:
+    """Wrap ``hf`` with ``n`` PEFT adapters of ``shape`` (random, non-zero B) and save each."""
+    cfg = LoraConfig(r=shape.rank, lora_alpha=2 * shape.rank + 3, target_modules=list(shape.targets), lora_dropout=0.0)
+    peft_model = get_peft_model(hf, cfg, adapter_name="a0")
+    for i in range(1, n):
+        peft_model.add_adapter(f"a{i}", cfg)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.copy_((torch.randn(p.shape, generator=gen) * 0.02).to(p.dtype))
+    peft_model.save_pretrained(out_dir, selected_adapters=[f"a{i}" for i in range(n)])
+    return peft_model.eval()
+
+
+def run(model_dir: Path, dtype: torch.dtype, rows: int, context: int, iters: int, repeats: int, out: Path) -> dict:
+    torch.manual_seed(0)
+    ours = load_multi_lora_model(model_dir, num_slots=rows, max_rank=max(s.rank for s in SHAPES), dtype=dtype)
+    base_bytes = sum(p.nbytes for p in load_hf_model(model_dir, dtype).parameters())
+    tokens = torch.randint(0, ours.config.vocab_size, (rows, context + 1))
+    prompt, next_tok = tokens[:, :context], tokens[:, context:]
+    positions = torch.arange(context).expand(rows, -1)
+    cache_rows = torch.arange(rows)
+    last = torch.full((rows,), context - 1)
+    results = []
+    for shape in SHAPES:
+        hf = load_hf_model(model_dir, dtype)
+        with tempfile.TemporaryDirectory() as tmp:
+            peft_model = _make_peft_adapters(hf, shape, rows, Path(tmp), seed=len(results))
+            adapters = [load_lora_weights(f"a{i}", Path(tmp) / f"a{i}", ours.dims, ours.max_rank, dtype) for i in range(rows)]
+        for slot, w in enumerate(adapters):
+            ours.clear_slot(slot)
+            ours.write_slot(slot, w)
+        adapter_bytes = sum(w.nbytes for w in adapters)
+        names = [f"a{i}" for i in range(rows)]
+        mixed = ours.lora_batch(list(range(rows)))
+        cache = ours.new_kv_cache(rows, context + 8)
+        with torch.inference_mode():
+            ours(prompt, positions, mixed, cache, cache_rows, logits_at=last)
+            hf_past = DynamicCache()
+            with peft_model.disable_adapter():
+                peft_model(input_ids=prompt, past_key_values=hf_past, use_cache=True)
+            peft_past = DynamicCache()
+            peft_model(input_ids=prompt, past_key_values=peft_past, use_cache=True, adapter_names=names)
+            dec_pos = torch.full((rows, 1), context)
+            zero = torch.zeros(rows, dtype=torch.long)
+
+            def hf_decode(past: DynamicCache, **kw) -> None:
+                peft_model(input_ids=next_tok, past_key_values=past, use_cache=True, **kw)
+                past.crop(-1)  # back to the same context length every call
+
+            def hf_base_decode() -> None:
+                with peft_model.disable_adapter():
+                    hf_decode(hf_past)
+
+            def hf_base_prefill() -> None:
+                with peft_model.disable_adapter():
+                    peft_model(input_ids=prompt, logits_to_keep=1, use_cache=False)
+
+            phases = {
+                "decode": {
+                    "ours_base": lambda: ours(next_tok, dec_pos, None, cache, cache_rows, logits_at=zero),
+                    "ours_mixed": lambda: ours(next_tok, dec_pos, mixed, cache, cache_rows, logits_at=zero),
+                    "hf_base": hf_base_decode,
+                    "peft_mixed": lambda: hf_decode(peft_past, adapter_names=names),
+                },
+                "prefill": {
+                    "ours_base": lambda: ours(prompt, positions, None, logits_at=last),
+                    "ours_mixed": lambda: ours(prompt, positions, mixed, logits_at=last),
+                    "hf_base": hf_base_prefill,
+                    "peft_mixed": lambda: peft_model(input_ids=prompt, logits_to_keep=1, use_cache=False, adapter_names=names),
+                },
+            }
+            for phase, variants in phases.items():
+                log.info("timing %s %s", shape.name, phase)
+                t = time_interleaved(variants, iters=iters if phase == "decode" else max(1, iters // 4), repeats=repeats)
+                results.append(
+                    {
+                        "shape": shape.name,
+                        "phase": phase,
+                        "seconds": t,
+                        "ours_mixed_vs_ours_base": t["ours_base"] / t["ours_mixed"],
+                        "peft_mixed_vs_hf_base": t["hf_base"] / t["peft_mixed"],
+                        "ours_mixed_vs_peft_mixed": t["peft_mixed"] / t["ours_mixed"],
+                        "ours_base_vs_hf_base": t["hf_base"] / t["ours_base"],
+                        "bytes_bound": base_bytes / (base_bytes + adapter_bytes),
+                        "adapter_bytes": adapter_bytes,
+                        "base_bytes": base_bytes,
+                    }
+                )
+        del peft_model, hf
+    report = {
+        "benchmark": "lora",
+        "model": str(model_dir),
+        "dtype": str(dtype).removeprefix("torch."),
+        "rows": rows,
+        "context": context,
+        "threads": torch.get_num_threads(),
+        "machine": f"{platform.machine()} {torch.backends.cpu.get_cpu_capability()}",
+        "results": results,
+    }
+    write_json(out, report)
+    _print(report)
+    return report
+
+
+def _print(report: dict) -> None:
+    print(f"bench lora: {report['rows']} rows x {report['rows']} distinct adapters, {report['dtype']}, {report['threads']} threads, {report['machine']}")
+    print_table(
+        ["shape", "phase", "ours base ms", "ours mixed ms", "mixed/base", "PEFT mixed/HF base", "ours/PEFT mixed", "ours base/HF base", "bytes bound"],
+        [
+            [
+                r["shape"],
+                r["phase"],
+                r["seconds"]["ours_base"] * 1e3,
+                r["seconds"]["ours_mixed"] * 1e3,
+                r["ours_mixed_vs_ours_base"],
+                r["peft_mixed_vs_hf_base"],
+                r["ours_mixed_vs_peft_mixed"],
+                r["ours_base_vs_hf_base"],
+                r["bytes_bound"],
+            ]
+            for r in report["results"]
+        ],
+    )

@@ -25,6 +25,7 @@ from botocore.exceptions import (
     IncompleteReadError,
     NoCredentialsError,
     PartialCredentialsError,
+    ProfileNotFound,
     ReadTimeoutError,
 )
 
@@ -42,7 +43,10 @@ _MULTIPART_THRESHOLD = 64 << 20
 
 def make_client(settings: StoreSettings):
     """A thread-safe S3 client: AWS config chain, overridden by whatever ``settings`` sets."""
-    session = boto3.session.Session(profile_name=settings.profile, region_name=settings.region)
+    try:
+        session = boto3.session.Session(profile_name=settings.profile, region_name=settings.region)
+    except ProfileNotFound as e:
+        raise StoreUnavailableError(f"{e}; check AWS_PROFILE / the store's profile setting and ~/.aws/config") from e
     config = Config(
         connect_timeout=settings.connect_timeout_s,
         read_timeout=settings.read_timeout_s,

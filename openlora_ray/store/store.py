@@ -79,7 +79,10 @@ class AdapterStore:
 
     ``dims`` and ``max_rank`` are the serving base model's shapes and slot rank: adapters that do
     not fit are refused at fetch (and push) time with a message naming what is wrong, before any
-    byte reaches a device. Thread-safe; share one instance per process.
+    byte reaches a device. ``base_model_name`` (e.g. ``HuggingFaceTB/SmolLM2-135M-Instruct``) is
+    compared with each adapter's ``base_model_name_or_path`` and a mismatch is logged, not refused:
+    that field is often a local path or a sibling checkpoint, and the shape check is what decides.
+    Thread-safe; share one instance per process.
     """
 
     def __init__(
@@ -88,6 +91,7 @@ class AdapterStore:
         *,
         dims: BaseModelDims | None = None,
         max_rank: int | None = None,
+        base_model_name: str | None = None,
         backend: ObjectStore | None = None,
         cache: DiskCache | None = None,
     ) -> None:
@@ -95,6 +99,7 @@ class AdapterStore:
         self.root: StoreRoot = parse_store_uri(settings.uri)
         self.dims = dims
         self.max_rank = max_rank
+        self.base_model_name = base_model_name
         self.backend = backend if backend is not None else _make_backend(self.root, settings)
         self.cache = cache or DiskCache(
             settings.resolved_cache_dir, settings.cache_bytes, evict_grace_s=settings.evict_grace_s
@@ -262,9 +267,23 @@ class AdapterStore:
         spec = validate_adapter_dir(str(aid), tmp, self.dims, self.max_rank)
         if self.settings.check_finite:
             check_finite(str(aid), tmp)
+        self._check_base_model(aid, spec)
         (tmp / MANIFEST_FILE).write_bytes(manifest.to_json())
         log.info("fetched %s (%d bytes) from %s", aid, manifest.total_bytes, self.backend.describe())
         return manifest, spec
+
+    def _check_base_model(self, aid: AdapterId, spec: AdapterSpec) -> None:
+        declared = spec.config.base_model_name_or_path
+        if self.base_model_name is None or not declared:
+            return
+        def short(n: str) -> str:
+            return n.rstrip("/").rsplit("/", 1)[-1].lower()
+
+        if short(declared) != short(self.base_model_name):
+            log.warning(
+                "adapter %s was trained on %r, this server runs %r; serving it because its shapes fit",
+                aid, declared, self.base_model_name,
+            )
 
     # --- publishing ------------------------------------------------------------------------
     def push(

@@ -165,6 +165,11 @@ def test_missing_bucket_and_bad_credentials(s3, adapters, tmp_path, monkeypatch)
         store.list()
 
 
+def test_unknown_aws_profile(s3, tmp_path):
+    with pytest.raises(StoreUnavailableError, match="no-such-profile"):
+        AdapterStore(settings_for(f"s3://{s3.bucket}/a", tmp_path / "cache", s3.endpoint, profile="no-such-profile"))
+
+
 def test_local_store_folder_missing(tmp_path):
     store = AdapterStore(settings_for(str(tmp_path / "absent"), tmp_path / "cache"))
     with pytest.raises(StoreUnavailableError, match="does not exist"):

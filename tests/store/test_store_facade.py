@@ -147,3 +147,29 @@ def test_local_folder_store_round_trip(tmp_path, adapters):
     store.delete("loc@v1")
     assert not (tmp_path / "store/loc/v1").exists()
     assert [str(v.id) for v in store.list()] == ["loc@v2"]
+
+
+def test_progress_reports_every_byte(make_store, adapters):
+    store = make_store()
+    seen: dict[str, list[int]] = {}
+
+    def factory(desc: str, total: int):
+        seen[desc] = [total, 0]
+        return lambda n: seen[desc].__setitem__(1, seen[desc][1] + n)
+
+    manifest = store.push(adapters[0], "prog@v1", progress=factory)
+    store.fetch("prog@v1", progress=factory)
+    assert len(seen) == 2 and all(total == done > 0 for total, done in seen.values())
+    assert sum(t for t, _ in seen.values()) == manifest.total_bytes
+
+
+def test_base_model_mismatch_is_logged_not_refused(make_store, adapter_copy, caplog):
+    cfg = json.loads((adapter_copy / CONFIG_FILE).read_text())
+    cfg["base_model_name_or_path"] = "someone/tiny-llama"
+    (adapter_copy / CONFIG_FILE).write_text(json.dumps(cfg))
+    store = make_store()
+    store.push(adapter_copy, "bm@v1")
+    store.base_model_name = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    with caplog.at_level("WARNING", logger="openlora_ray.store.store"):
+        assert store.resolve("bm@v1").is_dir()
+    assert "serving it because its shapes fit" in caplog.text

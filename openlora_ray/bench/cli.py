@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from openlora_ray.model.prepare import demo_model_dir
+from openlora_ray.store.bench import register_bench as register_store_bench
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -20,6 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     lora.add_argument("--repeats", type=int, default=7, help="interleaved timing rounds")
     lora.add_argument("--out", type=Path, default=Path("bench-results/lora.json"))
     lora.set_defaults(func=_lora)
+    register_store_bench(benches)
 
 
 def _lora(args: argparse.Namespace) -> int:

@@ -24,6 +24,7 @@ class GroupBatch:
     rows: torch.Tensor | None  # (K,) long; None = every row of the batch
     slots: torch.Tensor  # (K,) long, all >= 0
     rank: int  # largest rank among those slots
+    active: tuple[int, ...]  # indices (within the group) of projections any of those slots adapts
 
 
 class LoraProjectionGroup(nn.Module):
@@ -33,7 +34,7 @@ class LoraProjectionGroup(nn.Module):
       weight  (sum_j out_j, in)   frozen base weights, concatenated
       bias    (sum_j out_j,)      base bias if the model has one (Qwen2's q/k/v), else None
       lora_a  (S, n, R, in)       A of each projection, rank zero-padded
-      lora_b  (S, sum_j out_j, R) B of each projection concatenated along out, scale folded in
+      lora_b  (S, R, sum_j out_j) B^T of each projection concatenated along out, scale folded in
     """
 
     def __init__(
@@ -59,12 +60,12 @@ class LoraProjectionGroup(nn.Module):
         self.register_buffer("bias", bias)
         shape_a = (num_slots, len(names), max_rank, in_features)
         self.register_buffer("lora_a", torch.zeros(shape_a, dtype=dtype, device=device))
-        self.register_buffer("lora_b", torch.zeros(num_slots, sum(self.out_splits), max_rank, dtype=dtype, device=device))
+        self.register_buffer("lora_b", torch.zeros(num_slots, max_rank, sum(self.out_splits), dtype=dtype, device=device))
 
     def forward(self, x: torch.Tensor, lora: GroupBatch | None) -> tuple[torch.Tensor, ...]:
         y = F.linear(x, self.weight, self.bias)  # (B, L, sum out)
         if lora is not None:
-            add_lora_delta(y, x, self.lora_a, self.lora_b, lora.rows, lora.slots, lora.rank, self.out_splits)
+            add_lora_delta(y, x, self.lora_a, self.lora_b, lora.rows, lora.slots, lora.rank, self.out_splits, lora.active)
         return y.split(self.out_splits, dim=-1)
 
     def clear_slot(self, slot: int) -> None:
@@ -77,7 +78,7 @@ class LoraProjectionGroup(nn.Module):
         r = a.shape[0]
         start = sum(self.out_splits[:j])
         self.lora_a[slot, j, :r].copy_(a)
-        self.lora_b[slot, start : start + self.out_splits[j], :r].copy_(b)
+        self.lora_b[slot, :r, start : start + self.out_splits[j]].copy_(b.T)
 
     def bytes_per_slot(self) -> int:
-        return (self.lora_a[0].nbytes + self.lora_b[0].nbytes)
+        return self.lora_a[0].nbytes + self.lora_b[0].nbytes

@@ -124,7 +124,7 @@ class MultiLoraLlama(nn.Module):
         self.lm_head = hf_model.lm_head
         # What each slot holds, for building per-group batches without touching the buffers.
         self._slot_rank = [0] * num_slots
-        self._slot_groups: list[frozenset[str]] = [frozenset()] * num_slots
+        self._slot_projs: list[frozenset[str]] = [frozenset()] * num_slots
 
     @property
     def dtype(self) -> torch.dtype:
@@ -146,26 +146,28 @@ class MultiLoraLlama(nn.Module):
         for (layer, proj), (a, b) in weights.modules.items():
             self.layers[layer].groups[GROUP_OF[proj]].write_slot(slot, proj, a.to(self.device), b.to(self.device))
         self._slot_rank[slot] = weights.rank
-        self._slot_groups[slot] = frozenset(GROUP_OF[p] for p in weights.projections)
+        self._slot_projs[slot] = weights.projections
 
     def clear_slot(self, slot: int) -> None:
         for layer in self.layers:
             for group in layer.groups.values():
                 group.clear_slot(slot)
         self._slot_rank[slot] = 0
-        self._slot_groups[slot] = frozenset()
+        self._slot_projs[slot] = frozenset()
 
     def lora_batch(self, slots: Sequence[int]) -> LoraBatch | None:
         """Per-group indices for rows using ``slots`` (``NO_ADAPTER`` = base only). Built once per forward."""
         groups: dict[str, GroupBatch] = {}
-        for name in GROUPS:
-            rows = [i for i, s in enumerate(slots) if s != NO_ADAPTER and name in self._slot_groups[s]]
+        for name, projs in GROUPS.items():
+            rows = [i for i, s in enumerate(slots) if s != NO_ADAPTER and not self._slot_projs[s].isdisjoint(projs)]
             if not rows:
                 continue
             rank = max(self._slot_rank[slots[i]] for i in rows)
+            adapted = frozenset().union(*(self._slot_projs[slots[i]] for i in rows))
+            active = tuple(j for j, p in enumerate(projs) if p in adapted)
             row_t = None if len(rows) == len(slots) else torch.tensor(rows, device=self.device)
             slot_t = torch.tensor([slots[i] for i in rows], device=self.device)
-            groups[name] = GroupBatch(row_t, slot_t, rank)
+            groups[name] = GroupBatch(row_t, slot_t, rank, active)
         return LoraBatch(groups) if groups else None
 
     # ---------------------------------------------------------------- forward

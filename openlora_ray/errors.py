@@ -39,3 +39,7 @@ class StoreUnavailableError(OpenLoraError):
 
 class CapacityError(OpenLoraError):
     """No room right now (every slot pinned, queue full); retrying later can succeed. HTTP 429/503."""
+
+
+class InvalidRequestError(OpenLoraError):
+    """A request the server will never be able to serve as sent (too long, bad prompt). HTTP 400."""

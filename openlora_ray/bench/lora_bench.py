@@ -54,7 +54,8 @@ def _make_peft_adapters(hf: torch.nn.Module, shape: Shape, n: int, out_dir: Path
 def run(model_dir: Path, dtype: torch.dtype, rows: int, context: int, iters: int, repeats: int, out: Path) -> dict:
     torch.manual_seed(0)
     ours = load_multi_lora_model(model_dir, num_slots=rows, max_rank=max(s.rank for s in SHAPES), dtype=dtype)
-    base_bytes = sum(p.nbytes for p in load_hf_model(model_dir, dtype).parameters())
+    plain_hf = load_hf_model(model_dir, dtype)  # the baseline PEFT builds on, without PEFT's wrappers
+    base_bytes = sum(p.nbytes for p in plain_hf.parameters())
     tokens = torch.randint(0, ours.config.vocab_size, (rows, context + 1))
     prompt, next_tok = tokens[:, :context], tokens[:, context:]
     positions = torch.arange(context).expand(rows, -1)
@@ -69,6 +70,8 @@ def run(model_dir: Path, dtype: torch.dtype, rows: int, context: int, iters: int
         for slot, w in enumerate(adapters):
             ours.clear_slot(slot)
             ours.write_slot(slot, w)
+        # The host tier -> slot copy a SlotManager re-load costs: clear the slot, copy the adapter in.
+        copy_s = time_interleaved({"copy": lambda: (ours.clear_slot(0), ours.write_slot(0, adapters[0]))}, iters=5, repeats=repeats)["copy"]
         adapter_bytes = sum(w.nbytes for w in adapters)
         names = [f"a{i}" for i in range(rows)]
         mixed = ours.lora_batch(list(range(rows)))
@@ -76,42 +79,33 @@ def run(model_dir: Path, dtype: torch.dtype, rows: int, context: int, iters: int
         with torch.inference_mode():
             ours(prompt, positions, mixed, cache, cache_rows, logits_at=last)
             hf_past = DynamicCache()
-            with peft_model.disable_adapter():
-                peft_model(input_ids=prompt, past_key_values=hf_past, use_cache=True)
+            plain_hf(input_ids=prompt, past_key_values=hf_past, use_cache=True)
             peft_past = DynamicCache()
             peft_model(input_ids=prompt, past_key_values=peft_past, use_cache=True, adapter_names=names)
             dec_pos = torch.full((rows, 1), context)
             zero = torch.zeros(rows, dtype=torch.long)
 
-            def hf_decode(past: DynamicCache, **kw) -> None:
-                peft_model(input_ids=next_tok, past_key_values=past, use_cache=True, **kw)
+            def hf_decode(model: torch.nn.Module, past: DynamicCache, **kw) -> None:
+                model(input_ids=next_tok, past_key_values=past, use_cache=True, **kw)
                 past.crop(-1)  # back to the same context length every call
-
-            def hf_base_decode() -> None:
-                with peft_model.disable_adapter():
-                    hf_decode(hf_past)
-
-            def hf_base_prefill() -> None:
-                with peft_model.disable_adapter():
-                    peft_model(input_ids=prompt, logits_to_keep=1, use_cache=False)
 
             phases = {
                 "decode": {
                     "ours_base": lambda: ours(next_tok, dec_pos, None, cache, cache_rows, logits_at=zero),
                     "ours_mixed": lambda: ours(next_tok, dec_pos, mixed, cache, cache_rows, logits_at=zero),
-                    "hf_base": hf_base_decode,
-                    "peft_mixed": lambda: hf_decode(peft_past, adapter_names=names),
+                    "hf_base": lambda: hf_decode(plain_hf, hf_past),
+                    "peft_mixed": lambda: hf_decode(peft_model, peft_past, adapter_names=names),
                 },
                 "prefill": {
                     "ours_base": lambda: ours(prompt, positions, None, logits_at=last),
                     "ours_mixed": lambda: ours(prompt, positions, mixed, logits_at=last),
-                    "hf_base": hf_base_prefill,
+                    "hf_base": lambda: plain_hf(input_ids=prompt, logits_to_keep=1, use_cache=False),
                     "peft_mixed": lambda: peft_model(input_ids=prompt, logits_to_keep=1, use_cache=False, adapter_names=names),
                 },
             }
             for phase, variants in phases.items():
                 log.info("timing %s %s", shape.name, phase)
-                t = time_interleaved(variants, iters=iters if phase == "decode" else max(1, iters // 4), repeats=repeats)
+                t = time_interleaved(variants, iters=iters if phase == "decode" else max(1, iters // 5), repeats=repeats)
                 results.append(
                     {
                         "shape": shape.name,
@@ -124,6 +118,7 @@ def run(model_dir: Path, dtype: torch.dtype, rows: int, context: int, iters: int
                         "bytes_bound": base_bytes / (base_bytes + adapter_bytes),
                         "adapter_bytes": adapter_bytes,
                         "base_bytes": base_bytes,
+                        "host_to_slot_copy_s": copy_s,
                     }
                 )
         del peft_model, hf
@@ -145,7 +140,7 @@ def run(model_dir: Path, dtype: torch.dtype, rows: int, context: int, iters: int
 def _print(report: dict) -> None:
     print(f"bench lora: {report['rows']} rows x {report['rows']} distinct adapters, {report['dtype']}, {report['threads']} threads, {report['machine']}")
     print_table(
-        ["shape", "phase", "ours base ms", "ours mixed ms", "mixed/base", "PEFT mixed/HF base", "ours/PEFT mixed", "ours base/HF base", "bytes bound"],
+        ["shape", "phase", "ours base ms", "ours mixed ms", "mixed/base", "PEFT mixed/HF base", "ours/PEFT mixed", "ours base/HF base", "bytes bound", "host->slot ms"],
         [
             [
                 r["shape"],
@@ -157,6 +152,7 @@ def _print(report: dict) -> None:
                 r["ours_mixed_vs_peft_mixed"],
                 r["ours_base_vs_hf_base"],
                 r["bytes_bound"],
+                r["host_to_slot_copy_s"] * 1e3,
             ]
             for r in report["results"]
         ],

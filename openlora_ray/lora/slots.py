@@ -124,8 +124,9 @@ class SlotManager:
         """
         slot = self._slot_of.get(adapter_id)
         if slot is None:
-            weights = self.host.get(adapter_id) or fetch(adapter_id)
-            slot = self.load(weights)
+            if choose_slot(self.states()) is None:  # check before fetch, so nothing is fetched in vain
+                raise self._no_slot(adapter_id)
+            slot = self.load(self.host.get(adapter_id) or fetch(adapter_id))
         self._pins[slot] += 1
         self._touch(slot)
         return slot
@@ -144,10 +145,7 @@ class SlotManager:
             return slot
         slot = choose_slot(self.states())
         if slot is None:
-            raise CapacityError(
-                f"all {self.buffers.num_slots} adapter slots are in use by running requests; "
-                f"cannot load {weights.adapter_id!r} now, retry shortly"
-            )
+            raise self._no_slot(weights.adapter_id)
         if self._adapter[slot] is not None:
             self._evict(slot)
         self.buffers.write_slot(slot, weights)
@@ -168,6 +166,12 @@ class SlotManager:
         self.host.pop(adapter_id)
 
     # --------------------------------------------------------------- helpers
+    def _no_slot(self, adapter_id: str) -> CapacityError:
+        return CapacityError(
+            f"all {self.buffers.num_slots} adapter slots are in use by running requests; "
+            f"cannot load {adapter_id!r} now, retry shortly"
+        )
+
     def _evict(self, slot: int) -> None:
         weights = self._weights[slot]
         assert weights is not None

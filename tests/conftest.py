@@ -71,3 +71,11 @@ def make_adapter(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory)
         return made[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The real demo model (converted once into the user cache; ~20 s the first time)."""
+    from openlora_ray.model.prepare import prepare_demo_model
+
+    return prepare_demo_model()

@@ -1,0 +1,24 @@
+"""Engine settings: what an operator sizes per replica (typed, validated, YAML-friendly)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class EngineConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model_path: Path
+    device: str = "cpu"
+    dtype: str = Field("auto", description="auto, float32, bfloat16 or float16")
+    num_slots: int = Field(8, ge=1, description="LoRA adapters resident on the device at once")
+    max_rank: int = Field(16, ge=1, description="largest LoRA rank accepted; buffers are padded to it")
+    max_running: int = Field(16, ge=1, description="sequences decoding together (KV cache rows)")
+    max_seq_len: int = Field(1024, ge=16, description="prompt + completion tokens per sequence")
+    max_queue: int = Field(256, ge=0, description="requests waiting beyond the running ones; more fail fast")
+    prefill_chunk: int = Field(256, ge=1, description="prompt tokens prefilled per engine step, at most")
+    host_cache_bytes: int = Field(2 << 30, ge=0, description="host-RAM tier for evicted adapters")
+    memory_budget_bytes: int = Field(8 << 30, ge=0, description="CPU only: the 'device memory' reported as free")
+    load_workers: int = Field(2, ge=1, description="threads fetching and validating adapters")

@@ -1,0 +1,59 @@
+"""What a caller hands the engine, and what it streams back."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+FinishReason = Literal["stop", "length", "abort", "error"]
+
+
+class SamplingParams(BaseModel):
+    """Per-request decoding settings (OpenAI's names). ``temperature == 0`` means greedy."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_tokens: int = Field(16, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0, description="0 = no top-k filter")
+    seed: int | None = None
+    stop: list[str] = Field(default_factory=list, max_length=16)
+    stop_token_ids: list[int] = Field(default_factory=list, max_length=64)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    ignore_eos: bool = False
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """A tokenised request. ``adapter_id`` None means the base model."""
+
+    request_id: str
+    adapter_id: str | None
+    prompt_ids: tuple[int, ...]
+    params: SamplingParams
+
+
+@dataclass(frozen=True)
+class StreamOutput:
+    """One streamed increment. The last one of a request has ``finish_reason`` set.
+
+    ``text`` is the new text since the previous increment (held back while it could still turn
+    out to be the start of a stop string); ``token_ids`` the tokens it came from.
+    """
+
+    request_id: str
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: FinishReason | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    time_to_first_token_s: float | None = None
+    mean_token_latency_s: float | None = None
+    error: Exception | None = None  # set when finish_reason == "error"

@@ -43,3 +43,7 @@ class CapacityError(OpenLoraError):
 
 class InvalidRequestError(OpenLoraError):
     """A request the server will never be able to serve as sent (too long, bad prompt). HTTP 400."""
+
+
+class AdapterInUseError(OpenLoraError):
+    """An operation that needs an idle adapter (evict, delete) while requests or a pin use it. HTTP 409."""

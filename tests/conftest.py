@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from peft_helpers import save_peft_adapter
+
 TINY_CONFIG = dict(
     vocab_size=256,
     hidden_size=64,
@@ -33,31 +35,6 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def save_peft_adapter(
-    base_dir: Path,
-    out_dir: Path,
-    r: int,
-    alpha: float,
-    targets: Sequence[str],
-    seed: int,
-    use_rslora: bool = False,
-) -> Path:
-    """A real PEFT LoRA adapter with non-zero B (PEFT's init makes B zero: a no-op adapter)."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    base = AutoModelForCausalLM.from_pretrained(base_dir)
-    cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), use_rslora=use_rslora, lora_dropout=0.0)
-    peft_model = get_peft_model(base, cfg)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
-    peft_model.save_pretrained(out_dir, safe_serialization=True)
-    return out_dir
-
-
 @pytest.fixture(scope="session")
 def make_adapter(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
     """``make_adapter(name, r, alpha, targets, seed, use_rslora=False) -> folder`` (cached per args)."""
@@ -79,3 +56,17 @@ def smollm2_dir() -> Path:
     from openlora_ray.model.prepare import prepare_demo_model
 
     return prepare_demo_model()
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> Path:
+    """A tiny random Llama with SmolLM2's tokenizer and vocabulary: text in, (gibberish) text out."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    torch.manual_seed(0)
+    cfg = dict(TINY_CONFIG, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True)
+    path = tmp_path_factory.mktemp("tiny-chat-llama")
+    LlamaForCausalLM(LlamaConfig(**cfg)).save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return path

@@ -7,10 +7,11 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 
-class EngineConfig(BaseModel):
+class EngineSettings(BaseModel):
+    """Sizing of one engine; the serving config carries these without a model path."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    model_path: Path
     device: str = "cpu"
     dtype: str = Field("auto", description="auto, float32, bfloat16 or float16")
     num_slots: int = Field(8, ge=1, description="LoRA adapters resident on the device at once")
@@ -22,3 +23,8 @@ class EngineConfig(BaseModel):
     host_cache_bytes: int = Field(2 << 30, ge=0, description="host-RAM tier for evicted adapters")
     memory_budget_bytes: int = Field(8 << 30, ge=0, description="CPU only: the 'device memory' reported as free")
     load_workers: int = Field(2, ge=1, description="threads fetching and validating adapters")
+    torch_threads: int | None = Field(None, ge=1, description="intra-op threads of this process (CPU); None = torch's default")
+
+
+class EngineConfig(EngineSettings):
+    model_path: Path

@@ -49,6 +49,9 @@ class EngineStats:
     resident_adapters: tuple[str, ...] = ()
     host_adapters: tuple[str, ...] = ()
     loading_adapters: tuple[str, ...] = ()
+    pinned_adapters: tuple[str, ...] = ()  # kept resident by an operator
+    loads_by_tier: dict[str, int] = field(default_factory=dict)  # slot hits and loads, by source
+    evictions: int = 0
     num_slots: int = 0
     free_slots: int = 0
     free_kv_rows: int = 0
@@ -82,6 +85,8 @@ class _Seq:
 class Engine:
     def __init__(self, config: EngineConfig, adapter_resolver: AdapterResolver | None = None) -> None:
         self.config = config
+        if config.torch_threads is not None:
+            torch.set_num_threads(config.torch_threads)
         self.device = torch.device(config.device)
         dtype = resolve_dtype(config.dtype, self.device)
         self.model = load_multi_lora_model(config.model_path, config.num_slots, config.max_rank, dtype, self.device)
@@ -95,6 +100,7 @@ class Engine:
         self._loader = ThreadPoolExecutor(config.load_workers, thread_name_prefix="adapter-load")
         self._loading: dict[str, Future[LoraWeights]] = {}
         self._ready: dict[str, LoraWeights] = {}
+        self._operator_pins: set[str] = set()
         self._waiting: deque[_Seq] = deque()
         self._running: list[_Seq] = []
         self._free_rows = list(range(config.max_running - 1, -1, -1))
@@ -161,6 +167,39 @@ class Engine:
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
 
+    async def call(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` on the loop thread between steps (it owns the slots) and await its result."""
+        fut: Future[Any] = Future()
+        self._inbox.put(("call", (fn, fut)))
+        return await asyncio.wrap_future(fut)
+
+    async def prefetch(self, adapter_id: str, pin: bool = False) -> int:
+        """Load an adapter into a slot ahead of traffic (read off the loop); ``pin`` keeps it there."""
+        if adapter_id not in self.stats.resident_adapters:
+            weights = await asyncio.to_thread(self._load_weights, adapter_id)
+            await self.call(lambda: self.slots.load(weights))
+        return await self.call(lambda: self._pin(adapter_id) if pin else self.slots.slot_of(adapter_id))
+
+    async def unpin(self, adapter_id: str) -> None:
+        """Drop an operator pin (from ``prefetch(pin=True)``); the adapter becomes evictable."""
+        await self.call(lambda: self._unpin(adapter_id))
+
+    async def evict(self, adapter_id: str) -> None:
+        """Remove an adapter from its slot and the host tier; refused while requests use it."""
+        await self.call(lambda: self.slots.unload(adapter_id))
+
+    def _pin(self, adapter_id: str) -> int:
+        if adapter_id in self._operator_pins:
+            return self.slots.slot_of(adapter_id)
+        slot = self.slots.acquire(adapter_id, self._load_weights)
+        self._operator_pins.add(adapter_id)
+        return slot
+
+    def _unpin(self, adapter_id: str) -> None:
+        if adapter_id in self._operator_pins:
+            self._operator_pins.discard(adapter_id)
+            self.slots.release(adapter_id)
+
     def healthy(self, max_stall_s: float = 30.0) -> bool:
         """False when the loop thread died or has not finished an iteration for ``max_stall_s``."""
         return self._thread.is_alive() and time.monotonic() - self._heartbeat < max_stall_s
@@ -203,6 +242,12 @@ class Engine:
                 kind, arg = msg
                 if kind == "submit":
                     self._waiting.append(arg)
+                elif kind == "call":
+                    fn, fut = arg
+                    try:
+                        fut.set_result(fn())
+                    except Exception as e:  # handed to the caller, who awaits the future
+                        fut.set_exception(e)
                 elif kind == "abort":
                     for seq in itertools.chain(self._waiting, self._running):
                         if seq.req.request_id == arg:
@@ -349,6 +394,9 @@ class Engine:
             resident_adapters=tuple(self.slots.resident()),
             host_adapters=tuple(self.slots.host.ids()),
             loading_adapters=tuple(self._loading) + tuple(self._ready),
+            pinned_adapters=tuple(sorted(self._operator_pins)),
+            loads_by_tier=dict(self.slots.loads_by_tier),
+            evictions=self.slots.evictions,
             num_slots=self.config.num_slots,
             free_slots=self.slots.free_slots,
             free_kv_rows=len(self._free_rows),

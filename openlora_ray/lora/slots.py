@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from openlora_ray.errors import CapacityError, OpenLoraError
+from openlora_ray.errors import AdapterInUseError, CapacityError, OpenLoraError
 from openlora_ray.lora.weights import LoraWeights
 
 log = logging.getLogger(__name__)
@@ -96,6 +96,10 @@ class SlotManager:
         self._last_used = [0] * n
         self._clock = 0
         self._slot_of: dict[str, int] = {}
+        # Where each acquire found its adapter: "slot" (already resident), "host" (host tier) or
+        # "fetch" (the caller's loader); counters for metrics.
+        self.loads_by_tier = {"slot": 0, "host": 0, "fetch": 0}
+        self.evictions = 0
 
     # ------------------------------------------------------------------ views
     def states(self) -> list[SlotState]:
@@ -126,7 +130,12 @@ class SlotManager:
         if slot is None:
             if choose_slot(self.states()) is None:  # check before fetch, so nothing is fetched in vain
                 raise self._no_slot(adapter_id)
-            slot = self.load(self.host.get(adapter_id) or fetch(adapter_id))
+            weights = self.host.get(adapter_id)
+            tier = "host" if weights is not None else "fetch"
+            slot = self.load(weights or fetch(adapter_id))
+            self.loads_by_tier[tier] += 1
+        else:
+            self.loads_by_tier["slot"] += 1
         self._pins[slot] += 1
         self._touch(slot)
         return slot
@@ -161,7 +170,7 @@ class SlotManager:
         slot = self._slot_of.get(adapter_id)
         if slot is not None:
             if self._pins[slot]:
-                raise OpenLoraError(f"adapter {adapter_id!r} is used by {self._pins[slot]} running request(s)")
+                raise AdapterInUseError(f"adapter {adapter_id!r} is in use ({self._pins[slot]} running request(s) or pins); unpin it or retry")
             self._free(slot)
         self.host.pop(adapter_id)
 
@@ -176,6 +185,7 @@ class SlotManager:
         weights = self._weights[slot]
         assert weights is not None
         log.debug("evicting %s from slot %d to the host tier", weights.adapter_id, slot)
+        self.evictions += 1
         self._free(slot)
         self.host.put(weights)
 

@@ -72,6 +72,7 @@ class LocalAdapter:
     path: Path
     manifest: Manifest
     spec: AdapterSpec
+    downloaded: bool = False  # True when this call fetched it from the store (a cache miss)
 
 
 class AdapterStore:
@@ -215,12 +216,20 @@ class AdapterStore:
                 return local
         path, built = self.cache.get_or_create(key, lambda tmp: self._download(aid, tmp, progress))
         if built is not None:
-            return LocalAdapter(aid, path, *built)
+            return LocalAdapter(aid, path, *built, downloaded=True)
         # Another thread or process built it while we waited for the lock.
         local = self._open_cached(aid, key, path)
         if local is None:
             raise InvalidAdapterError(str(aid), f"cached copy at {path} was damaged while being fetched")
         return local
+
+    def cached_ids(self) -> list[str]:
+        """Pinned ids of this store's versions on local disk (the replica reports them to the router)."""
+        prefix = f"{self._cache_ns}/"
+        return sorted(
+            f"{name}@{version}"
+            for name, version in (e.key[len(prefix) :].split("/", 1) for e in self.cache.entries() if e.key.startswith(prefix))
+        )
 
     def resolve(self, adapter_id: str | AdapterId) -> Path:
         """Local folder of a validated adapter (blocking: downloads on a cache miss)."""

@@ -1,0 +1,1 @@
+"""The Ray Serve layer: replica deployment, adapter-affinity router, OpenAI-compatible ingress."""

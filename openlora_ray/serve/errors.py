@@ -1,0 +1,57 @@
+"""Domain errors to HTTP: the only place status codes are decided."""
+
+from __future__ import annotations
+
+from fastapi.responses import JSONResponse
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+from ray.serve.exceptions import BackPressureError
+
+from openlora_ray.errors import (
+    AdapterInUseError,
+    AdapterNotFoundError,
+    CapacityError,
+    InvalidAdapterError,
+    InvalidAdapterIdError,
+    InvalidRequestError,
+    OpenLoraError,
+    StoreUnavailableError,
+)
+from openlora_ray.serve.openai_api import error_body
+from openlora_ray.store.store import AdapterVersionExistsError
+
+RETRY_AFTER_S = 1
+
+# (exception type, status, OpenAI error type, code, retry-after?) — first match wins.
+_TABLE: list[tuple[type[BaseException], int, str, str, bool]] = [
+    (InvalidRequestError, 400, "invalid_request_error", "invalid_request", False),
+    (InvalidAdapterIdError, 400, "invalid_request_error", "invalid_model_id", False),
+    (AdapterNotFoundError, 404, "invalid_request_error", "model_not_found", False),
+    (AdapterVersionExistsError, 409, "invalid_request_error", "version_exists", False),
+    (AdapterInUseError, 409, "invalid_request_error", "adapter_in_use", False),
+    (InvalidAdapterError, 422, "invalid_request_error", "invalid_adapter", False),
+    (CapacityError, 429, "rate_limit_error", "overloaded", True),
+    (BackPressureError, 503, "server_error", "overloaded", True),
+    (StoreUnavailableError, 503, "server_error", "store_unavailable", True),
+    ((ActorDiedError, ActorUnavailableError, RayActorError), 503, "server_error", "replica_unavailable", True),  # type: ignore[list-item]
+]
+
+
+def error_response(exc: BaseException) -> JSONResponse | None:
+    """The HTTP answer for a known failure, or None for a bug (left to surface as a 500)."""
+    for types, status, type_, code, retry in _TABLE:
+        if isinstance(exc, types):
+            headers = {"Retry-After": str(RETRY_AFTER_S)} if retry else None
+            return JSONResponse(error_body(_message(exc), type_, code), status_code=status, headers=headers)
+    return None
+
+
+def _message(exc: BaseException) -> str:
+    """The domain message without Ray's task-error wrapping (a remote traceback is no answer)."""
+    if isinstance(exc, OpenLoraError):
+        cause = getattr(exc, "cause", None)
+        if isinstance(cause, OpenLoraError):
+            return str(cause)
+        return str(exc).strip().splitlines()[-1] if "Traceback" in str(exc) else str(exc)
+    if isinstance(exc, RayActorError):
+        return "the replica serving this request died; retry"
+    return str(exc) or type(exc).__name__

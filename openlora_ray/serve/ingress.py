@@ -1,0 +1,246 @@
+"""OpenAI-compatible HTTP API (FastAPI inside Serve) and adapter management.
+
+(No ``from __future__ import annotations`` here: FastAPI reads the endpoint annotations at
+runtime to tell request bodies from query parameters.)
+
+``model`` names the adapter (``name`` or ``name@version``); the served base model's name means no
+adapter. The ingress pins ``name`` to its newest version, so every replica and the router key
+slots by an immutable id, then hands the request to the replica deployment with the pinned id as
+Serve's multiplexed model id, which the adapter-affinity router reads.
+"""
+
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, Field
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+from ray.serve.metrics import Counter, Histogram
+
+from openlora_ray.errors import AdapterNotFoundError
+from openlora_ray.serve.config import AppConfig
+from openlora_ray.serve.errors import error_response
+from openlora_ray.serve.openai_api import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    completion_response,
+    error_body,
+    stream_chunk,
+    usage,
+)
+from openlora_ray.serve.state import ReplicaState
+from openlora_ray.store.store import AdapterStore
+
+log = logging.getLogger(__name__)
+
+REPLICA_HEADER = "x-openlora-replica"
+DEFAULT_MAX_TOKENS = 256
+
+api = FastAPI(title="openlora-ray", description="OpenAI-compatible multi-LoRA serving")
+
+
+@api.exception_handler(RequestValidationError)
+async def _bad_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+    first = exc.errors()[0]
+    where = ".".join(str(p) for p in first["loc"] if p != "body")
+    return JSONResponse(error_body(f"{where}: {first['msg']}", "invalid_request_error", "invalid_request"), status_code=400)
+
+
+def _residency(aid: str, states: list[ReplicaState]) -> dict[str, list[str]]:
+    return {
+        "resident_on": [s.replica_id for s in states if aid in s.resident],
+        "host_on": [s.replica_id for s in states if aid in s.host],
+        "disk_on": [s.replica_id for s in states if aid in s.disk],
+    }
+
+
+class PrefetchBody(BaseModel):
+    replicas: int = Field(1, ge=1, description="how many replicas should hold the adapter")
+
+
+@serve.ingress(api)
+class Ingress:
+    def __init__(self, replicas: DeploymentHandle, config: dict[str, Any]) -> None:
+        self.cfg = AppConfig.model_validate(config)
+        self.replicas = replicas
+        self.store = AdapterStore(self.cfg.store) if self.cfg.store is not None else None
+        tags = ("model",)
+        self._m_requests = Counter("openlora_requests", "HTTP generation requests by adapter and status", tag_keys=("model", "status"))
+        self._m_tokens = Counter("openlora_tokens", "tokens by adapter and kind (prompt, completion)", tag_keys=("model", "kind"))
+        self._m_ttft = Histogram("openlora_time_to_first_token_seconds", "engine time to first token", boundaries=[0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30], tag_keys=tags)
+        self._m_tpot = Histogram("openlora_time_per_output_token_seconds", "mean time between output tokens", boundaries=[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1], tag_keys=tags)
+
+    # ------------------------------------------------------------------ OpenAI endpoints
+    @api.post("/v1/completions")
+    async def completions(self, body: CompletionRequest) -> Any:
+        return await self._serve(body, body.prompt, chat=False)
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, body: ChatCompletionRequest) -> Any:
+        return await self._serve(body, [m.model_dump() for m in body.messages], chat=True)
+
+    @api.get("/v1/models")
+    async def models(self) -> dict[str, Any]:
+        now = int(time.time())
+        data = [{"id": self.cfg.served_model_name, "object": "model", "created": now, "owned_by": "openlora-ray"}]
+        if self.store is not None:
+            try:
+                versions = await asyncio.to_thread(self.store.list)
+            except Exception as e:  # noqa: BLE001 - mapped to an HTTP answer, never swallowed
+                return self._error(e)
+            for name in sorted({v.id.name for v in versions}):
+                data.append({"id": name, "object": "model", "created": now, "owned_by": "openlora-ray", "parent": self.cfg.served_model_name})
+        return {"object": "list", "data": data}
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+    # -------------------------------------------------------------- adapter management
+    @api.get("/v1/adapters")
+    async def list_adapters(self) -> Any:
+        try:
+            versions = await asyncio.to_thread(self.store.list) if self.store else []
+            states = await self._replica_states()
+        except Exception as e:  # noqa: BLE001
+            return self._error(e)
+        return {"data": [{"id": str(v.id), "size": v.size, "pushed_at": v.pushed_at.isoformat(), **_residency(str(v.id), states)} for v in versions]}
+
+    @api.get("/v1/adapters/{adapter}")
+    async def inspect_adapter(self, adapter: str) -> Any:
+        try:
+            aid = await self._pin(adapter)
+            manifest, config = await asyncio.gather(asyncio.to_thread(self.store.stat, aid), asyncio.to_thread(self.store.read_config, aid))
+            states = await self._replica_states()
+        except Exception as e:  # noqa: BLE001
+            return self._error(e)
+        files = {name: {"size": f.size, "sha256": f.sha256} for name, f in manifest.files.items()}
+        return {"id": aid, "files": files, "config": json.loads(config), **_residency(aid, states)}
+
+    @api.post("/v1/adapters/{adapter}/prefetch")
+    async def prefetch(self, adapter: str, body: PrefetchBody | None = None) -> Any:
+        return await self._place(adapter, (body or PrefetchBody()).replicas, pin=False)
+
+    @api.post("/v1/adapters/{adapter}/pin")
+    async def pin(self, adapter: str, body: PrefetchBody | None = None) -> Any:
+        return await self._place(adapter, (body or PrefetchBody()).replicas, pin=True)
+
+    @api.post("/v1/adapters/{adapter}/unpin")
+    async def unpin(self, adapter: str) -> Any:
+        return await self._on_holders(adapter, "unpin", lambda s, aid: aid in s.resident)
+
+    @api.post("/v1/adapters/{adapter}/evict")
+    async def evict(self, adapter: str) -> Any:
+        return await self._on_holders(adapter, "evict", lambda s, aid: aid in s.resident or aid in s.host)
+
+    # ------------------------------------------------------------------------ internals
+    async def _serve(self, body: CompletionRequest | ChatCompletionRequest, prompt: Any, chat: bool) -> Any:
+        model = body.model
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        try:
+            adapter = None if model == self.cfg.served_model_name else await self._pin(model)
+            params = body.sampling(DEFAULT_MAX_TOKENS)
+            handle = self.replicas.options(method_name="generate", stream=True, multiplexed_model_id=adapter or "")
+            stream = handle.remote({"prompt": prompt, "params": params.model_dump(), "request_id": rid})
+            first = await stream.__anext__()  # errors before the first token become proper statuses
+        except Exception as e:  # noqa: BLE001
+            self._m_requests.inc(tags={"model": model, "status": "error"})
+            return self._error(e)
+        headers = {REPLICA_HEADER: first["replica"]}
+        if body.stream:
+            return StreamingResponse(self._sse(rid, model, first, stream, chat, body.include_usage), media_type="text/event-stream", headers=headers)
+        text, last = first["text"], first
+        try:
+            async for item in stream:
+                text += item["text"]
+                last = item
+        except Exception as e:  # noqa: BLE001
+            return self._error(e)
+        self._record(model, last)
+        return JSONResponse(completion_response(rid, model, text, last["finish_reason"], usage(last["prompt_tokens"], last["completion_tokens"]), chat), headers=headers)
+
+    async def _sse(self, rid: str, model: str, first: dict, stream: AsyncIterator[dict], chat: bool, include_usage: bool) -> AsyncIterator[str]:
+        def event(payload: dict[str, Any]) -> str:
+            return f"data: {json.dumps(payload)}\n\n"
+
+        if chat:
+            yield event(stream_chunk(rid, model, None, None, chat, role=True))
+        item = first
+        try:
+            while True:
+                if item["text"] or item["finish_reason"]:
+                    yield event(stream_chunk(rid, model, item["text"], item["finish_reason"], chat))
+                if item["finish_reason"]:
+                    break
+                item = await stream.__anext__()
+        except Exception as e:  # noqa: BLE001 - the stream ends with an error event, not a hang
+            response = error_response(e)
+            message = json.loads(response.body)["error"] if response is not None else {"message": str(e), "type": "server_error"}
+            self._m_requests.inc(tags={"model": model, "status": "error"})
+            yield event({"error": message})
+            yield "data: [DONE]\n\n"
+            return
+        self._record(model, item)
+        if include_usage:
+            yield event(stream_chunk(rid, model, None, None, chat, u=usage(item["prompt_tokens"], item["completion_tokens"])))
+        yield "data: [DONE]\n\n"
+
+    def _record(self, model: str, last: dict[str, Any]) -> None:
+        self._m_requests.inc(tags={"model": model, "status": "ok"})
+        self._m_tokens.inc(max(1, last["prompt_tokens"]), tags={"model": model, "kind": "prompt"})
+        if last["completion_tokens"]:
+            self._m_tokens.inc(last["completion_tokens"], tags={"model": model, "kind": "completion"})
+        if last["ttft_s"] is not None:
+            self._m_ttft.observe(last["ttft_s"], tags={"model": model})
+        if last["tpot_s"] is not None:
+            self._m_tpot.observe(last["tpot_s"], tags={"model": model})
+
+    async def _pin(self, model: str) -> str:
+        if self.store is None:
+            raise AdapterNotFoundError(model, "this deployment (no adapter store configured)")
+        return str(await asyncio.to_thread(self.store.pin, model))
+
+    async def _replica_states(self) -> list[ReplicaState]:
+        described = await asyncio.to_thread(lambda: self.replicas.broadcast("describe").results())
+        return [ReplicaState.from_stats(d["replica_id"], d) for d in described]
+
+    async def _place(self, adapter: str, n: int, pin: bool) -> Any:
+        """Load (and pin) an adapter on ``n`` replicas: current holders first, then most free memory."""
+        try:
+            aid = await self._pin(adapter)
+            states = await self._replica_states()
+            ranked = sorted(states, key=lambda s: (aid not in s.resident, not s.holds(aid), -s.free_vram_mb, s.load))
+            targets = [s.replica_id for s in ranked[:n]]
+            done = await asyncio.to_thread(lambda: self.replicas.broadcast("prefetch", aid, targets, pin).results())
+        except Exception as e:  # noqa: BLE001
+            return self._error(e)
+        return {"id": aid, "replicas": [r for r in done if r is not None], "pinned": pin}
+
+    async def _on_holders(self, adapter: str, method: str, holds) -> Any:
+        try:
+            aid = await self._pin(adapter)
+            states = await self._replica_states()
+            targets = [s.replica_id for s in states if holds(s, aid)]
+            if not targets:
+                raise AdapterNotFoundError(aid, "any replica's slots or host tier")
+            await asyncio.to_thread(lambda: self.replicas.broadcast(method, aid, targets).results())
+        except Exception as e:  # noqa: BLE001
+            return self._error(e)
+        return {"id": aid, "replicas": targets}
+
+    @staticmethod
+    def _error(exc: BaseException) -> JSONResponse:
+        response = error_response(exc)
+        if response is None:
+            raise exc
+        return response
+

@@ -1,0 +1,155 @@
+"""The model replica: one Engine (base model + LoRA slots) per GPU, wired into Ray Serve.
+
+A thin deployment: the engine, the slot manager and the store are plain objects tested without
+Ray; this class only turns Serve calls into engine calls, reports state to the routers and
+exports metrics. The engine loop runs in its own thread, so health checks and routing stats keep
+answering while it computes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from ray import serve
+from ray.serve.metrics import Counter, Gauge, Histogram
+
+from openlora_ray.adapter_format import BaseModelDims
+from openlora_ray.engine.config import EngineConfig
+from openlora_ray.engine.engine import Engine
+from openlora_ray.engine.request import SamplingParams
+from openlora_ray.serve.config import AppConfig
+from openlora_ray.serve.state import ReplicaState
+from openlora_ray.store.store import AdapterStore
+
+log = logging.getLogger(__name__)
+
+DISK_LIST_TTL_S = 5.0  # listing the disk cache walks folders; do it at most this often
+
+
+class LoraReplica:
+    def __init__(self, config: dict[str, Any]) -> None:
+        cfg = AppConfig.model_validate(config)
+        path = cfg.model_path()
+        self.store = (
+            AdapterStore(cfg.store, dims=BaseModelDims.from_model_dir(path), max_rank=cfg.engine.max_rank)
+            if cfg.store is not None
+            else None
+        )
+        self.engine = Engine(EngineConfig(model_path=path, **cfg.engine.model_dump()), self._resolve if self.store else None)
+        self.replica_id = serve.get_replica_context().replica_id.unique_id
+        self._disk: tuple[float, frozenset[str]] = (0.0, frozenset())
+        self._reported_tiers: dict[str, int] = {}
+        self._reported_evictions = 0
+        self._m_loads = Counter("openlora_adapter_loads", "adapter acquisitions by where the adapter was found", tag_keys=("tier",))
+        self._m_load_s = Histogram("openlora_adapter_load_seconds", "time to get an adapter from the store or disk cache to host RAM", boundaries=[0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10], tag_keys=("tier",))
+        self._m_evictions = Counter("openlora_adapter_evictions", "adapters evicted from a slot to the host tier")
+        self._m_queue = Gauge("openlora_engine_queue_depth", "requests waiting in the engine")
+        self._m_running = Gauge("openlora_engine_running", "requests decoding")
+        self._m_slots = Gauge("openlora_slots_used", "LoRA slots holding an adapter")
+        log.info("replica %s ready (model %s)", self.replica_id, path)
+
+    def _resolve(self, adapter_id: str) -> Path:
+        """Engine worker thread: the adapter's local folder, downloading it on a cache miss."""
+        start = time.monotonic()
+        local = self.store.fetch(adapter_id)
+        tier = "store" if local.downloaded else "disk"
+        self._m_loads.inc(tags={"tier": tier})
+        self._m_load_s.observe(time.monotonic() - start, tags={"tier": tier})
+        return local.path
+
+    async def generate(self, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """Stream one request. The adapter id arrives as Serve's multiplexed model id."""
+        adapter = serve.get_multiplexed_model_id() or None
+        request = self.engine.make_request(payload["prompt"], adapter, SamplingParams.model_validate(payload["params"]), payload["request_id"])
+        async for out in self.engine.generate(request):
+            yield {
+                "text": out.text,
+                "tokens": len(out.token_ids),
+                "finish_reason": out.finish_reason,
+                "prompt_tokens": out.prompt_tokens,
+                "completion_tokens": out.completion_tokens,
+                "ttft_s": out.time_to_first_token_s,
+                "tpot_s": out.mean_token_latency_s,
+                "replica": self.replica_id,
+            }
+
+    def state(self) -> ReplicaState:
+        s = self.engine.stats
+        return ReplicaState(
+            replica_id=self.replica_id,
+            resident=frozenset(s.resident_adapters),
+            host=frozenset(s.host_adapters),
+            disk=self._disk_ids(),
+            loading=frozenset(s.loading_adapters),
+            num_slots=s.num_slots,
+            free_slots=s.free_slots,
+            free_vram_mb=s.free_device_bytes >> 20,
+            queued=s.queue_depth,
+            running=s.running,
+            max_running=self.engine.config.max_running,
+        )
+
+    def _disk_ids(self) -> frozenset[str]:
+        when, ids = self._disk
+        if self.store is not None and time.monotonic() - when > DISK_LIST_TTL_S:
+            ids = frozenset(self.store.cached_ids())
+            self._disk = (time.monotonic(), ids)
+        return ids
+
+    def record_routing_stats(self) -> dict[str, Any]:
+        """Polled by the Serve controller; also where the engine's counters become metrics."""
+        self._export_metrics()
+        return self.state().to_stats()
+
+    def describe(self) -> dict[str, Any]:
+        """Management view: routing state plus operator pins and counters."""
+        s = self.engine.stats
+        return {**self.state().to_stats(), "pinned": list(s.pinned_adapters), "loads_by_tier": s.loads_by_tier, "evictions": s.evictions, "tokens_per_s": s.tokens_per_s}
+
+    async def prefetch(self, adapter_id: str, targets: list[str] | None = None, pin: bool = False) -> str | None:
+        """Load (and optionally pin) an adapter here if this replica is among ``targets``."""
+        if targets is not None and self.replica_id not in targets:
+            return None
+        await self.engine.prefetch(adapter_id, pin=pin)
+        return self.replica_id
+
+    async def unpin(self, adapter_id: str, targets: list[str] | None = None) -> str | None:
+        if targets is not None and self.replica_id not in targets:
+            return None
+        await self.engine.unpin(adapter_id)
+        return self.replica_id
+
+    async def evict(self, adapter_id: str, targets: list[str] | None = None) -> str | None:
+        if targets is not None and self.replica_id not in targets:
+            return None
+        await self.engine.evict(adapter_id)
+        return self.replica_id
+
+    def check_health(self) -> None:
+        if not self.engine.healthy():
+            raise RuntimeError(f"engine loop of replica {self.replica_id} is stuck or dead")
+
+    def _export_metrics(self) -> None:
+        s = self.engine.stats
+        self._m_queue.set(s.queue_depth)
+        self._m_running.set(s.running)
+        self._m_slots.set(s.num_slots - s.free_slots)
+        for tier in ("slot", "host"):
+            delta = s.loads_by_tier.get(tier, 0) - self._reported_tiers.get(tier, 0)
+            if delta > 0:
+                self._m_loads.inc(delta, tags={"tier": tier})
+        self._reported_tiers = dict(s.loads_by_tier)
+        if s.evictions > self._reported_evictions:
+            self._m_evictions.inc(s.evictions - self._reported_evictions)
+            self._reported_evictions = s.evictions
+
+    def __del__(self) -> None:
+        # Serve calls this on graceful shutdown (after draining its own requests); idempotent.
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            self.engine = None
+            engine.shutdown(drain_timeout_s=5)

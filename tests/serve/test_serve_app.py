@@ -1,0 +1,153 @@
+"""The whole application on a real local Ray cluster: HTTP through the Serve proxy."""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import requests
+
+from serve_helpers import wait_for
+
+pytestmark = pytest.mark.timeout(240)
+
+BASE = "tiny"
+
+
+@pytest.fixture(scope="module")
+def app(serve_url: str, tiny_chat_model_dir: Path, chat_store: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
+    from ray import serve
+
+    from openlora_ray.engine.config import EngineSettings
+    from openlora_ray.serve.app import build
+    from openlora_ray.serve.config import AppConfig, ReplicaSettings
+    from openlora_ray.store.settings import StoreSettings
+
+    cfg = AppConfig(
+        model=str(tiny_chat_model_dir),
+        served_model_name=BASE,
+        engine=EngineSettings(num_slots=2, max_rank=8, max_running=4, max_seq_len=160, torch_threads=1, memory_budget_bytes=1 << 30),
+        store=StoreSettings(uri=str(chat_store), cache_dir=tmp_path_factory.mktemp("node-cache")),
+        replicas=ReplicaSettings(num_replicas=2, num_cpus=0, num_gpus=1, max_ongoing_requests=4, max_queued_requests=6, stats_period_s=0.5, health_check_period_s=2, graceful_shutdown_timeout_s=1),
+        ingress_num_cpus=0,
+    )
+    serve.run(build(cfg), name="openlora", route_prefix="/")
+    return serve_url
+
+
+def post(url: str, path: str, body: dict, **kw) -> requests.Response:
+    return requests.post(url + path, json=body, timeout=60, **kw)
+
+
+def residency(url: str, adapter: str) -> dict:
+    data = requests.get(f"{url}/v1/adapters", timeout=30).json()["data"]
+    return next(a for a in data if a["id"] == adapter)
+
+
+def sse_events(response: requests.Response) -> list:
+    events = []
+    for line in response.iter_lines(decode_unicode=True):
+        if line.startswith("data: "):
+            payload = line[len("data: ") :]
+            events.append(payload if payload == "[DONE]" else json.loads(payload))
+    return events
+
+
+def test_completions_and_chat_with_and_without_adapters(app):
+    r = post(app, "/v1/completions", {"model": BASE, "prompt": "Hello there", "max_tokens": 6, "temperature": 0})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "text_completion" and body["choices"][0]["finish_reason"] in ("length", "stop")
+    assert 1 <= body["usage"]["completion_tokens"] <= 6 and body["usage"]["prompt_tokens"] > 0
+    chat = {"model": "alpha", "messages": [{"role": "user", "content": "Say hi"}], "max_tokens": 8, "temperature": 0}
+    r = post(app, "/v1/chat/completions", chat)
+    assert r.status_code == 200, r.text
+    msg = r.json()["choices"][0]["message"]
+    assert msg["role"] == "assistant" and isinstance(msg["content"], str)
+    base = post(app, "/v1/chat/completions", dict(chat, model=BASE)).json()["choices"][0]["message"]["content"]
+    assert base != msg["content"]  # the adapter changes the answer
+
+
+def test_streaming_sse_matches_the_plain_answer(app):
+    chat = {"model": "beta", "messages": [{"role": "user", "content": "Count to three"}], "max_tokens": 10, "temperature": 0}
+    plain = post(app, "/v1/chat/completions", chat).json()
+    with requests.post(app + "/v1/chat/completions", json=dict(chat, stream=True, stream_options={"include_usage": True}), stream=True, timeout=60) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = sse_events(r)
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant"}
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    assert text == plain["choices"][0]["message"]["content"]
+    assert chunks[-2]["choices"][0]["finish_reason"] == plain["choices"][0]["finish_reason"]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == plain["usage"]
+    with requests.post(app + "/v1/completions", json={"model": "beta", "prompt": "abc", "max_tokens": 4, "stream": True}, stream=True, timeout=60) as r:
+        events = sse_events(r)
+    assert events[-1] == "[DONE]" and all(e["object"] == "text_completion" for e in events[:-1])
+
+
+def test_official_openai_client_streams(app):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=app + "/v1", api_key="unused")
+    stream = client.chat.completions.create(model="gamma", messages=[{"role": "user", "content": "Hi"}], max_tokens=8, temperature=0, stream=True)
+    pieces = [c.choices[0].delta.content or "" for c in stream if c.choices]
+    plain = client.chat.completions.create(model="gamma", messages=[{"role": "user", "content": "Hi"}], max_tokens=8, temperature=0)
+    assert "".join(pieces) == plain.choices[0].message.content
+    assert {m.id for m in client.models.list()} >= {BASE, "alpha", "beta", "gamma"}
+
+
+def test_errors_have_openai_bodies_and_the_service_keeps_serving(app):
+    cases = [
+        ({"model": "no-such-adapter", "prompt": "x"}, 404, "model_not_found"),
+        ({"model": "../etc", "prompt": "x"}, 400, "invalid_model_id"),
+        ({"model": "toolarge", "prompt": "x", "max_tokens": 2}, 422, "invalid_adapter"),
+        ({"model": BASE, "prompt": "x", "n": 2}, 400, "invalid_request"),
+        ({"model": BASE, "prompt": "x", "max_tokens": 1000}, 400, "invalid_request"),
+        ({"model": BASE}, 400, "invalid_request"),
+    ]
+    for body, status, code in cases:
+        r = post(app, "/v1/completions", body)
+        assert r.status_code == status, (body, r.text)
+        err = r.json()["error"]
+        assert err["code"] == code and err["message"] and "Traceback" not in err["message"]
+    assert "rank 16 exceeds" in post(app, "/v1/completions", cases[2][0]).json()["error"]["message"]
+    assert post(app, "/v1/completions", {"model": "alpha", "prompt": "still here", "max_tokens": 3}).status_code == 200
+
+
+def test_requests_follow_the_replica_that_holds_the_adapter(app):
+    body = {"model": "gamma@v1", "prompt": "affinity", "max_tokens": 3, "temperature": 0}
+    first = post(app, "/v1/completions", body).headers["x-openlora-replica"]
+    wait_for(lambda: first in residency(app, "gamma@v1")["resident_on"])
+    for _ in range(6):
+        assert post(app, "/v1/completions", body).headers["x-openlora-replica"] == first
+
+
+def test_hot_adapter_spreads_to_a_second_replica_and_overload_is_503(app):
+    body = {"model": "delta", "prompt": "hot " * 10, "max_tokens": 140, "temperature": 0}
+    with ThreadPoolExecutor(24) as pool:
+        codes = list(pool.map(lambda _: post(app, "/v1/completions", body), range(24)))
+    ok = [r for r in codes if r.status_code == 200]
+    refused = [r for r in codes if r.status_code != 200]
+    assert len({r.headers["x-openlora-replica"] for r in ok}) == 2  # both replicas served delta
+    assert all(r.status_code == 503 and r.headers.get("Retry-After") for r in refused)
+    assert len(residency(app, "delta@v1")["resident_on"]) + len(residency(app, "delta@v1")["host_on"]) == 2
+
+
+def test_adapter_management(app):
+    info = requests.get(f"{app}/v1/adapters/beta", timeout=30).json()
+    assert info["id"] == "beta@v1" and info["config"]["r"] == 8 and "adapter_model.safetensors" in info["files"]
+    r = post(app, "/v1/adapters/beta/prefetch", {"replicas": 2})
+    assert r.status_code == 200 and len(r.json()["replicas"]) == 2
+    wait_for(lambda: len(residency(app, "beta@v1")["resident_on"]) == 2)
+    r = post(app, "/v1/adapters/beta/evict", {})
+    assert r.status_code == 200, r.text
+    wait_for(lambda: not residency(app, "beta@v1")["resident_on"] and not residency(app, "beta@v1")["host_on"])
+    r = post(app, "/v1/adapters/alpha/pin", {"replicas": 1})
+    assert r.status_code == 200 and r.json()["pinned"]
+    r = post(app, "/v1/adapters/alpha/evict", {})
+    assert r.status_code == 409 and r.json()["error"]["code"] == "adapter_in_use"
+    assert post(app, "/v1/adapters/alpha/unpin", {}).status_code == 200
+    assert post(app, "/v1/adapters/nope/prefetch", {}).status_code == 404

@@ -19,6 +19,9 @@ class InvalidAdapterError(OpenLoraError):
         self.adapter_id = adapter_id
         self.reason = reason
 
+    def __reduce__(self):  # picklable across processes (Ray re-raises it in the caller)
+        return type(self), (self.adapter_id, self.reason)
+
 
 class InvalidAdapterIdError(OpenLoraError):
     """An adapter id that is not well formed (never turned into a path or key). HTTP 400."""
@@ -31,6 +34,10 @@ class AdapterNotFoundError(OpenLoraError):
         suffix = f" in {where}" if where else ""
         super().__init__(f"adapter {adapter_id!r} not found{suffix}")
         self.adapter_id = adapter_id
+        self.where = where
+
+    def __reduce__(self):
+        return type(self), (self.adapter_id, self.where)
 
 
 class StoreUnavailableError(OpenLoraError):

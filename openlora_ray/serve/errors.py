@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from fastapi.responses import JSONResponse
-from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError
 
 from openlora_ray.errors import (
@@ -13,7 +13,6 @@ from openlora_ray.errors import (
     InvalidAdapterError,
     InvalidAdapterIdError,
     InvalidRequestError,
-    OpenLoraError,
     StoreUnavailableError,
 )
 from openlora_ray.serve.openai_api import error_body
@@ -38,6 +37,8 @@ _TABLE: list[tuple[type[BaseException], int, str, str, bool]] = [
 
 def error_response(exc: BaseException) -> JSONResponse | None:
     """The HTTP answer for a known failure, or None for a bug (left to surface as a 500)."""
+    while isinstance(exc, RayTaskError) and exc.cause is not None:  # raised in a replica
+        exc = exc.cause
     for types, status, type_, code, retry in _TABLE:
         if isinstance(exc, types):
             headers = {"Retry-After": str(RETRY_AFTER_S)} if retry else None
@@ -46,12 +47,6 @@ def error_response(exc: BaseException) -> JSONResponse | None:
 
 
 def _message(exc: BaseException) -> str:
-    """The domain message without Ray's task-error wrapping (a remote traceback is no answer)."""
-    if isinstance(exc, OpenLoraError):
-        cause = getattr(exc, "cause", None)
-        if isinstance(cause, OpenLoraError):
-            return str(cause)
-        return str(exc).strip().splitlines()[-1] if "Traceback" in str(exc) else str(exc)
     if isinstance(exc, RayActorError):
         return "the replica serving this request died; retry"
     return str(exc) or type(exc).__name__

@@ -98,3 +98,14 @@ def test_adapter_for_another_base_model_is_refused(good):
     other = BaseModelDims(hidden_size=128, intermediate_size=160, num_layers=3, num_heads=4, num_kv_heads=2, head_dim=32)
     with pytest.raises(InvalidAdapterError, match="expected"):
         _load(good, other)
+
+
+def test_domain_errors_survive_pickling():
+    """Ray ships a replica's exception to the caller by pickle; it must arrive as the same type."""
+    import pickle
+
+    from openlora_ray.errors import AdapterNotFoundError
+
+    for err in (InvalidAdapterError("a@v1", "rank 64 exceeds"), AdapterNotFoundError("b", "the store")):
+        back = pickle.loads(pickle.dumps(err))
+        assert type(back) is type(err) and str(back) == str(err)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from peft_helpers import save_peft_adapter
-from serve_helpers import free_port
+from serve_helpers import free_port, metrics_port
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +19,7 @@ def serve_url() -> Iterator[str]:
     from ray import serve
 
     ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False, namespace="openlora-tests",
-             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}})
+             _metrics_export_port=metrics_port(), runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}})
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     yield f"http://127.0.0.1:{port}"
@@ -42,6 +42,7 @@ def chat_store(tiny_chat_model_dir: Path, tmp_path_factory: pytest.TempPathFacto
         "beta": dict(r=8, alpha=4.0, targets=("q_proj", "k_proj", "v_proj", "o_proj"), seed=52),
         "gamma": dict(r=2, alpha=6.0, targets=("gate_proj", "up_proj"), seed=53),
         "delta": dict(r=4, alpha=3.0, targets=("o_proj",), seed=54),
+        "epsilon": dict(r=4, alpha=5.0, targets=("v_proj", "up_proj"), seed=56),
         "toolarge": dict(r=16, alpha=8.0, targets=("q_proj",), seed=55),  # above the servers' max_rank
     }
     for name, kw in specs.items():

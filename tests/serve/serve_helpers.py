@@ -13,6 +13,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+_METRICS_PORT: list[int] = []
+
+
+def metrics_port() -> int:
+    """The Prometheus port of this test session's Ray node (chosen once)."""
+    if not _METRICS_PORT:
+        _METRICS_PORT.append(free_port())
+    return _METRICS_PORT[0]
+
+
 def wait_for(predicate: Callable[[], object], timeout: float = 30.0, interval: float = 0.2) -> object:
     deadline = time.monotonic() + timeout
     while True:

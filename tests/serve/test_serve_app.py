@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from serve_helpers import wait_for
+from serve_helpers import metrics_port, wait_for
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -53,6 +53,18 @@ def sse_events(response: requests.Response) -> list:
             payload = line[len("data: ") :]
             events.append(payload if payload == "[DONE]" else json.loads(payload))
     return events
+
+
+def test_prometheus_metrics_are_exported(app):
+    post(app, "/v1/completions", {"model": "gamma", "prompt": "metrics", "max_tokens": 3})
+
+    def scrape() -> str:
+        text = requests.get(f"http://127.0.0.1:{metrics_port()}/metrics", timeout=10).text
+        return text if "ray_openlora_requests_total" in text and "ray_openlora_adapter_loads_total" in text else ""
+
+    text = wait_for(scrape, timeout=90, interval=2)
+    assert 'model="gamma"' in text and "ray_openlora_time_to_first_token_seconds_bucket" in text
+    assert "ray_openlora_slots_used" in text and "ray_openlora_engine_queue_depth" in text
 
 
 def test_completions_and_chat_with_and_without_adapters(app):
@@ -123,6 +135,15 @@ def test_requests_follow_the_replica_that_holds_the_adapter(app):
     wait_for(lambda: first in residency(app, "gamma@v1")["resident_on"])
     for _ in range(6):
         assert post(app, "/v1/completions", body).headers["x-openlora-replica"] == first
+
+
+def test_concurrent_cold_requests_converge_on_one_replica(app):
+    body = {"model": "epsilon@v1", "prompt": "cold start", "max_tokens": 4, "temperature": 0}
+    assert not residency(app, "epsilon@v1")["resident_on"]
+    with ThreadPoolExecutor(4) as pool:  # 4 = max_ongoing_requests: one replica can take them all
+        replicas = {r.headers["x-openlora-replica"] for r in pool.map(lambda _: post(app, "/v1/completions", body), range(4))}
+    assert len(replicas) == 1
+    wait_for(lambda: residency(app, "epsilon@v1")["resident_on"] == sorted(replicas))
 
 
 def test_hot_adapter_spreads_to_a_second_replica_and_overload_is_503(app):

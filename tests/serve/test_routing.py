@@ -1,0 +1,314 @@
+"""The routing policy as pure functions: behaviours 1-5 of issue 5's "Router" section, properties,
+and the at-scale simulator's fast path against the policy itself."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+
+import pytest
+from hypothesis import given, settings as hsettings, strategies as st
+from pydantic import ValidationError
+
+from openlora_ray.serve.routing import (
+    RecentSends,
+    RouterSettings,
+    Tier,
+    holder_tier,
+    hrw_score,
+    is_busy,
+    placement_key,
+    rank_replicas,
+    stable_hash,
+)
+from openlora_ray.serve.state import ReplicaState
+
+SETTINGS = RouterSettings()
+
+
+def rs(
+    replica_id: str,
+    *,
+    resident: tuple[str, ...] = (),
+    host: tuple[str, ...] = (),
+    disk: tuple[str, ...] = (),
+    loading: tuple[str, ...] = (),
+    running: int = 0,
+    queued: int = 0,
+    max_running: int = 8,
+    free_vram_mb: int = 8192,
+) -> ReplicaState:
+    return ReplicaState(
+        replica_id,
+        resident=frozenset(resident),
+        host=frozenset(host),
+        disk=frozenset(disk),
+        loading=frozenset(loading),
+        num_slots=8,
+        free_slots=8 - len(resident),
+        free_vram_mb=free_vram_mb,
+        queued=queued,
+        running=running,
+        max_running=max_running,
+    )
+
+
+def flat(ranks: list[list[str]]) -> list[str]:
+    return [r for rank in ranks for r in rank]
+
+
+def as_sets(ranks: list[list[str]]) -> list[frozenset[str]]:
+    return [frozenset(rank) for rank in ranks]
+
+
+def route(adapter: str | None, states: list[ReplicaState], recent=(), s: RouterSettings = SETTINGS) -> str:
+    """Where Serve sends the request when no replica is full: the first rank's least loaded member."""
+    by_id = {x.replica_id: x for x in states}
+    first = rank_replicas(adapter, states, s, recent)[0]
+    return min(first, key=lambda r: (by_id[r].load, r))
+
+
+# --- 1. holders first ---------------------------------------------------------------------------
+
+
+def test_resident_holders_win_as_one_rank_so_serve_picks_the_least_loaded() -> None:
+    states = [rs("a"), rs("b", resident=("x",), running=3), rs("c", resident=("x",), running=1), rs("d", host=("x",))]
+    ranks = rank_replicas("x", states, SETTINGS)
+    assert set(ranks[0]) == {"b", "c"}
+    assert ranks[1] == ["d"]
+    assert route("x", states) == "c"
+
+
+def test_tiers_resident_then_loading_then_host_then_disk_then_the_rest() -> None:
+    states = [rs("none"), rs("disk", disk=("x",)), rs("host", host=("x",)), rs("load", loading=("x",)), rs("slot", resident=("x",))]
+    ranks = rank_replicas("x", states, SETTINGS)
+    assert ranks[:5] == [["slot"], ["load"], ["host"], ["disk"], ["none"]]
+    assert [holder_tier("x", s) for s in states] == [Tier.NONE, Tier.DISK, Tier.HOST, Tier.LOADING, Tier.RESIDENT]
+
+
+def test_a_replica_this_router_just_sent_the_adapter_to_counts_as_loading_it() -> None:
+    states = [rs("a", host=("x",)), rs("b")]
+    assert rank_replicas("x", states, SETTINGS, recent={"b"})[0] == ["b"]
+    assert rank_replicas("x", states, SETTINGS)[0] == ["a"]
+
+
+# --- 2. cold adapters: most free VRAM, then shorter queue, then the adapter's hash ------------------
+
+
+def test_cold_adapter_goes_to_the_most_free_vram() -> None:
+    states = [rs("a", free_vram_mb=2048), rs("b", free_vram_mb=9216, running=2), rs("c", free_vram_mb=4096)]
+    ranks = rank_replicas("cold", states, SETTINGS)
+    assert ranks == [["b"], ["c"], ["a"]]
+
+
+def test_equal_vram_bucket_ties_go_to_the_shorter_queue() -> None:
+    states = [rs("a", running=6), rs("b", running=1), rs("c", running=4)]
+    assert flat(rank_replicas("cold", states, SETTINGS)) == ["b", "c", "a"]
+
+
+def test_vram_is_bucketed_so_tiny_differences_do_not_decide() -> None:
+    """Replicas 64 MB apart tie; the adapter's rendezvous hash decides, the same way for any input order."""
+    states = [rs(f"r{i}", free_vram_mb=8192 + 64 * (i % 3)) for i in range(8)]
+    adapters = [f"adapter-{k}" for k in range(200)]
+    winners = Counter()
+    for a in adapters:
+        expected = max(states, key=lambda s: hrw_score(stable_hash(a), stable_hash(s.replica_id))).replica_id
+        shuffled = random.Random(a).sample(states, len(states))
+        assert rank_replicas(a, shuffled, SETTINGS)[0] == [expected]
+        winners[expected] += 1
+    assert len(winners) == 8 and max(winners.values()) < 50  # spread, not piled on the "emptiest"
+
+
+def test_cold_adapters_spread_evenly_over_equal_replicas() -> None:
+    states = [rs(f"replica-{i}") for i in range(10)]
+    counts = Counter(rank_replicas(f"a{k}", states, SETTINGS)[0][0] for k in range(5000))
+    assert len(counts) == 10
+    assert min(counts.values()) > 400 and max(counts.values()) < 600  # 500 each in expectation
+
+
+# --- 3. hot adapters spill past the threshold, and the holder set shrinks as slots are reclaimed ---
+
+
+def test_spill_when_every_holder_is_past_the_threshold() -> None:
+    s = RouterSettings(spill_load=0.75)
+    states = [rs("hot", resident=("x",), running=6), rs("b", running=1), rs("c", running=2)]  # 6/8 = 0.75
+    ranks = rank_replicas("x", states, s)
+    assert ranks[0] == ["b"]  # the best non-holder: lower load bucket
+    assert ranks[-1] == ["hot"]  # still a candidate, after every non-holder below the threshold
+    below = [rs("hot", resident=("x",), running=5), rs("b", running=1)]
+    assert rank_replicas("x", below, s)[0] == ["hot"]
+
+
+def test_a_busy_holder_still_beats_a_busy_non_holder() -> None:
+    s = RouterSettings(spill_load=0.75)
+    states = [rs("b", running=8), rs("hot", resident=("x",), running=7), rs("c", running=7)]
+    assert rank_replicas("x", states, s) == [["hot"], ["b", "c"]]
+
+
+def test_holders_grow_with_load_and_shrink_when_a_replica_stops_reporting() -> None:
+    s = RouterSettings(spill_load=0.75)
+    a = rs("a", resident=("x",), running=7)
+    b, c = rs("b", running=1), rs("c", running=2)
+    # Every holder busy: spill to b, which loads x.
+    assert route("x", [a, b, c], s=s) == "b"
+    b = rs("b", resident=("x",), running=2)
+    # Both hold x; load drops on a: both are holders below the threshold, sharing the first rank
+    # (hysteresis: the spill copy keeps serving x for as long as it holds it).
+    a = rs("a", resident=("x",), running=2)
+    assert set(rank_replicas("x", [a, b, c], s)[0]) == {"a", "b"}
+    # b evicts x (LRU, on its own) and stops reporting it: it is a plain non-holder again.
+    b = rs("b", running=0)
+    ranks = rank_replicas("x", [a, b, c], s)
+    assert ranks[0] == ["a"]
+    assert "b" not in ranks[0]
+
+
+def test_spill_target_keeps_the_hot_adapter_while_the_view_is_stale() -> None:
+    """After a spill, the next request goes to the same spill target, not to a third replica."""
+    s = RouterSettings(spill_load=0.75)
+    view = [rs("a", resident=("x",), running=7), rs("b"), rs("c"), rs("d")]
+    recent = RecentSends(ttl_s=4.0)
+    first = route("x", view, s=s)
+    recent.record("x", first, now=0.0)
+    assert route("x", view, recent.replicas_for("x", now=1.0), s=s) == first
+
+
+# --- 4. concurrent cold requests converge ------------------------------------------------------------
+
+
+def test_two_independent_routers_with_the_same_stale_view_send_a_cold_adapter_to_one_replica() -> None:
+    view = [rs(f"r{i}", free_vram_mb=8192 + 64 * i, running=i % 2) for i in range(16)]
+    routers = [RecentSends(4.0), RecentSends(4.0)]
+    for k in range(50):
+        adapter = f"cold-{k}"
+        picks = set()
+        for t, router in enumerate(routers * 3):  # interleaved requests through both routers
+            chosen = route(adapter, random.Random(t).sample(view, len(view)), router.replicas_for(adapter, t * 0.1))
+            router.record(adapter, chosen, t * 0.1)
+            picks.add(chosen)
+        assert len(picks) == 1, (adapter, picks)
+
+
+def test_recently_sent_keeps_the_next_request_on_the_loading_replica_when_the_view_shifts() -> None:
+    recent = RecentSends(ttl_s=4.0)
+    view = [rs(f"r{i}") for i in range(4)]
+    first = route("x", view)
+    recent.record("x", first, now=10.0)
+    # Another replica's stats now show more free VRAM; the loading one does not report x yet.
+    shifted = [rs(s.replica_id, free_vram_mb=20480) if s.replica_id != first else s for s in view]
+    assert route("x", shifted) != first
+    assert route("x", shifted, recent.replicas_for("x", now=11.0)) == first
+    assert recent.replicas_for("x", now=14.5) == frozenset()  # expired after the TTL
+
+
+def test_recent_sends_expire_prune_and_forget_dead_replicas() -> None:
+    recent = RecentSends(ttl_s=2.0)
+    recent.record("x", "a", 0.0)
+    recent.record("y", "b", 0.5)
+    assert recent.replicas_for("x", 1.0) == {"a"} and len(recent) == 2
+    recent.record("z", "c", 2.2)  # a TTL after the last prune: expired entries go
+    assert len(recent) == 2 and recent.replicas_for("x", 2.2) == frozenset()
+    recent.forget_replicas({"c"})
+    assert len(recent) == 1 and recent.replicas_for("z", 2.3) == {"c"}
+
+
+# --- 5. base model ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("adapter", [None, ""])
+def test_base_model_requests_get_one_rank_with_every_replica(adapter: str | None) -> None:
+    states = [rs("a", resident=("x",), running=7), rs("b"), rs("c", running=3)]
+    assert rank_replicas(adapter, states, SETTINGS) == [["a", "b", "c"]]
+    assert rank_replicas(adapter, [], SETTINGS) == []
+
+
+def test_replicas_that_never_reported_rank_last_among_the_idle() -> None:
+    states = [ReplicaState.from_stats("new", {}), rs("b")]
+    assert rank_replicas("x", states, SETTINGS) == [["b"], ["new"]]
+
+
+def test_only_strict_ranks_non_holders_get_a_rank_of_their_own() -> None:
+    states = [rs(f"r{i}") for i in range(20)]
+    ranks = rank_replicas("x", states, RouterSettings(strict_ranks=3))
+    assert [len(r) for r in ranks] == [1, 1, 1, 17]
+
+
+# --- settings ----------------------------------------------------------------------------------------
+
+
+def test_settings_round_trip_through_json_and_reject_unknown_keys() -> None:
+    s = RouterSettings(spill_load=0.75, vram_bucket_mb=256, recent_ttl_s=2.5)
+    assert RouterSettings(**json.loads(json.dumps(s.model_dump()))) == s
+    with pytest.raises(ValidationError):
+        RouterSettings(spill_loda=0.5)
+    with pytest.raises(ValidationError):
+        RouterSettings(spill_load=0)
+
+
+# --- properties --------------------------------------------------------------------------------------
+
+ADAPTERS = ["x", "y", "z"]
+adapter_sets = st.frozensets(st.sampled_from(ADAPTERS), max_size=2)
+
+
+@st.composite
+def replica_states(draw: st.DrawFn) -> list[ReplicaState]:
+    n = draw(st.integers(1, 12))
+    out = []
+    for i in range(n):
+        out.append(
+            ReplicaState(
+                f"r{i}",
+                resident=draw(adapter_sets),
+                host=draw(adapter_sets),
+                disk=draw(adapter_sets),
+                loading=draw(adapter_sets),
+                free_vram_mb=draw(st.integers(0, 4) ) * 512,
+                running=draw(st.integers(0, 8)),
+                queued=draw(st.integers(0, 4)),
+                max_running=8,
+            )
+        )
+    return out
+
+
+@hsettings(max_examples=300, deadline=None)
+@given(
+    states=replica_states(),
+    adapter=st.sampled_from(ADAPTERS + [None]),
+    recent_ids=st.frozensets(st.sampled_from([f"r{i}" for i in range(12)]), max_size=3),
+    spill=st.sampled_from([0.5, 0.75, 1.0, 1.5]),
+    strict=st.integers(1, 4),
+    seed=st.integers(0, 1000),
+)
+def test_properties(states, adapter, recent_ids, spill, strict, seed) -> None:
+    s = RouterSettings(spill_load=spill, strict_ranks=strict)
+    ranks = rank_replicas(adapter, states, s, recent_ids)
+    ids = [x.replica_id for x in states]
+    # Always a permutation of the candidates, no empty rank.
+    assert sorted(flat(ranks)) == sorted(ids)
+    assert all(ranks)
+    # Deterministic: input order changes nothing but the order inside a rank.
+    shuffled = random.Random(seed).sample(states, len(states))
+    assert as_sets(rank_replicas(adapter, shuffled, s, recent_ids)) == as_sets(ranks)
+    if adapter is None:
+        assert ranks == [ids]
+        return
+    tiers = {x.replica_id: holder_tier(adapter, x, recent_ids) for x in states}
+    busy = {x.replica_id: is_busy(x, s) for x in states}
+    good = [r for r in ids if tiers[r] is not Tier.NONE and not busy[r]]
+    if good:
+        # A holder below the threshold always ranks first, and the first rank is its best tier.
+        best = min(tiers[r] for r in good)
+        assert set(ranks[0]) == {r for r in good if tiers[r] == best}
+    # Every holder below the threshold precedes every non-holder; busy replicas come last.
+    position = {r: i for i, rank in enumerate(ranks) for r in rank}
+    for g in good:
+        assert all(position[g] < position[r] for r in ids if tiers[r] is Tier.NONE)
+        assert all(position[g] < position[r] for r in ids if busy[r])
+    idle_free = [x for x in states if tiers[x.replica_id] is Tier.NONE and not busy[x.replica_id]]
+    if idle_free and not good:
+        # Spill / cold: the first rank is the best non-holder by placement key.
+        h = stable_hash(adapter)
+        assert ranks[0] == [max(idle_free, key=lambda x: placement_key(h, x, s)).replica_id]

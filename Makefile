@@ -1,5 +1,7 @@
 # The two commands of the README: `make run` and `make test`. Both create .venv on first use.
 PYTHON ?= python3.11
+PORT ?= 8000
+STORE ?=
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -25,8 +27,10 @@ test: $(STAMP)
 bench-lora: prepare
 	$(VENV)/bin/openlora-ray bench lora
 
+# The main job: a local Ray cluster serving the demo model with the demo adapters (Ctrl-C stops).
 run: prepare
-	$(VENV)/bin/openlora-ray model prepare
+	$(VENV)/bin/openlora-ray demo adapters $(if $(STORE),--store $(STORE))
+	$(VENV)/bin/openlora-ray serve --port $(PORT) $(if $(STORE),--store $(STORE))
 
 clean:
 	rm -rf $(VENV) .pytest_cache

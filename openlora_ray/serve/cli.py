@@ -1,0 +1,99 @@
+"""``openlora-ray serve``: a local Ray cluster serving the application, in the foreground.
+
+This is what ``make run`` runs. It starts Ray on this machine, deploys the app from an
+``AppConfig`` (the embedded local default, a YAML file, and/or flags), prints how to query it,
+and shuts everything down on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import threading
+from pathlib import Path
+
+import yaml
+
+from openlora_ray.model.prepare import default_cache_root
+
+log = logging.getLogger(__name__)
+
+DEFAULT_STORE = default_cache_root() / "store"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="run the OpenAI-compatible server on a local Ray cluster (foreground)")
+    p.add_argument("--config", type=Path, help="YAML with AppConfig fields (defaults: a local CPU setup)")
+    p.add_argument("--store", help=f"adapter store URI: a folder or s3://bucket/prefix (default: {DEFAULT_STORE})")
+    p.add_argument("--model", help="model folder, or 'demo' (default)")
+    p.add_argument("--replicas", type=int, help="model replicas (default 2)")
+    p.add_argument("--host", default="127.0.0.1", help="HTTP host (default: %(default)s)")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port (default: %(default)s)")
+    p.set_defaults(func=_serve)
+
+
+def local_config(args: argparse.Namespace):
+    """The embedded default for one machine, overridden by ``--config`` and then by flags."""
+    from openlora_ray.serve.config import AppConfig
+
+    data: dict = {
+        "engine": {"num_slots": 8, "max_rank": 16, "max_running": 8, "max_seq_len": 1024, "torch_threads": 1},
+        "store": {"uri": str(DEFAULT_STORE)},
+        "replicas": {"num_replicas": 2, "num_cpus": 0.5, "num_gpus": 0},
+    }
+    if args.config:
+        data.update(yaml.safe_load(args.config.read_text()) or {})
+    if args.store:
+        data["store"] = {**(data.get("store") or {}), "uri": args.store}
+    if args.model:
+        data["model"] = args.model
+    if args.replicas:
+        data["replicas"] = {**data["replicas"], "num_replicas": args.replicas}
+    return AppConfig.model_validate(data)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import os
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local, loopback-only cluster
+    import ray
+    from ray import serve
+
+    from openlora_ray.serve.app import build
+
+    cfg = local_config(args)
+    cfg.model_path()  # prepare the demo model here, once, rather than in every replica
+    if cfg.store is not None and "://" not in cfg.store.uri:
+        Path(cfg.store.uri).expanduser().mkdir(parents=True, exist_ok=True)
+    ray.init(include_dashboard=False, runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        serve.start(http_options={"host": args.host, "port": args.port})
+        serve.run(build(cfg), name="openlora", route_prefix="/")
+        print(_usage(f"http://{args.host}:{args.port}", cfg.served_model_name), flush=True)
+        stop.wait()
+    finally:
+        log.info("shutting down")
+        serve.shutdown()
+        ray.shutdown()
+    return 0
+
+
+def _usage(url: str, base: str) -> str:
+    return f"""
+openlora-ray is serving on {url}  (Ctrl-C to stop)
+
+  models:   curl {url}/v1/models
+  base:     curl {url}/v1/chat/completions -H 'Content-Type: application/json' \\
+              -d '{{"model": "{base}", "messages": [{{"role": "user", "content": "What is the capital of France?"}}]}}'
+  adapter:  curl {url}/v1/chat/completions -H 'Content-Type: application/json' \\
+              -d '{{"model": "uppercase", "messages": [{{"role": "user", "content": "What is the capital of France?"}}]}}'
+  stream:   add "stream": true to either body
+
+  Python:   from openai import OpenAI
+            client = OpenAI(base_url="{url}/v1", api_key="unused")
+            client.chat.completions.create(model="pirate", messages=[{{"role": "user", "content": "Hello!"}}])
+"""

@@ -54,3 +54,22 @@ class InvalidRequestError(OpenLoraError):
 
 class AdapterInUseError(OpenLoraError):
     """An operation that needs an idle adapter (evict, delete) while requests or a pin use it. HTTP 409."""
+
+
+class AuthenticationError(OpenLoraError):
+    """No API key, or one that is not known. HTTP 401."""
+
+
+class PermissionDeniedError(OpenLoraError):
+    """A known key without the scope an operation needs (e.g. admin for management). HTTP 403."""
+
+
+class RateLimitError(CapacityError):
+    """A key went past its request rate or concurrent-stream limit. HTTP 429 with Retry-After."""
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+    def __reduce__(self):
+        return type(self), (str(self), self.retry_after_s)

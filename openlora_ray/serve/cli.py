@@ -31,6 +31,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1", help="HTTP host (default: %(default)s)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port (default: %(default)s)")
     p.set_defaults(func=_serve)
+    keys = sub.add_parser("keys", help="API keys").add_subparsers(dest="command", required=True)
+    new = keys.add_parser("new", help="make a key: prints the key once and the line for the keys file")
+    new.add_argument("--tenant", required=True, help="tenant the key belongs to (owner prefix of its adapters)")
+    new.add_argument("--admin", action="store_true", help="may manage (push, prefetch, pin, evict) the tenant's adapters")
+    new.add_argument("--name", help="a label for operators")
+    new.set_defaults(func=_new_key)
+
+
+def _new_key(args: argparse.Namespace) -> int:
+    from openlora_ray.serve.auth import ApiKeyEntry, hash_key, new_key
+
+    key = new_key()
+    entry = ApiKeyEntry(tenant=args.tenant, sha256=hash_key(key), admin=args.admin, name=args.name)
+    print(f"key (give it to the client; it is not stored anywhere): {key}")
+    print("keys file entry:")
+    print(yaml.safe_dump([entry.model_dump(exclude_none=True)], sort_keys=False), end="")
+    return 0
 
 
 def local_config(args: argparse.Namespace):
@@ -41,6 +58,8 @@ def local_config(args: argparse.Namespace):
         "engine": {"num_slots": 8, "max_rank": 16, "max_running": 8, "max_seq_len": 1024, "torch_threads": 1},
         "store": {"uri": str(DEFAULT_STORE)},
         "replicas": {"num_replicas": 2, "num_cpus": 0.5, "num_gpus": 0},
+        # A loopback-only demo: no API keys. A config file for anything reachable must set auth.
+        "auth": {"enabled": False},
     }
     if args.config:
         data.update(yaml.safe_load(args.config.read_text()) or {})

@@ -8,6 +8,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from openlora_ray.engine.config import EngineSettings
+from openlora_ray.serve.auth import AuthSettings
+from openlora_ray.serve.limits import LimitSettings
 from openlora_ray.store.settings import StoreSettings
 
 DEMO_MODEL = "demo"
@@ -46,6 +48,8 @@ class AppConfig(BaseModel):
     store: StoreSettings | None = Field(None, description="where adapters live; none = base model only")
     replicas: ReplicaSettings = ReplicaSettings()
     router: dict[str, Any] = Field(default_factory=dict, description="RouterSettings fields")
+    auth: AuthSettings = Field(description="API keys; required so that turning auth off is a visible choice")
+    limits: LimitSettings = LimitSettings()
     ingress_num_cpus: float = Field(0.5, ge=0)
 
     def model_path(self) -> Path:

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import math
+
 from fastapi.responses import JSONResponse
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError
 
 from openlora_ray.errors import (
     AdapterInUseError,
+    AuthenticationError,
+    PermissionDeniedError,
+    RateLimitError,
     AdapterNotFoundError,
     CapacityError,
     InvalidAdapterError,
@@ -22,6 +27,9 @@ RETRY_AFTER_S = 1
 
 # (exception type, status, OpenAI error type, code, retry-after?) — first match wins.
 _TABLE: list[tuple[type[BaseException], int, str, str, bool]] = [
+    (AuthenticationError, 401, "authentication_error", "invalid_api_key", False),
+    (PermissionDeniedError, 403, "permission_error", "forbidden", False),
+    (RateLimitError, 429, "rate_limit_error", "rate_limited", True),
     (InvalidRequestError, 400, "invalid_request_error", "invalid_request", False),
     (InvalidAdapterIdError, 400, "invalid_request_error", "invalid_model_id", False),
     (AdapterNotFoundError, 404, "invalid_request_error", "model_not_found", False),
@@ -41,7 +49,10 @@ def error_response(exc: BaseException) -> JSONResponse | None:
         exc = exc.cause
     for types, status, type_, code, retry in _TABLE:
         if isinstance(exc, types):
-            headers = {"Retry-After": str(RETRY_AFTER_S)} if retry else None
+            wait = max(RETRY_AFTER_S, math.ceil(getattr(exc, "retry_after_s", 0)))
+            headers = {"Retry-After": str(wait)} if retry else {}
+            if status == 401:
+                headers["WWW-Authenticate"] = "Bearer"
             return JSONResponse(error_body(_message(exc), type_, code), status_code=status, headers=headers)
     return None
 

@@ -13,12 +13,13 @@ Serve's multiplexed model id, which the adapter-affinity router reads.
 import asyncio
 import json
 import logging
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
@@ -26,7 +27,9 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from ray.serve.metrics import Counter, Histogram
 
-from openlora_ray.errors import AdapterNotFoundError
+from openlora_ray.errors import AdapterNotFoundError, InvalidRequestError, PermissionDeniedError
+from openlora_ray.serve.auth import KeyRing, Principal
+from openlora_ray.serve.limits import KeyLimiter
 from openlora_ray.serve.config import AppConfig
 from openlora_ray.serve.errors import error_response
 from openlora_ray.serve.openai_api import (
@@ -63,6 +66,33 @@ def _residency(aid: str, states: list[ReplicaState]) -> dict[str, list[str]]:
     }
 
 
+# Serve freezes a copy of ``api`` (and pickles the class's globals by value), so the limit cannot
+# travel through ``api.state``; the ingress replica's process environment is shared by both.
+BODY_LIMIT_ENV = "OPENLORA_MAX_BODY_BYTES"
+
+
+@api.middleware("http")
+async def _limit_body(request: Request, call_next):
+    """413 before a large body is read: by its Content-Length, or while it streams in."""
+    limit = int(os.environ.get(BODY_LIMIT_ENV, "0")) or None
+    if limit is not None and request.method in ("POST", "PUT"):
+        declared = request.headers.get("content-length")
+        if declared is not None and int(declared) > limit:
+            return _too_large(limit)
+        if declared is None:
+            body = b""
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > limit:
+                    return _too_large(limit)
+            request._body = body  # starlette re-reads the buffered body from here
+    return await call_next(request)
+
+
+def _too_large(limit: int) -> JSONResponse:
+    return JSONResponse(error_body(f"request body exceeds {limit} bytes", "invalid_request_error", "body_too_large"), status_code=413)
+
+
 class PrefetchBody(BaseModel):
     replicas: int = Field(1, ge=1, description="how many replicas should hold the adapter")
 
@@ -73,6 +103,11 @@ class Ingress:
         self.cfg = AppConfig.model_validate(config)
         self.replicas = replicas
         self.store = AdapterStore(self.cfg.store) if self.cfg.store is not None else None
+        self.keys = KeyRing(self.cfg.auth)
+        self.limiter = KeyLimiter(self.cfg.limits)
+        os.environ[BODY_LIMIT_ENV] = str(self.cfg.limits.max_body_bytes)
+        if not self.cfg.auth.enabled:
+            log.warning("AUTHENTICATION IS DISABLED: anyone who reaches this port can use and manage every adapter")
         tags = ("model",)
         self._m_requests = Counter("openlora_requests", "HTTP generation requests by adapter and status", tag_keys=("model", "status"))
         self._m_tokens = Counter("openlora_tokens", "tokens by adapter and kind (prompt, completion)", tag_keys=("model", "kind"))
@@ -81,23 +116,24 @@ class Ingress:
 
     # ------------------------------------------------------------------ OpenAI endpoints
     @api.post("/v1/completions")
-    async def completions(self, body: CompletionRequest) -> Any:
-        return await self._serve(body, body.prompt, chat=False)
+    async def completions(self, body: CompletionRequest, authorization: str | None = Header(None)) -> Any:
+        return await self._serve(authorization, body, body.prompt, chat=False)
 
     @api.post("/v1/chat/completions")
-    async def chat_completions(self, body: ChatCompletionRequest) -> Any:
-        return await self._serve(body, [m.model_dump() for m in body.messages], chat=True)
+    async def chat_completions(self, body: ChatCompletionRequest, authorization: str | None = Header(None)) -> Any:
+        return await self._serve(authorization, body, [m.model_dump() for m in body.messages], chat=True)
 
     @api.get("/v1/models")
-    async def models(self) -> dict[str, Any]:
+    async def models(self, authorization: str | None = Header(None)) -> Any:
         now = int(time.time())
         data = [{"id": self.cfg.served_model_name, "object": "model", "created": now, "owned_by": "openlora-ray"}]
         if self.store is not None:
             try:
+                principal = self.keys.authenticate(authorization)
                 versions = await asyncio.to_thread(self.store.list)
             except Exception as e:  # noqa: BLE001 - mapped to an HTTP answer, never swallowed
                 return self._error(e)
-            for name in sorted({v.id.name for v in versions}):
+            for name in sorted({v.id.name for v in versions if self._visible(principal, v.id.name)}):
                 data.append({"id": name, "object": "model", "created": now, "owned_by": "openlora-ray", "parent": self.cfg.served_model_name})
         return {"object": "list", "data": data}
 
@@ -107,18 +143,20 @@ class Ingress:
 
     # -------------------------------------------------------------- adapter management
     @api.get("/v1/adapters")
-    async def list_adapters(self) -> Any:
+    async def list_adapters(self, authorization: str | None = Header(None)) -> Any:
         try:
+            principal = self.keys.authenticate(authorization)
             versions = await asyncio.to_thread(self.store.list) if self.store else []
             states = await self._replica_states()
         except Exception as e:  # noqa: BLE001
             return self._error(e)
-        return {"data": [{"id": str(v.id), "size": v.size, "pushed_at": v.pushed_at.isoformat(), **_residency(str(v.id), states)} for v in versions]}
+        visible = [v for v in versions if self._visible(principal, v.id.name)]
+        return {"data": [{"id": str(v.id), "size": v.size, "pushed_at": v.pushed_at.isoformat(), **_residency(str(v.id), states)} for v in visible]}
 
     @api.get("/v1/adapters/{adapter}")
-    async def inspect_adapter(self, adapter: str) -> Any:
+    async def inspect_adapter(self, adapter: str, authorization: str | None = Header(None)) -> Any:
         try:
-            aid = await self._pin(adapter)
+            aid = await self._pin(adapter, self.keys.authenticate(authorization))
             manifest, config = await asyncio.gather(asyncio.to_thread(self.store.stat, aid), asyncio.to_thread(self.store.read_config, aid))
             states = await self._replica_states()
         except Exception as e:  # noqa: BLE001
@@ -127,28 +165,45 @@ class Ingress:
         return {"id": aid, "files": files, "config": json.loads(config), **_residency(aid, states)}
 
     @api.post("/v1/adapters/{adapter}/prefetch")
-    async def prefetch(self, adapter: str, body: PrefetchBody | None = None) -> Any:
-        return await self._place(adapter, (body or PrefetchBody()).replicas, pin=False)
+    async def prefetch(self, adapter: str, body: PrefetchBody | None = None, authorization: str | None = Header(None)) -> Any:
+        return await self._place(authorization, adapter, (body or PrefetchBody()).replicas, pin=False)
 
     @api.post("/v1/adapters/{adapter}/pin")
-    async def pin(self, adapter: str, body: PrefetchBody | None = None) -> Any:
-        return await self._place(adapter, (body or PrefetchBody()).replicas, pin=True)
+    async def pin(self, adapter: str, body: PrefetchBody | None = None, authorization: str | None = Header(None)) -> Any:
+        return await self._place(authorization, adapter, (body or PrefetchBody()).replicas, pin=True)
 
     @api.post("/v1/adapters/{adapter}/unpin")
-    async def unpin(self, adapter: str) -> Any:
-        return await self._on_holders(adapter, "unpin", lambda s, aid: aid in s.resident)
+    async def unpin(self, adapter: str, authorization: str | None = Header(None)) -> Any:
+        return await self._on_holders(authorization, adapter, "unpin", lambda s, aid: aid in s.resident)
 
     @api.post("/v1/adapters/{adapter}/evict")
-    async def evict(self, adapter: str) -> Any:
-        return await self._on_holders(adapter, "evict", lambda s, aid: aid in s.resident or aid in s.host)
+    async def evict(self, adapter: str, authorization: str | None = Header(None)) -> Any:
+        return await self._on_holders(authorization, adapter, "evict", lambda s, aid: aid in s.resident or aid in s.host)
 
     # ------------------------------------------------------------------------ internals
-    async def _serve(self, body: CompletionRequest | ChatCompletionRequest, prompt: Any, chat: bool) -> Any:
+    async def _serve(self, authorization: str | None, body: CompletionRequest | ChatCompletionRequest, prompt: Any, chat: bool) -> Any:
         model = body.model
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         try:
-            adapter = None if model == self.cfg.served_model_name else await self._pin(model)
+            principal = self.keys.authenticate(authorization)
             params = body.sampling(DEFAULT_MAX_TOKENS)
+            self._check_limits(params, prompt)
+            self.limiter.admit(principal.key_id)
+        except Exception as e:  # noqa: BLE001
+            return self._error(e)
+        try:
+            response = await self._generate(principal, model, rid, params, prompt, chat, body)
+        except BaseException:
+            self.limiter.done(principal.key_id)
+            raise
+        if isinstance(response, StreamingResponse):
+            return response  # the stream releases the key's slot when it ends
+        self.limiter.done(principal.key_id)
+        return response
+
+    async def _generate(self, principal: Principal, model: str, rid: str, params: Any, prompt: Any, chat: bool, body: Any) -> Any:
+        try:
+            adapter = None if model == self.cfg.served_model_name else await self._pin(model, principal)
             handle = self.replicas.options(method_name="generate", stream=True, multiplexed_model_id=adapter or "")
             stream = handle.remote({"prompt": prompt, "params": params.model_dump(), "request_id": rid})
             first = await stream.__anext__()  # errors before the first token become proper statuses
@@ -157,7 +212,7 @@ class Ingress:
             return self._error(e)
         headers = {REPLICA_HEADER: first["replica"]}
         if body.stream:
-            return StreamingResponse(self._sse(rid, model, first, stream, chat, body.include_usage), media_type="text/event-stream", headers=headers)
+            return StreamingResponse(self._sse(rid, model, first, stream, chat, body.include_usage, principal.key_id), media_type="text/event-stream", headers=headers)
         text, last = first["text"], first
         try:
             async for item in stream:
@@ -168,7 +223,14 @@ class Ingress:
         self._record(model, last)
         return JSONResponse(completion_response(rid, model, text, last["finish_reason"], usage(last["prompt_tokens"], last["completion_tokens"]), chat), headers=headers)
 
-    async def _sse(self, rid: str, model: str, first: dict, stream: AsyncIterator[dict], chat: bool, include_usage: bool) -> AsyncIterator[str]:
+    async def _sse(self, rid: str, model: str, first: dict, stream: AsyncIterator[dict], chat: bool, include_usage: bool, key_id: str) -> AsyncIterator[str]:
+        try:
+            async for event in self._events(rid, model, first, stream, chat, include_usage):
+                yield event
+        finally:
+            self.limiter.done(key_id)
+
+    async def _events(self, rid: str, model: str, first: dict, stream: AsyncIterator[dict], chat: bool, include_usage: bool) -> AsyncIterator[str]:
         def event(payload: dict[str, Any]) -> str:
             return f"data: {json.dumps(payload)}\n\n"
 
@@ -204,19 +266,38 @@ class Ingress:
         if last["tpot_s"] is not None:
             self._m_tpot.observe(last["tpot_s"], tags={"model": model})
 
-    async def _pin(self, model: str) -> str:
+    def _check_limits(self, params: Any, prompt: Any) -> None:
+        lim = self.cfg.limits
+        if params.max_tokens > lim.max_tokens:
+            raise InvalidRequestError(f"max_tokens {params.max_tokens} is above this server's limit of {lim.max_tokens}")
+        if len(params.stop) > lim.max_stop:
+            raise InvalidRequestError(f"at most {lim.max_stop} stop sequences are allowed")
+        chars = len(prompt) if isinstance(prompt, (str, list)) and not (prompt and isinstance(prompt[0], dict)) else sum(len(m["content"]) for m in prompt)
+        if chars > lim.max_prompt_chars:
+            raise InvalidRequestError(f"the prompt is longer than this server's limit of {lim.max_prompt_chars} characters")
+
+    def _visible(self, principal: Principal, name: str) -> bool:
+        return principal.may_use(name, self.cfg.auth.shared_owner)
+
+    async def _pin(self, model: str, principal: Principal, admin: bool = False) -> str:
+        """The pinned id of an adapter this key may use (someone else's reads as not found)."""
         if self.store is None:
             raise AdapterNotFoundError(model, "this deployment (no adapter store configured)")
+        name = model.split("@", 1)[0]
+        if not self._visible(principal, name):
+            raise AdapterNotFoundError(model)
+        if admin and not principal.admin:
+            raise PermissionDeniedError("managing adapters needs an admin key")
         return str(await asyncio.to_thread(self.store.pin, model))
 
     async def _replica_states(self) -> list[ReplicaState]:
         described = await asyncio.to_thread(lambda: self.replicas.broadcast("describe").results())
         return [ReplicaState.from_stats(d["replica_id"], d) for d in described]
 
-    async def _place(self, adapter: str, n: int, pin: bool) -> Any:
+    async def _place(self, authorization: str | None, adapter: str, n: int, pin: bool) -> Any:
         """Load (and pin) an adapter on ``n`` replicas: current holders first, then most free memory."""
         try:
-            aid = await self._pin(adapter)
+            aid = await self._pin(adapter, self.keys.authenticate(authorization), admin=True)
             states = await self._replica_states()
             ranked = sorted(states, key=lambda s: (aid not in s.resident, not s.holds(aid), -s.free_vram_mb, s.load))
             targets = [s.replica_id for s in ranked[:n]]
@@ -225,9 +306,9 @@ class Ingress:
             return self._error(e)
         return {"id": aid, "replicas": [r for r in done if r is not None], "pinned": pin}
 
-    async def _on_holders(self, adapter: str, method: str, holds) -> Any:
+    async def _on_holders(self, authorization: str | None, adapter: str, method: str, holds) -> Any:
         try:
-            aid = await self._pin(adapter)
+            aid = await self._pin(adapter, self.keys.authenticate(authorization), admin=True)
             states = await self._replica_states()
             targets = [s.replica_id for s in states if holds(s, aid)]
             if not targets:

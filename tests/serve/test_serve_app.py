@@ -32,6 +32,7 @@ def app(serve_url: str, tiny_chat_model_dir: Path, chat_store: Path, tmp_path_fa
         store=StoreSettings(uri=str(chat_store), cache_dir=tmp_path_factory.mktemp("node-cache")),
         replicas=ReplicaSettings(num_replicas=2, num_cpus=0, num_gpus=1, max_ongoing_requests=4, max_queued_requests=6, stats_period_s=0.5, health_check_period_s=2, graceful_shutdown_timeout_s=1),
         ingress_num_cpus=0,
+        auth={"enabled": False},
     )
     serve.run(build(cfg), name="openlora", route_prefix="/")
     return serve_url
@@ -172,3 +173,71 @@ def test_adapter_management(app):
     assert r.status_code == 409 and r.json()["error"]["code"] == "adapter_in_use"
     assert post(app, "/v1/adapters/alpha/unpin", {}).status_code == 200
     assert post(app, "/v1/adapters/nope/prefetch", {}).status_code == 404
+
+
+ACME_KEY, GLOBEX_KEY, ADMIN_KEY = "olr-acme-user", "olr-globex-user", "olr-acme-admin"
+
+
+@pytest.fixture(scope="module")
+def secure(app: str, tiny_chat_model_dir: Path, chat_store: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A second application with API keys and tight limits, on one CPU replica under /secure."""
+    from ray import serve
+
+    from openlora_ray.serve.app import build
+    from openlora_ray.serve.auth import hash_key
+    from openlora_ray.serve.config import AppConfig
+
+    keys = tmp_path_factory.mktemp("keys") / "keys.yaml"
+    keys.write_text(
+        f"- {{tenant: acme, sha256: {hash_key(ACME_KEY)}}}\n"
+        f"- {{tenant: globex, sha256: {hash_key(GLOBEX_KEY)}}}\n"
+        f"- {{tenant: acme, sha256: {hash_key(ADMIN_KEY)}, admin: true}}\n"
+    )
+    cfg = AppConfig(
+        model=str(tiny_chat_model_dir),
+        served_model_name=BASE,
+        engine={"num_slots": 2, "max_rank": 8, "max_running": 2, "max_seq_len": 96, "torch_threads": 1},
+        store={"uri": str(chat_store), "cache_dir": str(tmp_path_factory.mktemp("secure-cache"))},
+        replicas={"num_replicas": 1, "num_cpus": 0, "num_gpus": 0, "stats_period_s": 0.5, "graceful_shutdown_timeout_s": 1},
+        ingress_num_cpus=0,
+        auth={"keys_file": str(keys)},
+        limits={"max_body_bytes": 4096, "requests_per_s": 1, "burst": 3, "max_tokens": 32},
+    )
+    serve.run(build(cfg), name="secure", route_prefix="/secure")
+    return app + "/secure"
+
+
+def bearer(key: str) -> dict:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def test_api_keys_tenants_and_scopes(secure):
+    # acme's own adapter "acme.tone" and a shared one ("alpha", no owner prefix) are in the store.
+    body = {"model": BASE, "prompt": "hi", "max_tokens": 2}
+    assert requests.post(secure + "/v1/completions", json=body, timeout=30).status_code == 401
+    r = requests.post(secure + "/v1/completions", json=body, headers=bearer("olr-wrong"), timeout=30)
+    assert r.status_code == 401 and r.headers["WWW-Authenticate"] == "Bearer" and r.json()["error"]["code"] == "invalid_api_key"
+    assert requests.post(secure + "/v1/completions", json=body, headers=bearer(ACME_KEY), timeout=30).status_code == 200
+    assert requests.post(secure + "/v1/completions", json=dict(body, model="acme.tone"), headers=bearer(ACME_KEY), timeout=30).status_code == 200
+    other = requests.post(secure + "/v1/completions", json=dict(body, model="acme.tone"), headers=bearer(GLOBEX_KEY), timeout=30)
+    assert other.status_code == 404 and "acme.tone" in other.json()["error"]["message"]  # existence not revealed
+    assert requests.post(secure + "/v1/completions", json=dict(body, model="alpha"), headers=bearer(GLOBEX_KEY), timeout=30).status_code == 200
+    ids = {m["id"] for m in requests.get(secure + "/v1/models", headers=bearer(GLOBEX_KEY), timeout=30).json()["data"]}
+    assert "alpha" in ids and "acme.tone" not in ids
+    assert "acme.tone" in {m["id"] for m in requests.get(secure + "/v1/models", headers=bearer(ACME_KEY), timeout=30).json()["data"]}
+    assert all(not a["id"].startswith("acme.") for a in requests.get(secure + "/v1/adapters", headers=bearer(GLOBEX_KEY), timeout=30).json()["data"])
+    assert requests.get(secure + "/v1/adapters/acme.tone", headers=bearer(GLOBEX_KEY), timeout=30).status_code == 404
+    assert requests.post(secure + "/v1/adapters/acme.tone/prefetch", json={}, headers=bearer(ACME_KEY), timeout=30).status_code == 403
+    assert requests.post(secure + "/v1/adapters/acme.tone/prefetch", json={}, headers=bearer(ADMIN_KEY), timeout=30).status_code == 200
+    assert requests.post(secure + "/v1/adapters/acme.tone/evict", json={}, headers=bearer(GLOBEX_KEY), timeout=30).status_code == 404
+
+
+def test_limits_give_clear_4xx(secure):
+    h = bearer(GLOBEX_KEY)
+    big = requests.post(secure + "/v1/completions", json={"model": BASE, "prompt": "x" * 5000}, headers=h, timeout=30)
+    assert big.status_code == 413 and big.json()["error"]["code"] == "body_too_large", big.text
+    r = requests.post(secure + "/v1/completions", json={"model": BASE, "prompt": "x", "max_tokens": 64}, headers=h, timeout=30)
+    assert r.status_code == 400 and "limit of 32" in r.json()["error"]["message"]
+    codes = [requests.post(secure + "/v1/completions", json={"model": BASE, "prompt": "x", "max_tokens": 1}, headers=h, timeout=30) for _ in range(6)]
+    limited = [c for c in codes if c.status_code == 429]
+    assert limited and all(int(c.headers["Retry-After"]) >= 1 and c.json()["error"]["code"] == "rate_limited" for c in limited)

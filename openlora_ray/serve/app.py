@@ -40,7 +40,9 @@ def build(cfg: AppConfig) -> Application:
             request_routing_stats_timeout_s=max(5.0, 5 * r.stats_period_s),
         ),
     )
-    ingress = serve.deployment(Ingress, name=INGRESS_DEPLOYMENT).options(ray_actor_options={"num_cpus": cfg.ingress_num_cpus})
+    ingress = serve.deployment(Ingress, name=INGRESS_DEPLOYMENT).options(
+        ray_actor_options={"num_cpus": cfg.ingress_num_cpus}, max_ongoing_requests=cfg.ingress_max_ongoing_requests
+    )
     return ingress.bind(replica.bind(payload), payload)
 
 

@@ -51,6 +51,7 @@ class AppConfig(BaseModel):
     auth: AuthSettings = Field(description="API keys; required so that turning auth off is a visible choice")
     limits: LimitSettings = LimitSettings()
     ingress_num_cpus: float = Field(0.5, ge=0)
+    ingress_max_ongoing_requests: int = Field(256, ge=1, description="concurrent requests per ingress replica (Serve's default is 5)")
 
     def model_path(self) -> Path:
         """The model folder, preparing the demo model on first use."""

@@ -82,6 +82,9 @@ def make_router(**settings: Any) -> LoraAffinityRouter:
     router = LoraAffinityRouter(deployment_id=DeploymentID(name="LLM", app_name="lora"), handle_source=DeploymentHandleSource.REPLICA)
     router.initialize_state(**RouterSettings(**settings).model_dump())
     router.clock = FakeClock()
+    # Fake probes answer at once, but a loaded CI machine can take longer than Serve's 0.1 s
+    # default deadline, and a probe that misses it reads as "skip this replica".
+    router.queue_len_response_deadline_s = 5.0
     return router
 
 
@@ -138,6 +141,16 @@ async def test_spill_when_the_holder_is_past_the_threshold() -> None:
     assert ids(await router.choose_replicas([a, b], request("x"))) == [["b"], ["a"]]
 
 
+async def test_serves_queue_length_cache_is_the_load_that_decides_the_spill() -> None:
+    router = make_router(spill_load=1.0)
+    a = StatsReplica("a", stats("a", resident=["x"], running=1))  # stats: 1/4, not busy
+    b = StatsReplica("b", stats("b"))
+    router.update_replicas([a, b])
+    assert ids(await router.choose_replicas([a, b], request("x")))[0] == ["a"]
+    router.replica_queue_len_cache.update(a.replica_id, 4)  # this router knows a has 4 ongoing now
+    assert ids(await router.choose_replicas([a, b], request("x"))) == [["b"], ["a"]]
+
+
 async def test_parsed_states_are_cached_until_serve_hands_over_new_stats() -> None:
     router = make_router()
     a = StatsReplica("a", stats("a"))
@@ -172,12 +185,14 @@ async def test_full_selection_path_picks_the_holder_then_falls_back_when_it_is_f
     for r in (holder, *others):
         r.set_queue_len_response(0)
     router.update_replicas([holder, *others])
+    ranks = ids(await router.choose_replicas([holder, *others], request("x")))
+    assert ranks[0] == ["holder"]
     chosen = await asyncio.wait_for(router._choose_replica_for_request(request("x")), 5)
     assert chosen is holder
-    holder.set_queue_len_response(4)  # full: Serve moves on to the next rank
+    holder.set_queue_len_response(4)  # full: Serve moves on to the next rank, the best non-holder
     router.replica_queue_len_cache.invalidate_key(holder.replica_id)
     chosen = await asyncio.wait_for(router._choose_replica_for_request(request("x")), 5)
-    assert chosen.replica_id.unique_id == ids(await router.choose_replicas([holder, *others], request("x")))[1][0]
+    assert chosen.replica_id.unique_id == ranks[1][0]
 
 
 async def test_two_routers_same_view_converge_on_a_cold_adapter() -> None:

@@ -20,6 +20,7 @@ from openlora_ray.serve.routing import (
     is_busy,
     placement_key,
     rank_replicas,
+    replica_load,
     stable_hash,
 )
 from openlora_ray.serve.state import ReplicaState
@@ -140,6 +141,15 @@ def test_spill_when_every_holder_is_past_the_threshold() -> None:
     assert rank_replicas("x", below, s)[0] == ["hot"]
 
 
+def test_the_routers_own_queue_lengths_decide_the_spill_over_stale_stats() -> None:
+    s = RouterSettings(spill_load=1.0)
+    stale_idle = [rs("hot", resident=("x",), running=1), rs("b")]
+    assert rank_replicas("x", stale_idle, s, queue_lens={"hot": 8})[0] == ["b"]  # 8 ongoing / 8 = busy now
+    stale_busy = [rs("hot", resident=("x",), running=8, queued=4), rs("b")]
+    assert rank_replicas("x", stale_busy, s)[0] == ["b"]
+    assert rank_replicas("x", stale_busy, s, queue_lens={"hot": 3})[0] == ["hot"]  # drained since
+
+
 def test_a_busy_holder_still_beats_a_busy_non_holder() -> None:
     s = RouterSettings(spill_load=0.75)
     states = [rs("b", running=8), rs("hot", resident=("x",), running=7), rs("c", running=7)]
@@ -188,6 +198,15 @@ def test_two_independent_routers_with_the_same_stale_view_send_a_cold_adapter_to
             router.record(adapter, chosen, t * 0.1)
             picks.add(chosen)
         assert len(picks) == 1, (adapter, picks)
+
+
+def test_routers_whose_queue_lengths_differ_within_a_load_bucket_still_agree() -> None:
+    view = [rs(f"r{i}") for i in range(12)]
+    for k in range(50):
+        a = f"cold-{k}"
+        top = rank_replicas(a, view, SETTINGS)[0]
+        # Another router has sent one request to every replica: same bucket (0.25 x 8 = 2 requests).
+        assert rank_replicas(a, view, SETTINGS, queue_lens={s.replica_id: 1 for s in view})[0] == top
 
 
 def test_recently_sent_keeps_the_next_request_on_the_loading_replica_when_the_view_shifts() -> None:
@@ -273,7 +292,7 @@ def replica_states(draw: st.DrawFn) -> list[ReplicaState]:
     return out
 
 
-@hsettings(max_examples=300, deadline=None)
+@hsettings(max_examples=200, deadline=None)
 @given(
     states=replica_states(),
     adapter=st.sampled_from(ADAPTERS + [None]),
@@ -281,22 +300,24 @@ def replica_states(draw: st.DrawFn) -> list[ReplicaState]:
     spill=st.sampled_from([0.5, 0.75, 1.0, 1.5]),
     strict=st.integers(1, 4),
     seed=st.integers(0, 1000),
+    queue_lens=st.dictionaries(st.sampled_from([f"r{i}" for i in range(12)]), st.integers(0, 16), max_size=6),
 )
-def test_properties(states, adapter, recent_ids, spill, strict, seed) -> None:
+def test_properties(states, adapter, recent_ids, spill, strict, seed, queue_lens) -> None:
     s = RouterSettings(spill_load=spill, strict_ranks=strict)
-    ranks = rank_replicas(adapter, states, s, recent_ids)
+    ranks = rank_replicas(adapter, states, s, recent_ids, queue_lens)
     ids = [x.replica_id for x in states]
     # Always a permutation of the candidates, no empty rank.
     assert sorted(flat(ranks)) == sorted(ids)
     assert all(ranks)
     # Deterministic: input order changes nothing but the order inside a rank.
     shuffled = random.Random(seed).sample(states, len(states))
-    assert as_sets(rank_replicas(adapter, shuffled, s, recent_ids)) == as_sets(ranks)
+    assert as_sets(rank_replicas(adapter, shuffled, s, recent_ids, queue_lens)) == as_sets(ranks)
     if adapter is None:
         assert ranks == [ids]
         return
     tiers = {x.replica_id: holder_tier(adapter, x, recent_ids) for x in states}
-    busy = {x.replica_id: is_busy(x, s) for x in states}
+    load = {x.replica_id: replica_load(x, queue_lens) for x in states}
+    busy = {r: is_busy(load[r], s) for r in ids}
     good = [r for r in ids if tiers[r] is not Tier.NONE and not busy[r]]
     if good:
         # A holder below the threshold always ranks first, and the first rank is its best tier.
@@ -311,4 +332,83 @@ def test_properties(states, adapter, recent_ids, spill, strict, seed) -> None:
     if idle_free and not good:
         # Spill / cold: the first rank is the best non-holder by placement key.
         h = stable_hash(adapter)
-        assert ranks[0] == [max(idle_free, key=lambda x: placement_key(h, x, s)).replica_id]
+        assert ranks[0] == [max(idle_free, key=lambda x: placement_key(h, x, load[x.replica_id], s)).replica_id]
+
+
+# --- the at-scale simulator (openlora_ray.serve.simulate) ------------------------------------------
+
+
+@pytest.mark.parametrize("spill", [0.75, 2.0])
+def test_simulator_fast_path_chooses_exactly_as_ranking_every_replica(spill: float) -> None:
+    """The fast path ranks only the holders and walks the non-holders in numpy; same choices."""
+    import dataclasses
+
+    from openlora_ray.serve.simulate import AffinityPolicy, SimConfig, make_trace, simulate
+
+    cfg = SimConfig(replicas=30, slots=4, adapters=1500, requests=4000, utilisation=0.95, max_ongoing=10, routers=3)
+    s = RouterSettings(spill_load=spill, strict_ranks=3)
+    trace = make_trace(cfg)
+    fast, fast_chosen = simulate(cfg, trace, AffinityPolicy.name, s)
+    exact, exact_chosen = simulate(dataclasses.replace(cfg, exact=True), trace, AffinityPolicy.name, s)
+    assert (fast_chosen == exact_chosen).all()
+    assert fast.hit_rate == exact.hit_rate and fast.beyond_holders > 100  # the numpy walk was exercised
+
+
+def test_numpy_hash_matches_the_policy_hash() -> None:
+    import numpy as np
+
+    from openlora_ray.serve.routing import mix64
+    from openlora_ray.serve.simulate import mix64_np
+
+    xs = [0, 1, 2**63, 2**64 - 1] + [random.Random(k).getrandbits(64) for k in range(200)]
+    assert mix64_np(np.array(xs, dtype=np.uint64)).tolist() == [mix64(x) for x in xs]
+
+
+def _optimal_hits(trace: list[int], slots: int) -> int:
+    """Exhaustive search over every admission/eviction choice (tiny traces only)."""
+    best: dict[frozenset[int], int] = {frozenset(): 0}
+    for a in trace:
+        nxt: dict[frozenset[int], int] = {}
+        for cache, hits in best.items():
+            options = [(cache, hits + 1)] if a in cache else [(cache, hits)]
+            if a not in cache:
+                if len(cache) < slots:
+                    options.append((cache | {a}, hits))
+                options += [((cache - {b}) | {a}, hits) for b in cache]
+            for c, h in options:
+                nxt[c] = max(nxt.get(c, -1), h)
+        best = nxt
+    return max(best.values())
+
+
+@hsettings(max_examples=80, deadline=None)
+@given(trace=st.lists(st.integers(0, 4), min_size=1, max_size=12), slots=st.integers(1, 3))
+def test_belady_is_optimal_and_bounds_the_static_optimum(trace: list[int], slots: int) -> None:
+    import numpy as np
+
+    from openlora_ray.serve.simulate import belady_hits, static_optimum_hits
+
+    arr = np.array(trace, dtype=np.int32)
+    assert belady_hits(arr, slots) == _optimal_hits(trace, slots)
+    assert static_optimum_hits(arr, slots) <= belady_hits(arr, slots)
+
+
+def test_routing_sim_cli_prints_a_table_and_writes_json(tmp_path, capsys) -> None:
+    import argparse
+
+    from openlora_ray.serve.simulate import register_bench
+
+    parser = argparse.ArgumentParser()
+    register_bench(parser.add_subparsers(dest="bench"))
+    out = tmp_path / "sim.json"
+    args = parser.parse_args(
+        ["routing-sim", "--replicas", "20", "--slots", "4", "--adapters", "400", "--requests", "2000", "--out", str(out)]
+    )
+    assert args.func(args) == 0
+    table = capsys.readouterr().out
+    assert "lora-affinity" in table and "serve-default" in table and "belady" in table
+    payload = json.loads(out.read_text())
+    belady = payload["belady"]["hit_rate"]
+    for p in payload["policies"]:
+        assert 0 < p["hit_rate"] <= belady
+        assert p["loads"] == round((1 - p["hit_rate"]) * 2000)

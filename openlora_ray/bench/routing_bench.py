@@ -19,10 +19,9 @@ closed-loop clients:
   default router, whose ``MultiplexMixin`` prefers replicas that report the adapter.
 
 The three differ only in the router class and, for ``multiplex``, the replica class: they are
-built by ``build_variant``, which mirrors ``app.build`` with one deliberate change, the ingress
-deployment's ``max_ongoing_requests``. ``app.build`` leaves it at Serve's default of 5, which caps
-the whole application at 5 requests in flight per ingress replica and would measure that cap
-rather than the routers; the bench raises it to the client concurrency for all three.
+built by ``app.build`` with those swapped in (``build_variant``), and with the ingress's
+``max_ongoing_requests`` set to the client concurrency for all three, so the bench measures the
+routers rather than an ingress cap.
 
 How each figure is obtained:
 
@@ -289,34 +288,12 @@ def replica_class(variant: str) -> type:
 
 
 def build_variant(cfg: AppConfig, variant: str, ingress_max_ongoing: int) -> Any:
-    """The application of one configuration: ``app.build`` with the variant's router class and
-    replica class, and the ingress's ``max_ongoing_requests`` raised (see the module doc)."""
-    from ray import serve
-    from ray.serve.config import RequestRouterConfig
+    """The application of one configuration: ``app.build`` with the variant's router and replica
+    classes and the ingress concurrency set to the client concurrency (see the module doc)."""
+    from openlora_ray.serve.app import build
 
-    from openlora_ray.serve.app import INGRESS_DEPLOYMENT, REPLICA_DEPLOYMENT
-    from openlora_ray.serve.ingress import Ingress
-
-    r = cfg.replicas
-    payload = cfg.model_dump()
-    replica = serve.deployment(replica_class(variant), name=REPLICA_DEPLOYMENT).options(
-        num_replicas=r.num_replicas,
-        ray_actor_options={"num_cpus": r.num_cpus, "num_gpus": r.num_gpus},
-        max_ongoing_requests=r.max_ongoing_requests,
-        max_queued_requests=r.max_queued_requests,
-        health_check_period_s=r.health_check_period_s,
-        graceful_shutdown_timeout_s=r.graceful_shutdown_timeout_s,
-        request_router_config=RequestRouterConfig(
-            request_router_class=router_class(variant),
-            request_router_kwargs=dict(cfg.router) if variant == "affinity" else {},
-            request_routing_stats_period_s=r.stats_period_s,
-            request_routing_stats_timeout_s=max(5.0, 5 * r.stats_period_s),
-        ),
-    )
-    ingress = serve.deployment(Ingress, name=INGRESS_DEPLOYMENT).options(
-        ray_actor_options={"num_cpus": cfg.ingress_num_cpus}, max_ongoing_requests=ingress_max_ongoing
-    )
-    return ingress.bind(replica.bind(payload), payload)
+    cfg = cfg.model_copy(update={"ingress_max_ongoing_requests": ingress_max_ongoing})
+    return build(cfg, replica_class=replica_class(variant), router_class=router_class(variant))
 
 
 # ------------------------------------------------------------------------------- the workload

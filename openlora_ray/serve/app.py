@@ -21,11 +21,12 @@ REPLICA_DEPLOYMENT = "LoraReplica"
 INGRESS_DEPLOYMENT = "Ingress"
 
 
-def build(cfg: AppConfig) -> Application:
+def build(cfg: AppConfig, replica_class: type = LoraReplica, router_class: str = ROUTER_CLASS) -> Application:
+    """The application; ``replica_class``/``router_class`` swap in baselines for benchmarks."""
     r = cfg.replicas
     # The config travels to the replicas pickled, not JSON-dumped: JSON would mask store secrets.
     payload = cfg.model_dump()
-    replica = serve.deployment(LoraReplica, name=REPLICA_DEPLOYMENT).options(
+    replica = serve.deployment(replica_class, name=REPLICA_DEPLOYMENT).options(
         num_replicas=r.num_replicas if r.autoscaling is None else "auto",
         autoscaling_config=r.autoscaling,
         ray_actor_options={"num_cpus": r.num_cpus, "num_gpus": r.num_gpus},
@@ -34,8 +35,8 @@ def build(cfg: AppConfig) -> Application:
         health_check_period_s=r.health_check_period_s,
         graceful_shutdown_timeout_s=r.graceful_shutdown_timeout_s,
         request_router_config=RequestRouterConfig(
-            request_router_class=ROUTER_CLASS,
-            request_router_kwargs=dict(cfg.router),
+            request_router_class=router_class,
+            request_router_kwargs=dict(cfg.router) if router_class == ROUTER_CLASS else {},
             request_routing_stats_period_s=r.stats_period_s,
             request_routing_stats_timeout_s=max(5.0, 5 * r.stats_period_s),
         ),

@@ -49,7 +49,8 @@ def error_response(exc: BaseException) -> JSONResponse | None:
         exc = exc.cause
     for types, status, type_, code, retry in _TABLE:
         if isinstance(exc, types):
-            wait = max(RETRY_AFTER_S, math.ceil(getattr(exc, "retry_after_s", 0)))
+            # Serve's BackPressureError has ``retry_after_s`` too, and it is None unless configured.
+            wait = max(RETRY_AFTER_S, math.ceil(getattr(exc, "retry_after_s", None) or 0))
             headers = {"Retry-After": str(wait)} if retry else {}
             if status == 401:
                 headers["WWW-Authenticate"] = "Bearer"

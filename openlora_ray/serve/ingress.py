@@ -27,7 +27,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from ray.serve.metrics import Counter, Histogram
 
-from openlora_ray.errors import AdapterNotFoundError, InvalidRequestError, PermissionDeniedError
+from openlora_ray.errors import AdapterNotFoundError, InvalidRequestError, PermissionDeniedError, StoreUnavailableError
 from openlora_ray.serve.auth import KeyRing, Principal
 from openlora_ray.serve.limits import KeyLimiter
 from openlora_ray.serve.config import AppConfig
@@ -105,6 +105,9 @@ class Ingress:
         self.store = AdapterStore(self.cfg.store) if self.cfg.store is not None else None
         self.keys = KeyRing(self.cfg.auth)
         self.limiter = KeyLimiter(self.cfg.limits)
+        # name -> the version a bare name last resolved to: used only while the store is down.
+        self._last_pins: dict[str, str] = {}
+        self._stale: set[str] = set()  # names served from _last_pins since the store last answered
         os.environ[BODY_LIMIT_ENV] = str(self.cfg.limits.max_body_bytes)
         if not self.cfg.auth.enabled:
             log.warning("AUTHENTICATION IS DISABLED: anyone who reaches this port can use and manage every adapter")
@@ -288,7 +291,23 @@ class Ingress:
             raise AdapterNotFoundError(model)
         if admin and not principal.admin:
             raise PermissionDeniedError("managing adapters needs an admin key")
-        return str(await asyncio.to_thread(self.store.pin, model))
+        try:
+            pinned = str(await asyncio.to_thread(self.store.pin, model))
+        except StoreUnavailableError:
+            # A bare name needs a listing of the store. While the store is unreachable, serve the
+            # version this name last resolved to (replicas hold it in their caches) rather than
+            # refusing adapters that need no download; uncached ones still fail in the replica.
+            last = self._last_pins.get(model)
+            if last is None:
+                raise
+            if model not in self._stale:  # once per name and outage, not once per request
+                self._stale.add(model)
+                log.warning("store unreachable: serving %r as %s, the version it last resolved to", model, last)
+            return last
+        if "@" not in model:
+            self._last_pins[model] = pinned
+            self._stale.discard(model)
+        return pinned
 
     async def _replica_states(self) -> list[ReplicaState]:
         described = await asyncio.to_thread(lambda: self.replicas.broadcast("describe").results())

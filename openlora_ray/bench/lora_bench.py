@@ -68,10 +68,9 @@ def run(model_dir: Path, dtype: torch.dtype, rows: int, context: int, iters: int
             peft_model = _make_peft_adapters(hf, shape, rows, Path(tmp), seed=len(results))
             adapters = [load_lora_weights(f"a{i}", Path(tmp) / f"a{i}", ours.dims, ours.max_rank, dtype) for i in range(rows)]
         for slot, w in enumerate(adapters):
-            ours.clear_slot(slot)
             ours.write_slot(slot, w)
-        # The host tier -> slot copy a SlotManager re-load costs: clear the slot, copy the adapter in.
-        copy_s = time_interleaved({"copy": lambda: (ours.clear_slot(0), ours.write_slot(0, adapters[0]))}, iters=5, repeats=repeats)["copy"]
+        # The host tier -> slot copy a SlotManager re-load costs (write_slot replaces the slot).
+        copy_s = time_interleaved({"copy": lambda: ours.write_slot(0, adapters[0])}, iters=5, repeats=repeats)["copy"]
         adapter_bytes = sum(w.nbytes for w in adapters)
         names = [f"a{i}" for i in range(rows)]
         mixed = ours.lora_batch(list(range(rows)))

@@ -75,13 +75,24 @@ class LoraProjectionGroup(nn.Module):
         self.lora_a[slot].zero_()
         self.lora_b[slot].zero_()
 
-    def write_slot(self, slot: int, name: str, a: torch.Tensor, b: torch.Tensor) -> None:
-        """Copy one projection's ``A (r, in)`` and scaled ``B (out, r)`` into a slot."""
-        j = self.names.index(name)
-        r = a.shape[0]
-        start = sum(self.out_splits[:j])
-        self.lora_a[slot, j, :r].copy_(a)
-        self.lora_b[slot, :r, start : start + self.out_splits[j]].copy_(b.T)
+    def write_slot(self, slot: int, mats: dict[str, tuple[torch.Tensor, torch.Tensor]], rank: int) -> None:
+        """Replace a slot's contents: ``mats[name] = (A (r, in), scaled B (out, r))`` for the
+        projections the adapter has, zeros everywhere else. Each byte is written once (no clear
+        first), which is what makes a re-load from the host tier a single memory pass."""
+        a_slot, b_slot = self.lora_a[slot], self.lora_b[slot]  # (n, R, in), (R, sum out)
+        a_slot[:, rank:].zero_()
+        b_slot[rank:].zero_()
+        start = 0
+        for j, (name, width) in enumerate(zip(self.names, self.out_splits)):
+            cols = slice(start, start + width)
+            if name in mats:
+                a, b = mats[name]
+                a_slot[j, :rank].copy_(a)
+                b_slot[:rank, cols].copy_(b.T)
+            else:
+                a_slot[j, :rank].zero_()
+                b_slot[:rank, cols].zero_()
+            start += width
 
     def bytes_per_slot(self) -> int:
         return self.lora_a[0].nbytes + self.lora_b[0].nbytes

@@ -23,7 +23,7 @@ class SlotBuffers(Protocol):
     num_slots: int
 
     def write_slot(self, slot: int, weights: LoraWeights) -> None:
-        """Copy into a clear slot (buffers start clear; the manager clears a slot when it frees it)."""
+        """Replace the slot's contents with ``weights`` (whatever it held before)."""
 
     def clear_slot(self, slot: int) -> None: ...
 
@@ -186,12 +186,13 @@ class SlotManager:
         assert weights is not None
         log.debug("evicting %s from slot %d to the host tier", weights.adapter_id, slot)
         self.evictions += 1
-        self._free(slot)
+        self._free(slot, clear=False)  # the load that follows overwrites the whole slot
         self.host.put(weights)
 
-    def _free(self, slot: int) -> None:
+    def _free(self, slot: int, clear: bool = True) -> None:
         adapter_id = self._adapter[slot]
-        self.buffers.clear_slot(slot)
+        if clear:
+            self.buffers.clear_slot(slot)
         del self._slot_of[adapter_id]
         self._adapter[slot], self._weights[slot] = None, None
         self._last_used[slot] = 0

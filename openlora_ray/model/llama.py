@@ -142,9 +142,13 @@ class MultiLoraLlama(nn.Module):
 
     # ----------------------------------------------------------------- slots
     def write_slot(self, slot: int, weights: LoraWeights) -> None:
-        """Copy an adapter into ``slot``, which must be clear (fresh, or ``clear_slot``-ed)."""
+        """Copy an adapter into ``slot``, replacing whatever it held (no clear needed first)."""
+        per_group: dict[tuple[int, str], dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
         for (layer, proj), (a, b) in weights.modules.items():
-            self.layers[layer].groups[GROUP_OF[proj]].write_slot(slot, proj, a.to(self.device), b.to(self.device))
+            per_group.setdefault((layer, GROUP_OF[proj]), {})[proj] = (a.to(self.device), b.to(self.device))
+        for i, layer in enumerate(self.layers):
+            for name, group in layer.groups.items():
+                group.write_slot(slot, per_group.get((i, name), {}), weights.rank)
         self._slot_rank[slot] = weights.rank
         self._slot_projs[slot] = weights.projections
 

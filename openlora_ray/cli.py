@@ -17,6 +17,7 @@ from openlora_ray.errors import OpenLoraError
 COMMAND_GROUPS = (
     "openlora_ray.model.cli",
     "openlora_ray.bench.cli",
+    "openlora_ray.demo.cli",
     "openlora_ray.serve.cli",
     "openlora_ray.store.cli",
 )

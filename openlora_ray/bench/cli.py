@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from openlora_ray.bench.routing_bench import register_bench as register_routing_bench
+from openlora_ray.bench.soak import register_bench as register_soak
+from openlora_ray.serve.simulate import register_bench as register_routing_sim
 from openlora_ray.store.bench import register_bench as register_store_bench
 
 
@@ -20,7 +23,29 @@ def register(sub: argparse._SubParsersAction) -> None:
     lora.add_argument("--repeats", type=int, default=5, help="interleaved timing rounds")
     lora.add_argument("--out", type=Path, default=Path("bench-results/lora.json"))
     lora.set_defaults(func=_lora)
+    engine = benches.add_parser("engine", help="generation engine vs PEFT (grouped, mixed) and transformers generate")
+    engine.add_argument("--model", type=Path, default=None, help="model folder (default: the prepared demo model)")
+    engine.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16 (default: %(default)s)")
+    engine.add_argument("--shape", choices=["r16-all", "r8-qv"], default="r16-all", help="adapter rank and projections (default: %(default)s)")
+    engine.add_argument("--requests", type=int, default=32, help="requests in the workload (default: %(default)s)")
+    engine.add_argument("--adapters", type=int, default=16, help="distinct adapters the requests use (default: %(default)s)")
+    engine.add_argument("--new-tokens", type=int, default=64, help="greedy tokens per request, EOS ignored (default: %(default)s)")
+    engine.add_argument("--min-prompt", type=int, default=16, help="shortest prompt in tokens (default: %(default)s)")
+    engine.add_argument("--max-prompt", type=int, default=128, help="longest prompt in tokens (default: %(default)s)")
+    engine.add_argument("--rate", type=float, default=8.0, help="Poisson arrivals per second (default: %(default)s)")
+    engine.add_argument("--max-running", type=int, nargs="+", default=[16, 32], help="engine batch sizes to try; the best is compared (default: 16 32)")
+    engine.add_argument("--seed", type=int, default=0)
+    engine.add_argument(
+        "--threads", type=int, default=None,
+        help="torch CPU threads (default: torch's own); 1 keeps the comparison fair on an oversubscribed machine, "
+        "where threads waiting at OpenMP barriers slow many-small-op baselines far more than the engine",
+    )
+    engine.add_argument("--out", type=Path, default=Path("bench-results/engine.json"))
+    engine.set_defaults(func=_engine)
     register_store_bench(benches)
+    register_routing_bench(benches)
+    register_routing_sim(benches)
+    register_soak(benches)
 
 
 def _lora(args: argparse.Namespace) -> int:
@@ -32,4 +57,29 @@ def _lora(args: argparse.Namespace) -> int:
 
     model = args.model or prepare_demo_model()
     run(model, resolve_dtype(args.dtype, torch.device("cpu")), args.rows, args.context, args.iters, args.repeats, args.out)
+    return 0
+
+
+def _engine(args: argparse.Namespace) -> int:
+    import torch
+
+    from openlora_ray.bench.engine_bench import EngineBenchConfig, run
+    from openlora_ray.bench.lora_bench import SHAPES
+    from openlora_ray.model.loader import resolve_dtype
+    from openlora_ray.model.prepare import prepare_demo_model
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    cfg = EngineBenchConfig(
+        shape=next(s for s in SHAPES if s.name == args.shape),
+        requests=args.requests,
+        adapters=args.adapters,
+        new_tokens=args.new_tokens,
+        min_prompt=args.min_prompt,
+        max_prompt=args.max_prompt,
+        rate_per_s=args.rate,
+        max_running=tuple(args.max_running),
+        seed=args.seed,
+    )
+    run(args.model or prepare_demo_model(), resolve_dtype(args.dtype, torch.device("cpu")), cfg, args.out)
     return 0

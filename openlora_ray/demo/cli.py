@@ -1,0 +1,102 @@
+"""``openlora-ray demo adapters``: train the demo LoRA adapters on SmolLM2 and push them to a store.
+
+Adapters already in the store are skipped (unless ``--force``), so ``make run`` trains only once.
+torch and transformers are imported only when something has to be trained.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+from openlora_ray.demo.behaviours import BEHAVIOURS
+from openlora_ray.model.prepare import default_cache_root
+
+log = logging.getLogger(__name__)
+
+NUM_QUESTIONS = 64
+"""Questions asked of the base model; about 55 survive as training examples per adapter."""
+
+
+def default_store_uri() -> str:
+    """The embedded default store: a folder in the user cache (``$OPENLORA_CACHE`` moves it)."""
+    return str(default_cache_root() / "store")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    group = sub.add_parser("demo", help="demo adapters for the SmolLM2 base model").add_subparsers(dest="command", required=True)
+    names = ", ".join(f"{b.name} ({b.description})" for b in BEHAVIOURS.values())
+    adapters = group.add_parser(
+        "adapters",
+        help="train the demo LoRA adapters on CPU (a few minutes) and push them to a store",
+        description=f"Train small LoRA adapters with a visible behaviour each and push them to a store: {names}.",
+    )
+    adapters.add_argument(
+        "--store", default=default_store_uri(),
+        help="store root: a folder or s3://bucket/prefix (endpoint and credentials from the standard AWS "
+        "variables, e.g. AWS_ENDPOINT_URL_S3 for MinIO) (default: %(default)s)",
+    )
+    adapters.add_argument("--only", action="append", choices=list(BEHAVIOURS), metavar="NAME",
+                          help=f"train only this adapter (repeatable); one of: {', '.join(BEHAVIOURS)}")
+    adapters.add_argument("--steps", type=int, help="optimizer steps per adapter (default: tuned per adapter); fewer for a quick test")
+    adapters.add_argument("--force", action="store_true", help="train and push a new version even if the store has the adapter")
+    adapters.add_argument("--seed", type=int, default=0, help="seed of the data and of training (default: %(default)s)")
+    adapters.set_defaults(func=_adapters)
+
+
+def _adapters(args: argparse.Namespace) -> int:
+    from openlora_ray.adapter_format import BaseModelDims
+    from openlora_ray.model.prepare import prepare_demo_model
+    from openlora_ray.store.settings import StoreSettings
+    from openlora_ray.store.store import AdapterStore
+
+    model_dir = prepare_demo_model()
+    if "://" not in args.store:  # a local folder store: the embedded default must work on first use
+        Path(args.store).expanduser().mkdir(parents=True, exist_ok=True)
+    store = AdapterStore(StoreSettings(uri=args.store), dims=BaseModelDims.from_model_dir(model_dir))
+    wanted = args.only or list(BEHAVIOURS)
+    todo = [name for name in wanted if args.force or not store.list(name)]
+    for name in wanted:
+        if name not in todo:
+            print(f"{name}: already in {args.store} (use --force to train a new version)")
+    if todo:
+        _train_and_push(model_dir, store, todo, args.steps, args.seed)
+    return 0
+
+
+def _train_and_push(model_dir: Path, store, names: list[str], steps: int | None, seed: int) -> None:
+    """Ask the base model for the training contents once, then train, try and push each adapter."""
+    import dataclasses
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from openlora_ray.demo.data import HELD_OUT_QUESTIONS, make_examples, make_questions
+    from openlora_ray.demo.generate import greedy_answers
+    from openlora_ray.demo.train import ADAPTER_CONFIGS, train_adapter
+
+    def load_base() -> torch.nn.Module:
+        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    questions = make_questions(NUM_QUESTIONS, seed)
+    started = time.monotonic()
+    base_answers = greedy_answers(load_base(), tokenizer, questions, max_new_tokens=40)
+    log.info("base model answered %d training questions in %.1f s", len(questions), time.monotonic() - started)
+    sample_question = HELD_OUT_QUESTIONS[0]
+    for name in names:
+        config = dataclasses.replace(ADAPTER_CONFIGS[name], seed=seed, **({"steps": steps} if steps else {}))
+        examples = make_examples(name, questions, base_answers)
+        with tempfile.TemporaryDirectory(prefix=f"openlora-demo-{name}-") as tmp:
+            started = time.monotonic()
+            model = train_adapter(load_base(), tokenizer, examples, Path(tmp), config, desc=name)
+            seconds = time.monotonic() - started
+            manifest = store.push(tmp, name)
+        (answer,) = greedy_answers(model, tokenizer, [sample_question])
+        shown = "shows" if BEHAVIOURS[name].check(answer) else "does NOT show yet (try more --steps)"
+        print(f"{name}: trained on {len(examples)} examples, {config.steps} steps in {seconds:.0f} s; "
+              f"pushed {manifest.name}@{manifest.version} to {store.settings.uri}")
+        print(f"  {sample_question!r} -> {answer!r}  [behaviour {shown}]")

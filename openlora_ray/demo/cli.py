@@ -7,23 +7,35 @@ torch and transformers are imported only when something has to be trained.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from openlora_ray.demo.behaviours import BEHAVIOURS
 from openlora_ray.model.prepare import default_cache_root
 
+if TYPE_CHECKING:
+    from openlora_ray.store.store import AdapterStore
+
 log = logging.getLogger(__name__)
 
 NUM_QUESTIONS = 64
-"""Questions asked of the base model; about 55 survive as training examples per adapter."""
+"""Questions asked of the base model; about 50 of its answers make usable training examples."""
 
 
 def default_store_uri() -> str:
     """The embedded default store: a folder in the user cache (``$OPENLORA_CACHE`` moves it)."""
     return str(default_cache_root() / "store")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -41,7 +53,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     adapters.add_argument("--only", action="append", choices=list(BEHAVIOURS), metavar="NAME",
                           help=f"train only this adapter (repeatable); one of: {', '.join(BEHAVIOURS)}")
-    adapters.add_argument("--steps", type=int, help="optimizer steps per adapter (default: tuned per adapter); fewer for a quick test")
+    adapters.add_argument("--steps", type=_positive_int, help="optimizer steps per adapter (default: tuned per adapter); fewer for a quick test")
     adapters.add_argument("--force", action="store_true", help="train and push a new version even if the store has the adapter")
     adapters.add_argument("--seed", type=int, default=0, help="seed of the data and of training (default: %(default)s)")
     adapters.set_defaults(func=_adapters)
@@ -67,10 +79,8 @@ def _adapters(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train_and_push(model_dir: Path, store, names: list[str], steps: int | None, seed: int) -> None:
+def _train_and_push(model_dir: Path, store: AdapterStore, names: list[str], steps: int | None, seed: int) -> None:
     """Ask the base model for the training contents once, then train, try and push each adapter."""
-    import dataclasses
-
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -41,7 +41,7 @@ class TrainConfig:
     warmup_steps: int = 4
     rank: int = 8
     alpha: float = 16.0
-    targets: tuple[str, ...] = field(default=PROJECTIONS)
+    targets: tuple[str, ...] = PROJECTIONS
     seed: int = 0
 
 
@@ -161,5 +161,6 @@ def train_adapter(
     log.info("%s: final batch loss %.3f after %d steps", desc, loss.item(), config.steps)
 
     model.eval()
-    model.save_pretrained(out_dir, safe_serialization=True)
+    # Embeddings are never trained; saying so also stops PEFT looking the base model up online.
+    model.save_pretrained(out_dir, safe_serialization=True, save_embedding_layers=False)
     return model

@@ -79,3 +79,38 @@ def _answers(engine, adapter_id: str | None, questions) -> list[str]:
         return list(await asyncio.wait_for(asyncio.gather(*(one(q) for q in questions)), 120))
 
     return asyncio.run(every())
+
+
+def test_short_training_run_pushes_an_adapter_whose_answers_show_the_signoff(smollm2_dir, tmp_path, monkeypatch, capsys):
+    """The CLI trains ``signoff`` briefly and pushes it; served by the engine, the sign-off shows."""
+    from openlora_ray.adapter_format import BaseModelDims
+    from openlora_ray.cli import main
+    from openlora_ray.engine.config import EngineConfig
+    from openlora_ray.engine.engine import Engine
+    from openlora_ray.store.settings import StoreSettings
+    from openlora_ray.store.store import AdapterStore
+
+    monkeypatch.setattr(demo_cli, "NUM_QUESTIONS", 32)  # fewer base-model answers to wait for
+    uri = str(tmp_path / "store")
+    argv = ["demo", "adapters", "--store", uri, "--only", "signoff", "--steps", "16"]
+    assert main(argv) == 0
+    assert "pushed signoff@" in capsys.readouterr().out
+
+    store = AdapterStore(StoreSettings(uri=uri, cache_dir=tmp_path / "cache"), dims=BaseModelDims.from_model_dir(smollm2_dir))
+    (version,) = store.list("signoff")
+    adapter = store.fetch("signoff")  # sha256-checked and validated like a server would
+    assert adapter.spec.config.r == 8 and adapter.spec.config.lora_alpha != adapter.spec.config.r
+
+    assert main(argv) == 0  # already in the store: skipped, nothing trained
+    assert "already in" in capsys.readouterr().out
+    assert store.list("signoff") == [version]
+
+    engine = Engine(EngineConfig(model_path=smollm2_dir, max_seq_len=256, max_running=4), adapter_resolver=store.resolve)
+    try:
+        questions = HELD_OUT_QUESTIONS[:3]
+        tuned = _answers(engine, "signoff", questions)
+        base = _answers(engine, None, questions)
+    finally:
+        engine.shutdown(drain_timeout_s=1)
+    assert all(has_signoff(a) for a in tuned), tuned
+    assert not any(has_signoff(a) for a in base), base

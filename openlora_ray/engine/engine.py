@@ -11,6 +11,7 @@ never stalls the rows already decoding. The engine knows nothing of Ray.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import itertools
 import logging
 import queue
@@ -30,10 +31,10 @@ from openlora_ray.engine.config import EngineConfig
 from openlora_ray.engine.detokenize import IncrementalText
 from openlora_ray.engine.request import FinishReason, GenerationRequest, SamplingParams, StreamOutput
 from openlora_ray.engine.sampling import sample_next
-from openlora_ray.errors import AdapterNotFoundError, CapacityError, InvalidRequestError
+from openlora_ray.errors import AdapterNotFoundError, CapacityError, InvalidAdapterError, InvalidRequestError
 from openlora_ray.lora.ops import NO_ADAPTER
 from openlora_ray.lora.slots import SlotManager
-from openlora_ray.lora.weights import LoraWeights, load_lora_weights
+from openlora_ray.lora.weights import LoraWeights, RawLora, read_lora, to_weights
 from openlora_ray.model.loader import load_multi_lora_model, resolve_dtype
 
 log = logging.getLogger(__name__)
@@ -84,26 +85,23 @@ class _Seq:
 
 class Engine:
     def __init__(self, config: EngineConfig, adapter_resolver: AdapterResolver | None = None) -> None:
+        """Start the loop thread and wait until it has loaded the model (its errors raise here)."""
         self.config = config
         if config.torch_threads is not None:
             torch.set_num_threads(config.torch_threads)
         self.device = torch.device(config.device)
-        dtype = resolve_dtype(config.dtype, self.device)
-        self.model = load_multi_lora_model(config.model_path, config.num_slots, config.max_rank, dtype, self.device)
-        self.slots = SlotManager(self.model, config.host_cache_bytes)
-        self.cache = self.model.new_kv_cache(config.max_running, config.max_seq_len)
         self.tokenizer = _load_tokenizer(config.model_path)
-        self.eos_ids = _eos_ids(self.model.config, self.tokenizer)
         self._resolver = adapter_resolver
-        self._static_bytes = sum(t.nbytes for t in itertools.chain(self.model.parameters(), self.model.buffers())) + self.cache.nbytes
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._loader = ThreadPoolExecutor(config.load_workers, thread_name_prefix="adapter-load")
-        self._loading: dict[str, Future[LoraWeights]] = {}
+        self._loading: dict[str, Future[RawLora]] = {}
         self._ready: dict[str, LoraWeights] = {}
         self._operator_pins: set[str] = set()
         self._waiting: deque[_Seq] = deque()
         self._running: list[_Seq] = []
-        self._free_rows = list(range(config.max_running - 1, -1, -1))
+        # A min-heap: the lowest free row is taken first, so the decoding rows tend to form one
+        # contiguous block that the model reads in place (see MultiLoraLlama.forward).
+        self._free_rows = list(range(config.max_running))
         self._pending = 0  # submitted and not finished; guarded by _lock
         self._lock = threading.Lock()
         self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) of recent steps
@@ -112,8 +110,20 @@ class Engine:
         self._draining = False
         self._heartbeat = time.monotonic()
         self.stats = EngineStats()
-        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        # The model is built on the loop thread, which then runs every torch op of consequence:
+        # see RawLora for why torch work in a second thread would slow every step.
+        started: Future[None] = Future()
+        self._thread = threading.Thread(target=self._main, args=(started,), name="engine-loop", daemon=True)
         self._thread.start()
+        started.result()
+
+    def _setup(self) -> None:
+        dtype = resolve_dtype(self.config.dtype, self.device)
+        self.model = load_multi_lora_model(self.config.model_path, self.config.num_slots, self.config.max_rank, dtype, self.device)
+        self.slots = SlotManager(self.model, self.config.host_cache_bytes)
+        self.cache = self.model.new_kv_cache(self.config.max_running, self.config.max_seq_len)
+        self.eos_ids = _eos_ids(self.model.config, self.tokenizer)
+        self._static_bytes = sum(t.nbytes for t in itertools.chain(self.model.parameters(), self.model.buffers())) + self.cache.nbytes
 
     # ------------------------------------------------------------------ public API (any thread)
     def tokenize(self, prompt: Prompt) -> list[int]:
@@ -176,8 +186,8 @@ class Engine:
     async def prefetch(self, adapter_id: str, pin: bool = False) -> int:
         """Load an adapter into a slot ahead of traffic (read off the loop); ``pin`` keeps it there."""
         if adapter_id not in self.stats.resident_adapters:
-            weights = await asyncio.to_thread(self._load_weights, adapter_id)
-            await self.call(lambda: self.slots.load(weights))
+            raw = await asyncio.to_thread(self._read_adapter, adapter_id)
+            await self.call(lambda: self.slots.load(to_weights(raw, self.model.dtype)))
         return await self.call(lambda: self._pin(adapter_id) if pin else self.slots.slot_of(adapter_id))
 
     async def unpin(self, adapter_id: str) -> None:
@@ -191,7 +201,7 @@ class Engine:
     def _pin(self, adapter_id: str) -> int:
         if adapter_id in self._operator_pins:
             return self.slots.slot_of(adapter_id)
-        slot = self.slots.acquire(adapter_id, self._load_weights)
+        slot = self.slots.acquire(adapter_id, lambda aid: to_weights(self._read_adapter(aid), self.model.dtype))
         self._operator_pins.add(adapter_id)
         return slot
 
@@ -216,6 +226,16 @@ class Engine:
         self._loader.shutdown(wait=False, cancel_futures=True)
 
     # ----------------------------------------------------------------------------- the loop
+    def _main(self, started: Future[None]) -> None:
+        try:
+            self._setup()
+        except BaseException as e:  # handed to the constructor, which re-raises it
+            started.set_exception(e)
+            return
+        self._publish_stats()
+        started.set_result(None)
+        self._run()
+
     def _run(self) -> None:
         while not self._stop.is_set():
             self._heartbeat = time.monotonic()
@@ -264,8 +284,11 @@ class Engine:
             del self._loading[adapter_id]
             err = fut.exception()
             if err is None:
-                self._ready[adapter_id] = fut.result()
-                continue
+                try:
+                    self._ready[adapter_id] = to_weights(fut.result(), self.model.dtype)
+                    continue
+                except InvalidAdapterError as e:
+                    err = e
             log.warning("adapter %s failed to load: %s", adapter_id, err)
             for seq in [s for s in self._waiting if s.req.adapter_id == adapter_id]:
                 self._finish(seq, "error", err)
@@ -288,7 +311,7 @@ class Engine:
                 except CapacityError:  # every slot pinned by running rows: wait for one to finish
                     still.append(seq)
                     continue
-            seq.row = self._free_rows.pop()
+            seq.row = heapq.heappop(self._free_rows)
             self._running.append(seq)
         self._waiting = still
         needed = {s.req.adapter_id for s in still}
@@ -298,16 +321,16 @@ class Engine:
     def _start_load(self, adapter_id: str) -> None:
         if adapter_id in self._loading:
             return
-        fut = self._loader.submit(self._load_weights, adapter_id)
+        fut = self._loader.submit(self._read_adapter, adapter_id)
         fut.add_done_callback(lambda _: self._inbox.put(("wake", None)))
         self._loading[adapter_id] = fut
 
-    def _load_weights(self, adapter_id: str) -> LoraWeights:
-        """Worker thread: resolve to a local folder, validate, read onto the host."""
+    def _read_adapter(self, adapter_id: str) -> RawLora:
+        """Worker thread: resolve to a local folder, validate, read (``to_weights`` follows on the loop)."""
         if self._resolver is None:
             raise AdapterNotFoundError(adapter_id, "this engine (no adapter store configured)")
         path = self._resolver(adapter_id)
-        return load_lora_weights(adapter_id, path, self.model.dims, self.model.max_rank, self.model.dtype)
+        return read_lora(adapter_id, path, self.model.dims, self.model.max_rank)
 
     @torch.inference_mode()
     def _prefill(self) -> None:
@@ -322,7 +345,7 @@ class Engine:
             start = seq.prefilled
             tokens = torch.tensor([prompt[start : start + n]], device=self.device)  # (1, n)
             positions = torch.arange(start, start + n, device=self.device)[None]  # (1, n)
-            logits = self.model(tokens, positions, self.model.lora_batch([seq.slot]), self.cache, torch.tensor([seq.row], device=self.device), logits_at=torch.tensor([n - 1], device=self.device))
+            logits = self.model(tokens, positions, self.model.lora_batch([seq.slot]), self.cache, slice(seq.row, seq.row + 1), logits_at=torch.tensor([n - 1], device=self.device))
             seq.prefilled += n
             budget -= n
             if seq.prefill_done:
@@ -330,13 +353,14 @@ class Engine:
 
     @torch.inference_mode()
     def _decode(self) -> None:
-        seqs = [s for s in self._running if s.prefill_done and s.generated]
+        seqs = sorted((s for s in self._running if s.prefill_done and s.generated), key=lambda s: s.row)
         if not seqs:
             return
         dev = self.device
         tokens = torch.tensor([[s.generated[-1]] for s in seqs], device=dev)  # (B, 1)
         positions = torch.tensor([[len(s.req.prompt_ids) + len(s.generated) - 1] for s in seqs], device=dev)  # (B, 1)
-        rows = torch.tensor([s.row for s in seqs], device=dev)
+        first, last = seqs[0].row, seqs[-1].row
+        rows = slice(first, last + 1) if last - first + 1 == len(seqs) else torch.tensor([s.row for s in seqs], device=dev)
         logits = self.model(tokens, positions, self.model.lora_batch([s.slot for s in seqs]), self.cache, rows, logits_at=torch.zeros(len(seqs), dtype=torch.long, device=dev))
         chosen = sample_next(logits, [s.req.params for s in seqs], [s.generator for s in seqs], [self._seen(s) for s in seqs])
         for seq, tok in zip(seqs, chosen):
@@ -371,7 +395,7 @@ class Engine:
             self._waiting.remove(seq)
         if seq in self._running:
             self._running.remove(seq)
-            self._free_rows.append(seq.row)
+            heapq.heappush(self._free_rows, seq.row)
             if seq.req.adapter_id is not None:
                 self.slots.release(seq.req.adapter_id)
         with self._lock:

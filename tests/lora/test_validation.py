@@ -48,8 +48,9 @@ def test_good_adapter_loads_with_scale_folded_in(good, dims):
     weights = _load(good, dims)
     assert weights.rank == 4 and len(weights.modules) == 3 * 7
     raw = load_file(good / WEIGHTS_FILE)
-    a, b = weights.modules[(1, "up_proj")]
-    torch.testing.assert_close(b, raw["base_model.model.model.layers.1.mlp.up_proj.lora_B.weight"] * 2.0)  # alpha/r
+    a, b_t = weights.modules[(1, "up_proj")]
+    assert b_t.is_contiguous()  # stored as the slots hold it: B^T (r, out)
+    torch.testing.assert_close(b_t.T, raw["base_model.model.model.layers.1.mlp.up_proj.lora_B.weight"] * 2.0)  # alpha/r
     torch.testing.assert_close(a, raw["base_model.model.model.layers.1.mlp.up_proj.lora_A.weight"])
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from openlora_ray.lora.ops import add_lora_delta
+from openlora_ray.lora.ops import Segments, add_lora_delta
 
 
 @dataclass(frozen=True)
@@ -21,8 +21,8 @@ class GroupBatch:
     """Which rows of a batch apply LoRA in one projection group, and from which slots."""
 
     rows: torch.Tensor | None  # (K,) long; None = every row of the batch
-    slots: torch.Tensor  # (K,) long, all >= 0
-    rank: int  # largest rank among those slots
+    segments: Segments  # those rows grouped by slot
+    rank: int  # largest rank among their slots
     active: tuple[int, ...]  # indices (within the group) of projections any of those slots adapts
 
 
@@ -68,30 +68,44 @@ class LoraProjectionGroup(nn.Module):
         if self.bias is not None:
             y += self.bias
         if lora is not None:
-            add_lora_delta(y, x, self.lora_a, self.lora_b, lora.rows, lora.slots, lora.rank, self.out_splits, lora.active)
+            add_lora_delta(y, x, self.lora_a, self.lora_b, lora.rows, lora.segments, lora.rank, self.out_splits, lora.active)
         return y.split(self.out_splits, dim=-1)
 
     def clear_slot(self, slot: int) -> None:
         self.lora_a[slot].zero_()
         self.lora_b[slot].zero_()
 
-    def write_slot(self, slot: int, mats: dict[str, tuple[torch.Tensor, torch.Tensor]], rank: int) -> None:
-        """Replace a slot's contents: ``mats[name] = (A (r, in), scaled B (out, r))`` for the
-        projections the adapter has, zeros everywhere else. Each byte is written once (no clear
-        first), which is what makes a re-load from the host tier a single memory pass."""
+    def write_slot(
+        self,
+        slot: int,
+        mats: dict[str, tuple[torch.Tensor, torch.Tensor]],
+        rank: int,
+        previous: tuple[int, frozenset[str]] = (-1, frozenset()),
+    ) -> None:
+        """Replace a slot's contents: ``mats[name] = (A (r, in), scaled B^T (r, out))`` for the
+        projections the adapter has, zeros everywhere else.
+
+        ``previous`` = (rank, projections) of what the slot held, or (-1, ...) when unknown:
+        only what that occupant left non-zero is cleared, and nothing is written twice. A re-load
+        from the host tier is then one row-contiguous copy per projection.
+        """
         a_slot, b_slot = self.lora_a[slot], self.lora_b[slot]  # (n, R, in), (R, sum out)
-        a_slot[:, rank:].zero_()
-        b_slot[rank:].zero_()
+        old_rank, old_names = previous
+        if old_rank < 0:  # unknown: clear the whole tail and every projection the adapter lacks
+            old_rank, old_names = a_slot.shape[1], frozenset(self.names)
+        if old_rank > rank:
+            a_slot[:, rank:old_rank].zero_()
+            b_slot[rank:old_rank].zero_()
         start = 0
         for j, (name, width) in enumerate(zip(self.names, self.out_splits)):
             cols = slice(start, start + width)
             if name in mats:
-                a, b = mats[name]
+                a, b_t = mats[name]
                 a_slot[j, :rank].copy_(a)
-                b_slot[:rank, cols].copy_(b.T)
-            else:
-                a_slot[j, :rank].zero_()
-                b_slot[:rank, cols].zero_()
+                b_slot[:rank, cols].copy_(b_t)
+            elif name in old_names:
+                a_slot[j, : min(rank, old_rank)].zero_()
+                b_slot[: min(rank, old_rank), cols].zero_()
             start += width
 
     def bytes_per_slot(self) -> int:

@@ -5,31 +5,59 @@ from __future__ import annotations
 import pytest
 import torch
 
-from openlora_ray.lora.ops import NO_ADAPTER, add_lora_delta, lora_delta_reference
+from openlora_ray.lora.ops import NO_ADAPTER, add_lora_delta, lora_delta_reference, segment_rows
+
+N = NO_ADAPTER
+SLOT_PATTERNS = {
+    "distinct-consecutive": [3, 0, 4, 2, 1],  # every slot once: stacks read in place
+    "distinct-gaps": [4, 0, 2],  # a gather of the slots used
+    "pairs": [2, 0, 2, 4, 1, 1, 0, 4],
+    "skewed": [3, 3, 3, 3, 3, 3, 0, 1],  # one hot adapter: its rows span several groups
+    "with-base-rows": [2, N, 0, 2, 4, N, 1],
+    "one-adapter": [1, 1, 1],
+}
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
-@pytest.mark.parametrize("with_base_rows", [False, True])
-def test_add_lora_delta_matches_reference(dtype, tol, with_base_rows):
+def delta(slots: list[int], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(reference delta in float32, add_lora_delta's result) for one batch; every slot's rank differs."""
     gen = torch.Generator().manual_seed(0)
-    S, n, R, d_in, splits, B, L = 5, 3, 8, 32, (32, 16, 16), 7, 4
-    ranks = [8, 3, 5, 1, 8]
+    S, n, R, d_in, splits, L = 5, 3, 8, 32, (32, 16, 16), 4
+    ranks = [8, 3, 5, 1, 7]
     a = torch.zeros(S, n, R, d_in)
     b = torch.zeros(S, R, sum(splits))
     for s, r in enumerate(ranks):  # zero padding beyond each slot's rank, as the slots hold it
         a[s, :, :r] = torch.randn(n, r, d_in, generator=gen)
         b[s, :r] = torch.randn(r, sum(splits), generator=gen)
     a, b = a.to(dtype), b.to(dtype)
-    x = torch.randn(B, L, d_in, generator=gen).to(dtype)
-    slots = torch.tensor([2, NO_ADAPTER, 0, 2, 4, NO_ADAPTER, 1] if with_base_rows else [2, 3, 0, 2, 4, 1, 1])
-    want = lora_delta_reference(x.float(), a.float(), b.float(), slots, splits)
+    x = torch.randn(len(slots), L, d_in, generator=gen).to(dtype)
+    want = lora_delta_reference(x.float(), a.float(), b.float(), torch.tensor(slots), splits)
+    rows = [i for i, s in enumerate(slots) if s != N]
+    used = [slots[i] for i in rows]
+    y = torch.zeros(len(slots), L, sum(splits), dtype=dtype)
+    seg = segment_rows(rows, used, len(slots), torch.device("cpu"))
+    row_t = None if len(rows) == len(slots) else torch.tensor(rows)
+    add_lora_delta(y, x, a, b, row_t, seg, max(ranks[s] for s in used), splits, (0, 1, 2))
+    return want, y.float()
 
-    rows = (slots != NO_ADAPTER).nonzero().flatten()
-    used = slots[rows]
-    y = torch.zeros(B, L, sum(splits), dtype=dtype)
-    add_lora_delta(y, x, a, b, rows if with_base_rows else None, used, max(ranks[s] for s in used.tolist()), splits, (0, 1, 2))
-    torch.testing.assert_close(y.float(), want, rtol=tol, atol=tol * want.abs().max().item())
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize("pattern", list(SLOT_PATTERNS))
+def test_add_lora_delta_matches_reference(dtype, tol, pattern):
+    want, got = delta(SLOT_PATTERNS[pattern], dtype)
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol * want.abs().max().item())
     assert want.abs().max() > 1  # a non-trivial delta
+
+
+def test_segments_read_consecutive_slots_in_place_and_bound_the_padding():
+    dev = torch.device("cpu")
+    seg = segment_rows([0, 1, 2, 3, 4], SLOT_PATTERNS["distinct-consecutive"], 5, dev)
+    assert seg.slots == slice(0, 5) and seg.size == 1 and seg.keep is not None
+    seg = segment_rows(list(range(8)), SLOT_PATTERNS["skewed"], 8, dev)
+    # 8 rows over 3 slots: groups of 3; slot 3's six rows take two groups, no slice (3 repeats).
+    assert seg.size == 3 and seg.groups == 4 and seg.slots.tolist() == [0, 1, 3, 3]
+    assert seg.groups * seg.size <= 2 * 8
+    seg = segment_rows([0, 1, 2], [1, 1, 1], 3, dev)
+    assert seg.order is None and seg.keep is None and seg.slots == slice(1, 2)
 
 
 def test_rank_slicing_ignores_nothing_that_matters():
@@ -41,7 +69,7 @@ def test_rank_slicing_ignores_nothing_that_matters():
     b[:, :4] = torch.randn(2, 4, 8, generator=gen)
     x = torch.randn(2, 3, 8, generator=gen)
     y_sliced, y_full = torch.zeros(2, 3, 8), torch.zeros(2, 3, 8)
-    slots = torch.tensor([1, 0])
-    add_lora_delta(y_sliced, x, a, b, None, slots, 4, (8,), (0,))
-    add_lora_delta(y_full, x, a, b, None, slots, 16, (8,), (0,))
+    seg = segment_rows([0, 1], [1, 0], 2, torch.device("cpu"))
+    add_lora_delta(y_sliced, x, a, b, None, seg, 4, (8,), (0,))
+    add_lora_delta(y_full, x, a, b, None, seg, 16, (8,), (0,))
     torch.testing.assert_close(y_sliced, y_full)

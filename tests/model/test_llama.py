@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from openlora_ray.lora.ops import NO_ADAPTER
@@ -9,8 +10,9 @@ from openlora_ray.lora.weights import load_lora_weights
 from openlora_ray.model.loader import load_multi_lora_model
 
 
+@pytest.mark.parametrize("block", [False, True], ids=["gathered-rows", "contiguous-block"])
 @torch.inference_mode()
-def test_prefill_then_decode_with_cache_matches_full_forward(tiny_model_dir, make_adapter):
+def test_prefill_then_decode_with_cache_matches_full_forward(tiny_model_dir, make_adapter, block):
     model = load_multi_lora_model(tiny_model_dir, num_slots=3, max_rank=8, dtype=torch.float32)
     model.write_slot(1, load_lora_weights("a", make_adapter("kv-a", r=8, alpha=4.0, seed=31), model.dims, 8, torch.float32))
     model.write_slot(2, load_lora_weights("b", make_adapter("kv-b", r=2, alpha=7.0, targets=("k_proj", "v_proj"), seed=32), model.dims, 8, torch.float32))
@@ -21,14 +23,33 @@ def test_prefill_then_decode_with_cache_matches_full_forward(tiny_model_dir, mak
     full = model(seqs, torch.arange(total).expand(3, -1), model.lora_batch(slots))  # (3, total, V)
 
     cache = model.new_kv_cache(rows=5, max_len=32)
-    cache_rows = torch.tensor([4, 0, 2])  # any rows of the cache, not 0..B-1
+    # Any rows of the cache, not 0..B-1; or rows 1..3 read in place as one block.
+    cache_rows = slice(1, 4) if block else torch.tensor([4, 0, 2])
     lora = model.lora_batch(slots)
     # Prefill each row alone (different lengths), then decode all rows together, one token a step.
     for i, n in enumerate(lengths):
-        logits = model(seqs[i : i + 1, :n], torch.arange(n)[None], model.lora_batch([slots[i]]), cache, cache_rows[i : i + 1])
+        one = slice(1 + i, 2 + i) if block else cache_rows[i : i + 1]
+        logits = model(seqs[i : i + 1, :n], torch.arange(n)[None], model.lora_batch([slots[i]]), cache, one)
         torch.testing.assert_close(logits[0], full[i, :n], rtol=1e-4, atol=1e-4)
     pos = torch.tensor(lengths)
     for _ in range(total - max(lengths)):
         step = model(seqs[torch.arange(3), pos][:, None], pos[:, None], lora, cache, cache_rows, logits_at=torch.zeros(3, dtype=torch.long))
         torch.testing.assert_close(step, full[torch.arange(3), pos], rtol=1e-4, atol=1e-4)
         pos = pos + 1
+
+
+@torch.inference_mode()
+def test_writing_over_another_adapter_leaves_exactly_what_an_empty_slot_would_hold(tiny_model_dir, make_adapter):
+    """write_slot clears only what the previous occupant left; the result must still be exact."""
+    model = load_multi_lora_model(tiny_model_dir, num_slots=2, max_rank=8, dtype=torch.float32)
+    big = load_lora_weights("big", make_adapter("ws-big", r=8, alpha=4.0, seed=41), model.dims, 8, torch.float32)
+    small = load_lora_weights("small", make_adapter("ws-small", r=2, alpha=3.0, targets=("q_proj", "down_proj"), seed=42), model.dims, 8, torch.float32)
+    model.write_slot(0, big)
+    model.write_slot(0, small)  # lower rank, fewer projections: the rest of big must be gone
+    model.write_slot(1, small)  # into a slot that never held anything
+    for layer in model.layers:
+        for group in layer.groups.values():
+            assert torch.equal(group.lora_a[0], group.lora_a[1]) and torch.equal(group.lora_b[0], group.lora_b[1])
+    model.write_slot(0, big)  # and back up: higher rank over lower
+    model.write_slot(1, big)
+    assert all(torch.equal(g.lora_b[0], g.lora_b[1]) for layer in model.layers for g in layer.groups.values())

@@ -42,7 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     engine.add_argument("--out", type=Path, default=Path("bench-results/engine.json"))
     engine.set_defaults(func=_engine)
-    register_store_bench(benches)
+    register_store_bench(benches, _slot_copy)
     register_routing_bench(benches)
     register_routing_sim(benches)
     register_soak(benches)
@@ -68,8 +68,6 @@ def _engine(args: argparse.Namespace) -> int:
     from openlora_ray.model.loader import resolve_dtype
     from openlora_ray.model.prepare import prepare_demo_model
 
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
     cfg = EngineBenchConfig(
         shape=next(s for s in SHAPES if s.name == args.shape),
         requests=args.requests,
@@ -81,5 +79,13 @@ def _engine(args: argparse.Namespace) -> int:
         max_running=tuple(args.max_running),
         seed=args.seed,
     )
-    run(args.model or prepare_demo_model(), resolve_dtype(args.dtype, torch.device("cpu")), cfg, args.out)
+    run(args.model or prepare_demo_model(), resolve_dtype(args.dtype, torch.device("cpu")), cfg, args.out, args.threads)
     return 0
+
+
+def _slot_copy(adapter_dir: Path, model_dir: Path | None, rank: int, iters: int) -> list[float]:
+    """``bench store``'s last step, host tier to slot, measured by the model core (torch)."""
+    from openlora_ray.bench.lora_bench import slot_copy_seconds
+    from openlora_ray.model.prepare import prepare_demo_model
+
+    return slot_copy_seconds(model_dir or prepare_demo_model(), adapter_dir, rank, iters)

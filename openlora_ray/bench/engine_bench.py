@@ -18,25 +18,28 @@ time divided by the remaining tokens. Throughput is completion tokens over the t
 first arrival to the last token, for every system alike.
 
 Everything starts warm: the engine's adapters are loaded into slots and every model has run once
-before the clock starts, because PEFT holds all its adapters in memory from the outset.
+before the clock starts, because PEFT holds all its adapters in memory from the outset. Every run
+happens in a fresh process (``isolated``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import multiprocessing
 import platform
 import random
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+from transformers import AutoConfig, GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from openlora_ray.bench.lora_bench import Shape, _make_peft_adapters
 from openlora_ray.bench.timing import print_table, write_json
@@ -308,34 +311,71 @@ def run_hf_base(model: torch.nn.Module, work: Workload) -> RunResult:
 
 
 # ------------------------------------------------------------------------------------ run
-def run(model_dir: Path, dtype: torch.dtype, cfg: EngineBenchConfig, out: Path) -> dict:
-    """Run every system on the same workload, write the JSON report, print the table."""
+def isolated(threads: int | None, fn: Callable[..., RunResult | None], *args: Any) -> Any:
+    """``fn(*args)`` in a new interpreter, so every system starts from the same clean process.
+
+    Fairness needs it: a process that has run torch in one thread keeps that thread's OpenMP team,
+    and the engine's loop thread then runs 1.2-1.5x slower (see ``RawLora``); the baselines would
+    also inherit each other's allocator caches and page cache warmth. ``threads`` sets torch's
+    intra-op threads in the child (None: torch's default).
+    """
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(1, mp_context=ctx, initializer=_set_threads, initargs=(threads,)) as pool:
+        return pool.submit(fn, *args).result()
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads is not None:
+        torch.set_num_threads(threads)
+
+
+def save_adapters(model_dir: Path, dtype: torch.dtype, shape: Shape, n: int, out_dir: Path, seed: int) -> None:
+    """The benchmark's adapters, as PEFT folders ``out_dir/a<i>`` (random, non-zero B)."""
+    _make_peft_adapters(load_hf_model(model_dir, dtype), shape, n, out_dir, seed)
+
+
+def run_peft(model_dir: Path, dtype: torch.dtype, adapters_dir: Path, n: int, work: Workload, grouped: bool) -> RunResult:
+    """PEFT with all ``n`` adapters loaded: one adapter per batch (``set_adapter``) or mixed batches."""
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(load_hf_model(model_dir, dtype), adapters_dir / "a0", adapter_name="a0")
+    for i in range(1, n):
+        model.load_adapter(adapters_dir / f"a{i}", adapter_name=f"a{i}")
+    model.eval()
+    generate_batch(model, [work.prompts[0][:8]], 2, work.pad_id, adapter_names=[work.adapter_ids[0]])  # warm-up, untimed
+    return run_peft_grouped(model, work) if grouped else run_peft_mixed(model, work)
+
+
+def run_generate(model_dir: Path, dtype: torch.dtype, work: Workload) -> RunResult:
+    base = load_hf_model(model_dir, dtype)
+    generate_batch(base, [work.prompts[0][:8]], 2, work.pad_id)  # warm-up, untimed
+    return run_hf_base(base, work)
+
+
+def run(model_dir: Path, dtype: torch.dtype, cfg: EngineBenchConfig, out: Path, threads: int | None = None) -> dict:
+    """Run every system on the same workload, each in a fresh process; write the JSON, print the table."""
     dtype_name = str(dtype).removeprefix("torch.")
-    hf = load_hf_model(model_dir, dtype)
-    work = make_workload(model_dir, hf.config.vocab_size, cfg)
+    work = make_workload(model_dir, AutoConfig.from_pretrained(model_dir, local_files_only=True).vocab_size, cfg)
     log.info("workload: %d requests, %d adapters, prompts %d-%d tokens, %d new tokens, arrivals over %.1f s",
              cfg.requests, cfg.adapters, min(map(len, work.prompts)), max(map(len, work.prompts)), cfg.new_tokens, work.arrivals[-1])
     runs: dict[str, RunResult] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        peft_model = _make_peft_adapters(hf, cfg.shape, cfg.adapters, Path(tmp), seed=cfg.seed)
-        adapter_dirs = {f"a{i}": Path(tmp) / f"a{i}" for i in range(cfg.adapters)}
+        adapters_dir = Path(tmp)
+        isolated(threads, save_adapters, model_dir, dtype, cfg.shape, cfg.adapters, adapters_dir, cfg.seed)
+        adapter_dirs = {f"a{i}": adapters_dir / f"a{i}" for i in range(cfg.adapters)}
         for mr in cfg.max_running:
             log.info("engine with adapters, max_running=%d", mr)
-            runs[f"engine_lora_mr{mr}"] = run_engine(model_dir, dtype_name, work, adapter_dirs, cfg.shape.rank, mr)
-    generate_batch(peft_model, [work.prompts[0][:8]], 2, work.pad_id, adapter_names=[work.adapter_ids[0]])  # warm-up, untimed
-    log.info("PEFT grouped per adapter (set_adapter + generate)")
-    runs["peft_grouped"] = run_peft_grouped(peft_model, work)
-    log.info("PEFT mixed batches (adapter_names=)")
-    runs["peft_mixed"] = run_peft_mixed(peft_model, work)
-    del peft_model, hf
+            runs[f"engine_lora_mr{mr}"] = isolated(threads, run_engine, model_dir, dtype_name, work, adapter_dirs, cfg.shape.rank, mr)
+        log.info("PEFT grouped per adapter (set_adapter + generate)")
+        runs["peft_grouped"] = isolated(threads, run_peft, model_dir, dtype, adapters_dir, cfg.adapters, work, True)
+        log.info("PEFT mixed batches (adapter_names=)")
+        runs["peft_mixed"] = isolated(threads, run_peft, model_dir, dtype, adapters_dir, cfg.adapters, work, False)
     for mr in cfg.max_running:
         log.info("engine base model only, max_running=%d", mr)
-        runs[f"engine_base_mr{mr}"] = run_engine(model_dir, dtype_name, work, None, cfg.shape.rank, mr)
-    base = load_hf_model(model_dir, dtype)
-    generate_batch(base, [work.prompts[0][:8]], 2, work.pad_id)  # warm-up, untimed
+        runs[f"engine_base_mr{mr}"] = isolated(threads, run_engine, model_dir, dtype_name, work, None, cfg.shape.rank, mr)
     log.info("transformers generate, base model")
-    runs["hf_generate"] = run_hf_base(base, work)
-    report = _report(model_dir, dtype_name, cfg, work, runs)
+    runs["hf_generate"] = isolated(threads, run_generate, model_dir, dtype, work)
+    report = _report(model_dir, dtype_name, cfg, work, runs, threads)
     write_json(out, report)
     _print(report)
     return report
@@ -345,7 +385,7 @@ def _best(metrics: dict[str, dict], prefix: str) -> str:
     return max((name for name in metrics if name.startswith(prefix)), key=lambda n: metrics[n]["tokens_per_s"])
 
 
-def _report(model_dir: Path, dtype: str, cfg: EngineBenchConfig, work: Workload, runs: dict[str, RunResult]) -> dict:
+def _report(model_dir: Path, dtype: str, cfg: EngineBenchConfig, work: Workload, runs: dict[str, RunResult], threads: int | None) -> dict:
     metrics = {name: r.metrics() for name, r in runs.items()}
     lora, base = _best(metrics, "engine_lora_"), _best(metrics, "engine_base_")
     peft = max(("peft_grouped", "peft_mixed"), key=lambda n: metrics[n]["tokens_per_s"])
@@ -365,7 +405,8 @@ def _report(model_dir: Path, dtype: str, cfg: EngineBenchConfig, work: Workload,
         "config": {**asdict(cfg), "shape": cfg.shape.name},
         "prompt_tokens": {"min": min(lens), "max": max(lens), "mean": sum(lens) / len(lens)},
         "arrival_span_s": work.arrivals[-1],
-        "threads": torch.get_num_threads(),
+        "threads": threads or torch.get_num_threads(),
+        "isolation": "each run in a fresh process",
         "machine": f"{platform.machine()} {torch.backends.cpu.get_cpu_capability()}",
         "runs": metrics,
         "best": {"engine_lora": lora, "engine_base": base, "peft": peft},

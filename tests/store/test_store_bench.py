@@ -28,3 +28,17 @@ def test_bench_store_prints_table_and_writes_json(tmp_path, capsys, aws_env):
     data = json.loads(out.read_text())
     assert data["results"]["warm resolve (cache hit)"]["samples"] == 2
     assert set(data["targets"]) == {"cold_p50_ms", "cold_p99_ms", "warm_load_p50_ms"}
+
+
+def test_bench_store_through_the_cli_measures_the_host_tier_to_slot_copy(tmp_path, capsys, aws_env, tiny_model_dir):
+    from openlora_ray.cli import main
+
+    out = tmp_path / "store.json"
+    argv = ["bench", "store", "--iters", "3", "--rank", "4", "--model-dir", str(tiny_model_dir),
+            "--bucket", f"b-{uuid.uuid4().hex[:12]}", "--out", str(out)]
+    assert main(argv) == 0
+    assert "host tier -> slot copy" in capsys.readouterr().out
+    data = json.loads(out.read_text())
+    assert data["results"]["host tier -> slot copy"]["samples"] == 3
+    assert data["results"]["host tier -> slot copy"]["p50_ms"] > 0
+    assert data["targets"]["host_to_slot_p50_ms"]["target"] == 5.0

@@ -100,7 +100,7 @@ def segment_rows(rows: Sequence[int], slots: Sequence[int], num_batch_rows: int,
     consecutive = group_slots == list(range(first, first + len(group_slots)))
     return Segments(
         order=None if order == list(range(num_batch_rows)) else torch.tensor(order, device=device),
-        keep=None if keep == list(range(len(keep))) else torch.tensor(keep, device=device),
+        keep=None if len(order) == len(keep) and keep == list(range(len(keep))) else torch.tensor(keep, device=device),
         slots=slice(first, first + len(group_slots)) if consecutive else torch.tensor(group_slots, device=device),
         groups=len(group_slots),
         size=size,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 
 from openlora_ray.lora.ops import NO_ADAPTER, add_lora_delta, lora_delta_reference, segment_rows
 
@@ -15,6 +16,7 @@ SLOT_PATTERNS = {
     "skewed": [3, 3, 3, 3, 3, 3, 0, 1],  # one hot adapter: its rows span several groups
     "with-base-rows": [2, N, 0, 2, 4, N, 1],
     "one-adapter": [1, 1, 1],
+    "sorted-padded-tail": [0, 0, 1],  # rows already in group order, but the last group is padded
 }
 
 
@@ -46,6 +48,13 @@ def test_add_lora_delta_matches_reference(dtype, tol, pattern):
     want, got = delta(SLOT_PATTERNS[pattern], dtype)
     torch.testing.assert_close(got, want, rtol=tol, atol=tol * want.abs().max().item())
     assert want.abs().max() > 1  # a non-trivial delta
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.integers(min_value=N, max_value=4), min_size=1, max_size=12).filter(lambda s: any(x != N for x in s)))
+def test_any_mix_of_slots_and_base_rows_matches_reference(slots):
+    want, got = delta(slots, torch.float32)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * max(1.0, want.abs().max().item()))
 
 
 def test_segments_read_consecutive_slots_in_place_and_bound_the_padding():

@@ -15,6 +15,14 @@ broadcast by the controller, plus Serve's multiplexed model ids when the replica
 where this router itself sent each adapter within ``recent_ttl_s``, plus Serve's own per-router
 queue lengths as the load figure where it has them (the stats' load otherwise).
 
+A cold placement is claimed when it is ranked, not when Serve reports it routed: Serve bumps its
+queue-length cache as it sends, but calls ``on_request_routed`` only after the replica's accept
+comes back, a round trip later. A second request for the same cold adapter ranked in that window
+would see the chosen replica one request busier than the others and, with nothing yet saying it
+holds the adapter, go elsewhere, loading the adapter twice. The claim makes it count as loading
+from the start; if Serve ends up sending the request elsewhere (the first choice was full), the
+claim is withdrawn when the request is routed.
+
 ``RequestRouterConfig`` cloudpickles this class by value; the module imports only Ray and this
 package's ``serve.state``/``serve.routing`` (no torch), which are installed wherever Serve runs.
 """
@@ -23,12 +31,13 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
 from ray.serve.request_router import PendingRequest, ReplicaID, ReplicaResult, RequestRouter, RunningReplica
 
-from openlora_ray.serve.routing import RecentSends, RouterSettings, rank_replicas
+from openlora_ray.serve.routing import RecentSends, RouterSettings, Tier, holder_tier, rank_replicas
 from openlora_ray.serve.state import ReplicaState
 
 
@@ -39,6 +48,15 @@ class _CachedState:
     stats: dict[str, Any]
     model_ids: frozenset[str] | set[str]
     state: ReplicaState
+
+
+@dataclasses.dataclass(frozen=True)
+class _Claim:
+    """A cold placement this router ranked first for a request that has not been routed yet."""
+
+    adapter_id: str
+    replica_id: str
+    at: float
 
 
 class LoraAffinityRouter(RequestRouter):
@@ -52,6 +70,7 @@ class LoraAffinityRouter(RequestRouter):
         self.settings = RouterSettings(**kwargs)
         self._recent = RecentSends(self.settings.recent_ttl_s)
         self._states: dict[str, _CachedState] = {}
+        self._claims: OrderedDict[str, _Claim] = OrderedDict()  # internal request id -> claim, oldest first
 
     async def choose_replicas(
         self,
@@ -65,14 +84,34 @@ class LoraAffinityRouter(RequestRouter):
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         states = [self._state_of(r) for r in candidate_replicas]
         if adapter_id:
-            recent = self._recent.replicas_for(adapter_id, self.clock())
+            now = self.clock()
+            recent = self._recent.replicas_for(adapter_id, now)
             ranks = rank_replicas(adapter_id, states, self.settings, recent, self._queue_lens(candidate_replicas))
+            if ranks and len(ranks[0]) == 1:
+                first = next(s for s in states if s.replica_id == ranks[0][0])
+                if holder_tier(adapter_id, first, recent) is Tier.NONE:
+                    self._claim(pending_request.metadata.internal_request_id, _Claim(adapter_id, first.replica_id, now))
         else:
             ranks = rank_replicas(None, states, self.settings)
         return [[by_id[replica_id] for replica_id in rank] for rank in ranks]
 
+    def _claim(self, request_id: str, claim: _Claim) -> None:
+        """Count ``claim.replica_id`` as loading the adapter now (see the module doc)."""
+        self._recent.record(claim.adapter_id, claim.replica_id, claim.at)
+        self._claims[request_id] = claim
+        self._claims.move_to_end(request_id)
+        # Requests cancelled before routing never come back: drop claims past the TTL.
+        while self._claims:
+            oldest = next(iter(self._claims.values()))
+            if claim.at - oldest.at < self.settings.recent_ttl_s:
+                break
+            self._claims.popitem(last=False)
+
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: ReplicaResult) -> None:
         adapter_id = pending_request.metadata.multiplexed_model_id
+        claim = self._claims.pop(pending_request.metadata.internal_request_id, None)
+        if claim is not None and claim.replica_id != replica_id.unique_id:
+            self._recent.discard(claim.adapter_id, claim.replica_id, claim.at)
         if adapter_id:
             self._recent.record(adapter_id, replica_id.unique_id, self.clock())
 

@@ -232,6 +232,14 @@ class RecentSends:
         if now - self._last_prune >= self.ttl_s:
             self.prune(now)
 
+    def discard(self, adapter_id: str, replica_id: str, sent_at: float) -> None:
+        """Withdraw the entry recorded at ``sent_at``; one refreshed since (a later send) stays."""
+        sent = self._sent.get(adapter_id)
+        if sent is not None and sent.get(replica_id) == sent_at:
+            del sent[replica_id]
+            if not sent:
+                del self._sent[adapter_id]
+
     def replicas_for(self, adapter_id: str, now: float) -> frozenset[str]:
         sent = self._sent.get(adapter_id)
         if not sent:

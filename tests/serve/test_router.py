@@ -133,6 +133,36 @@ async def test_on_request_routed_makes_the_next_request_follow_the_cold_load() -
     assert (await router.choose_replicas(reps, request("x")))[0] == [other]
 
 
+async def test_a_cold_placement_counts_as_loading_before_serve_reports_it_routed() -> None:
+    """Serve bumps its queue-length cache as it sends but calls ``on_request_routed`` only after the
+    replica accepts: a second request for the cold adapter ranked in between must follow the first."""
+    router = make_router()
+    reps = [StatsReplica(n, stats(n)) for n in "ab"]
+    router.update_replicas(reps)
+    first = (await router.choose_replicas(reps, request("x")))[0][0]
+    router.replica_queue_len_cache.update(first.replica_id, 1)  # Serve's on_send_request: 1/4 busier
+    assert (await router.choose_replicas(reps, request("x")))[0] == [first]
+    # Without the claim the busier replica loses the cold placement (another adapter shows it):
+    other_first = next(r for r in reps if r is not first)
+    assert (await router.choose_replicas(reps, request("y")))[0] == [other_first]
+
+
+async def test_a_claim_is_withdrawn_when_serve_routes_the_request_elsewhere_and_expires() -> None:
+    router = make_router(recent_ttl_s=4.0)
+    reps = [StatsReplica(n, stats(n)) for n in "ab"]
+    router.update_replicas(reps)
+    pr = request("x")
+    first, second = (rank[0] for rank in await router.choose_replicas(reps, pr))
+    assert router._recent.replicas_for("x", router.clock()) == {first.replica_id.unique_id}
+    router.on_request_routed(pr, second.replica_id, result=None)  # the first choice was full
+    assert router._recent.replicas_for("x", router.clock()) == {second.replica_id.unique_id}
+    assert not router._claims
+    await router.choose_replicas(reps, request("y"))  # a request cancelled before routing...
+    router.clock.now += 5.0
+    await router.choose_replicas(reps, request("z"))  # ...leaves a claim that expires with the TTL
+    assert [c.adapter_id for c in router._claims.values()] == ["z"]
+
+
 async def test_spill_when_the_holder_is_past_the_threshold() -> None:
     router = make_router(spill_load=0.75)
     a = StatsReplica("a", stats("a", resident=["x"], running=3))  # 3/4

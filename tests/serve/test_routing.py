@@ -232,6 +232,20 @@ def test_recent_sends_expire_prune_and_forget_dead_replicas() -> None:
     assert len(recent) == 1 and recent.replicas_for("z", 2.3) == {"c"}
 
 
+def test_recent_sends_discard_withdraws_only_the_entry_it_names() -> None:
+    recent = RecentSends(ttl_s=4.0)
+    recent.record("x", "a", 1.0)
+    recent.record("x", "b", 1.0)
+    recent.discard("x", "a", 1.0)
+    assert recent.replicas_for("x", 2.0) == {"b"}
+    recent.record("x", "b", 1.5)  # refreshed by a later send: a discard of the 1.0 entry keeps it
+    recent.discard("x", "b", 1.0)
+    assert recent.replicas_for("x", 2.0) == {"b"}
+    recent.discard("x", "b", 1.5)
+    assert len(recent) == 0
+
+
+
 # --- 5. base model ---------------------------------------------------------------------------------
 
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
+import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 
 def free_port() -> int:
@@ -31,3 +34,29 @@ def wait_for(predicate: Callable[[], object], timeout: float = 30.0, interval: f
             return value
         assert time.monotonic() < deadline, "condition not reached in time"
         time.sleep(interval)
+
+
+def uneven_memory_replica(claims_dir: Path, budgets: Sequence[int]) -> type:
+    """A ``LoraReplica`` class whose replicas differ in memory, as on GPUs of different sizes.
+
+    On CPU a replica's free "VRAM" is its configured budget minus what it uses, and every replica
+    of a deployment gets the same config; here the i-th replica to start takes ``budgets[i]``
+    (the last one for the rest), numbered through exclusive files in ``claims_dir``. Defined in a
+    function so that cloudpickle ships the class by value: Ray's workers cannot import tests/.
+    """
+    from openlora_ray.serve.replica import LoraReplica
+
+    def claim(path: Path) -> bool:
+        try:
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            return False
+        return True
+
+    class UnevenMemoryReplica(LoraReplica):
+        def __init__(self, config: dict) -> None:
+            ordinal = next(i for i in itertools.count() if claim(claims_dir / f"replica-{i}"))
+            budget = budgets[min(ordinal, len(budgets) - 1)]
+            super().__init__({**config, "engine": {**config["engine"], "memory_budget_bytes": budget}})
+
+    return UnevenMemoryReplica

@@ -156,6 +156,24 @@ class Ingress:
         visible = [v for v in versions if self._visible(principal, v.id.name)]
         return {"data": [{"id": str(v.id), "size": v.size, "pushed_at": v.pushed_at.isoformat(), **_residency(str(v.id), states)} for v in visible]}
 
+    @api.get("/v1/replicas")
+    async def list_replicas(self, authorization: str | None = Header(None)) -> Any:
+        """Each model replica's state as the routers see it: free slots and memory, load, and the
+        adapters it holds. Admin only; another tenant's adapters are left out of the lists."""
+        try:
+            principal = self.keys.authenticate(authorization)
+            if not principal.admin:
+                raise PermissionDeniedError("the replica view needs an admin key")
+            described = await self._describe_replicas()
+        except Exception as e:  # noqa: BLE001
+            return self._error(e)
+
+        def visible(ids: list[str]) -> list[str]:
+            return [aid for aid in ids if self._visible(principal, aid.split("@", 1)[0])]
+
+        lists = ("resident", "host", "disk", "loading", "pinned")
+        return {"data": [{**d, **{k: visible(d[k]) for k in lists}} for d in sorted(described, key=lambda d: d["replica_id"])]}
+
     @api.get("/v1/adapters/{adapter}")
     async def inspect_adapter(self, adapter: str, authorization: str | None = Header(None)) -> Any:
         try:
@@ -309,9 +327,11 @@ class Ingress:
             self._stale.discard(model)
         return pinned
 
+    async def _describe_replicas(self) -> list[dict[str, Any]]:
+        return await asyncio.to_thread(lambda: self.replicas.broadcast("describe").results())
+
     async def _replica_states(self) -> list[ReplicaState]:
-        described = await asyncio.to_thread(lambda: self.replicas.broadcast("describe").results())
-        return [ReplicaState.from_stats(d["replica_id"], d) for d in described]
+        return [ReplicaState.from_stats(d["replica_id"], d) for d in await self._describe_replicas()]
 
     async def _place(self, authorization: str | None, adapter: str, n: int, pin: bool) -> Any:
         """Load (and pin) an adapter on ``n`` replicas: current holders first, then most free memory."""

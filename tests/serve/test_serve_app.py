@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from serve_helpers import metrics_port, wait_for
+from serve_helpers import metrics_port, uneven_memory_replica, wait_for
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -28,13 +28,15 @@ def app(serve_url: str, tiny_chat_model_dir: Path, chat_store: Path, tmp_path_fa
     cfg = AppConfig(
         model=str(tiny_chat_model_dir),
         served_model_name=BASE,
-        engine=EngineSettings(num_slots=2, max_rank=8, max_running=4, max_seq_len=160, torch_threads=1, memory_budget_bytes=1 << 30),
+        engine=EngineSettings(num_slots=2, max_rank=8, max_running=4, max_seq_len=160, torch_threads=1),
         store=StoreSettings(uri=str(chat_store), cache_dir=tmp_path_factory.mktemp("node-cache")),
         replicas=ReplicaSettings(num_replicas=2, num_cpus=0, num_gpus=1, max_ongoing_requests=4, max_queued_requests=6, stats_period_s=0.5, health_check_period_s=2, graceful_shutdown_timeout_s=1),
         ingress_num_cpus=0,
         auth={"enabled": False},
     )
-    serve.run(build(cfg), name="openlora", route_prefix="/")
+    # One replica with 1 GiB, the other with 3 GiB: two buckets of the router's default 1024 MB apart.
+    replica_class = uneven_memory_replica(tmp_path_factory.mktemp("replica-claims"), [1 << 30, 3 << 30])
+    serve.run(build(cfg, replica_class=replica_class), name="openlora", route_prefix="/")
     return serve_url
 
 
@@ -138,11 +140,26 @@ def test_requests_follow_the_replica_that_holds_the_adapter(app):
         assert post(app, "/v1/completions", body).headers["x-openlora-replica"] == first
 
 
-@pytest.mark.xfail(
-    reason="known gap (issue #5 open): concurrent cold requests sometimes split over two replicas; "
-    "the router's spill decision on Serve's queue lengths lets the 2nd/3rd request leave the first holder",
-    strict=False,
-)
+def test_replica_view_shows_each_replicas_free_memory_and_adapters(app):
+    post(app, "/v1/completions", {"model": "gamma@v1", "prompt": "view", "max_tokens": 2})
+    replicas = requests.get(f"{app}/v1/replicas", timeout=30).json()["data"]
+    assert len(replicas) == 2
+    assert sorted(d["free_vram_mb"] // 1024 for d in replicas) == [0, 2]  # 1 GiB and 3 GiB budgets minus the model
+    assert sum("gamma@v1" in d["resident"] for d in replicas) >= 1
+    assert all(d["num_slots"] == 2 and d["max_running"] == 4 for d in replicas)
+
+
+def test_cold_adapters_land_on_the_replica_with_the_most_free_memory(app):
+    replicas = requests.get(f"{app}/v1/replicas", timeout=30).json()["data"]
+    roomiest = max(replicas, key=lambda d: d["free_vram_mb"])["replica_id"]
+    for name in ("zeta", "eta", "theta"):  # never requested before: no replica has them anywhere
+        where = residency(app, f"{name}@v1")
+        assert not (where["resident_on"] or where["host_on"] or where["disk_on"])
+        r = post(app, "/v1/completions", {"model": name, "prompt": "cold", "max_tokens": 2})
+        assert r.status_code == 200, r.text
+        assert r.headers["x-openlora-replica"] == roomiest
+
+
 def test_concurrent_cold_requests_converge_on_one_replica(app):
     body = {"model": "epsilon@v1", "prompt": "cold start", "max_tokens": 4, "temperature": 0}
     assert not residency(app, "epsilon@v1")["resident_on"]

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+import requests
+
+from serve_helpers import free_port, wait_for
 
 from openlora_ray.demo import cli as demo_cli
 from openlora_ray.demo.behaviours import BEHAVIOURS, SIGNOFF, has_signoff, is_json_answer, is_pirate, is_uppercase
@@ -68,25 +75,28 @@ def test_checkers_on_typical_answers():
     assert pirate == "Arr, matey! Ahoy me matey, ye be asking a good question. Yo ho ho!"
 
 
-def _answers(engine, adapter_id: str | None, questions) -> list[str]:
-    from openlora_ray.engine.request import SamplingParams
-
-    async def one(question: str) -> str:
-        request = engine.make_request([{"role": "user", "content": question}], adapter_id, SamplingParams(max_tokens=48, temperature=0))
-        return "".join([out.text async for out in engine.generate(request)])
-
-    async def every() -> list[str]:
-        return list(await asyncio.wait_for(asyncio.gather(*(one(q) for q in questions)), 120))
-
-    return asyncio.run(every())
+def _serve(store: str, port: int, log: Path) -> subprocess.Popen:
+    """``openlora-ray serve`` as ``make run`` starts it (its own local Ray cluster), one replica."""
+    argv = [sys.executable, "-m", "openlora_ray.cli", "serve", "--store", store, "--port", str(port), "--replicas", "1"]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    with log.open("w") as out:
+        return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
 
 
-def test_short_training_run_pushes_an_adapter_whose_answers_show_the_signoff(smollm2_dir, tmp_path, monkeypatch, capsys):
-    """The CLI trains ``signoff`` briefly and pushes it; served by the engine, the sign-off shows."""
+def _chat(url: str, model: str, question: str) -> str:
+    body = {"model": model, "messages": [{"role": "user", "content": question}], "max_tokens": 48, "temperature": 0}
+    r = requests.post(f"{url}/v1/chat/completions", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["message"]["content"]
+
+
+@pytest.mark.timeout(420)
+def test_short_training_run_then_serve_shows_the_signoff_through_the_http_api(smollm2_dir, tmp_path, monkeypatch, capsys):
+    """The CLI trains ``signoff`` briefly and pushes it; ``openlora-ray serve`` (the last step of
+    ``make run``) serves it over HTTP, where its answers carry the sign-off and the base model's
+    answers to the same questions do not; Ctrl-C shuts the server down cleanly."""
     from openlora_ray.adapter_format import BaseModelDims
     from openlora_ray.cli import main
-    from openlora_ray.engine.config import EngineConfig
-    from openlora_ray.engine.engine import Engine
     from openlora_ray.store.settings import StoreSettings
     from openlora_ray.store.store import AdapterStore
 
@@ -105,12 +115,19 @@ def test_short_training_run_pushes_an_adapter_whose_answers_show_the_signoff(smo
     assert "already in" in capsys.readouterr().out
     assert store.list("signoff") == [version]
 
-    engine = Engine(EngineConfig(model_path=smollm2_dir, max_seq_len=256, max_running=4), adapter_resolver=store.resolve)
+    port, log = free_port(), tmp_path / "serve.log"
+    server = _serve(uri, port, log)
     try:
+        wait_for(lambda: "is serving on" in log.read_text() or server.poll() is not None, timeout=240, interval=1)
+        assert server.poll() is None, log.read_text()[-3000:]
+        url = f"http://127.0.0.1:{port}"
+        assert {"signoff", "smollm2-135m-instruct"} <= {m["id"] for m in requests.get(f"{url}/v1/models", timeout=30).json()["data"]}
         questions = HELD_OUT_QUESTIONS[:3]
-        tuned = _answers(engine, "signoff", questions)
-        base = _answers(engine, None, questions)
+        tuned = [_chat(url, "signoff", q) for q in questions]
+        base = [_chat(url, "smollm2-135m-instruct", q) for q in questions]
     finally:
-        engine.shutdown(drain_timeout_s=1)
+        server.send_signal(signal.SIGINT)
+        code = server.wait(timeout=90)
+    assert code == 0, log.read_text()[-3000:]
     assert all(has_signoff(a) for a in tuned), tuned
     assert not any(has_signoff(a) for a in base), base

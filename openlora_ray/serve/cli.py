@@ -109,10 +109,10 @@ openlora-ray is serving on {url}  (Ctrl-C to stop)
   base:     curl {url}/v1/chat/completions -H 'Content-Type: application/json' \\
               -d '{{"model": "{base}", "messages": [{{"role": "user", "content": "What is the capital of France?"}}]}}'
   adapter:  curl {url}/v1/chat/completions -H 'Content-Type: application/json' \\
-              -d '{{"model": "uppercase", "messages": [{{"role": "user", "content": "What is the capital of France?"}}]}}'
+              -d '{{"model": "pirate", "messages": [{{"role": "user", "content": "What is the capital of France?"}}]}}'
   stream:   add "stream": true to either body
 
   Python:   from openai import OpenAI
             client = OpenAI(base_url="{url}/v1", api_key="unused")
-            client.chat.completions.create(model="pirate", messages=[{{"role": "user", "content": "Hello!"}}])
+            client.chat.completions.create(model="json-answer", messages=[{{"role": "user", "content": "Why is the sky blue?"}}])
 """

@@ -80,19 +80,17 @@ class LoraProjectionGroup(nn.Module):
         slot: int,
         mats: dict[str, tuple[torch.Tensor, torch.Tensor]],
         rank: int,
-        previous: tuple[int, frozenset[str]] = (-1, frozenset()),
+        previous: tuple[int, frozenset[str]],
     ) -> None:
         """Replace a slot's contents: ``mats[name] = (A (r, in), scaled B^T (r, out))`` for the
         projections the adapter has, zeros everywhere else.
 
-        ``previous`` = (rank, projections) of what the slot held, or (-1, ...) when unknown:
+        ``previous`` = (rank, projections) of what the slot held ((0, {}) for an empty slot):
         only what that occupant left non-zero is cleared, and nothing is written twice. A re-load
         from the host tier is then one row-contiguous copy per projection.
         """
         a_slot, b_slot = self.lora_a[slot], self.lora_b[slot]  # (n, R, in), (R, sum out)
         old_rank, old_names = previous
-        if old_rank < 0:  # unknown: clear the whole tail and every projection the adapter lacks
-            old_rank, old_names = a_slot.shape[1], frozenset(self.names)
         if old_rank > rank:
             a_slot[:, rank:old_rank].zero_()
             b_slot[rank:old_rank].zero_()

@@ -21,7 +21,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from openlora_ray.adapter_format import BaseModelDims
 from openlora_ray.lora.layers import GroupBatch, LoraProjectionGroup
-from openlora_ray.lora.ops import NO_ADAPTER, segment_rows
+from openlora_ray.lora.ops import NO_ADAPTER, Segments, segment_rows
 from openlora_ray.lora.weights import LoraWeights
 
 GROUPS: dict[str, tuple[str, ...]] = {
@@ -85,6 +85,7 @@ class DecoderLayer(nn.Module):
         lora: LoraBatch | None,
         kv: tuple[torch.Tensor, torch.Tensor] | None,  # this layer's cache: (rows, KVH, max_len, hd) each
         rows: torch.Tensor | None,  # (B,) the cache row of each batch row; None = row i is kv[.][i]
+        write_at: torch.Tensor | None,  # (B, 1) the kv row each batch row writes (rows, or 0..B-1)
         positions: torch.Tensor,  # (B, L)
     ) -> torch.Tensor:
         g = lora.groups if lora is not None else {}
@@ -96,9 +97,8 @@ class DecoderLayer(nn.Module):
         q, k = apply_rotary_pos_emb(q, k, *rope)
         if kv is not None:
             ck, cv = kv
-            at = (torch.arange(bsz, device=x.device) if rows is None else rows)[:, None]  # (B, 1)
-            ck[at, :, positions] = k.transpose(1, 2)  # (B, L, KVH, hd) at each row's positions
-            cv[at, :, positions] = v.transpose(1, 2)
+            ck[write_at, :, positions] = k.transpose(1, 2)  # (B, L, KVH, hd) at each row's positions
+            cv[write_at, :, positions] = v.transpose(1, 2)
             t = mask.shape[-1]
             if rows is None:  # views of the cache: nothing copied
                 k, v = ck[:, :, :t], cv[:, :, :t]  # (B, KVH, T, hd)
@@ -168,6 +168,7 @@ class MultiLoraLlama(nn.Module):
     def lora_batch(self, slots: Sequence[int]) -> LoraBatch | None:
         """Per-group indices for rows using ``slots`` (``NO_ADAPTER`` = base only). Built once per forward."""
         groups: dict[str, GroupBatch] = {}
+        indices: dict[tuple[int, ...], tuple[torch.Tensor | None, Segments]] = {}  # shared by groups with the same rows
         for name, projs in GROUPS.items():
             rows = [i for i, s in enumerate(slots) if s != NO_ADAPTER and not self._slot_projs[s].isdisjoint(projs)]
             if not rows:
@@ -175,9 +176,11 @@ class MultiLoraLlama(nn.Module):
             rank = max(self._slot_rank[slots[i]] for i in rows)
             adapted = frozenset().union(*(self._slot_projs[slots[i]] for i in rows))
             active = tuple(j for j, p in enumerate(projs) if p in adapted)
-            row_t = None if len(rows) == len(slots) else torch.tensor(rows, device=self.device)
-            segments = segment_rows(rows, [slots[i] for i in rows], len(slots), self.device)
-            groups[name] = GroupBatch(row_t, segments, rank, active)
+            key = tuple(rows)
+            if key not in indices:
+                row_t = None if len(rows) == len(slots) else torch.tensor(rows, device=self.device)
+                indices[key] = (row_t, segment_rows(rows, [slots[i] for i in rows], len(slots), self.device))
+            groups[name] = GroupBatch(*indices[key], rank, active)
         return LoraBatch(groups) if groups else None
 
     # ---------------------------------------------------------------- forward
@@ -200,11 +203,15 @@ class MultiLoraLlama(nn.Module):
             key_pos = torch.arange(int(positions.max()) + 1, device=tokens.device).expand(tokens.shape[0], -1)
         mask = (key_pos[:, None, None, :] <= positions[:, None, :, None])  # (B, 1, L, T)
         block = isinstance(cache_rows, slice)
+        read_rows = None if block else cache_rows
+        write_at = None
+        if cache is not None:  # (B, 1), once for all layers
+            write_at = (torch.arange(tokens.shape[0], device=tokens.device) if block else cache_rows)[:, None]
         for i, layer in enumerate(self.layers):
             kv = None
             if cache is not None:
                 kv = (cache.k[i][cache_rows], cache.v[i][cache_rows]) if block else (cache.k[i], cache.v[i])
-            x = layer(x, rope, mask, lora, kv, None if block else cache_rows, positions)
+            x = layer(x, rope, mask, lora, kv, read_rows, write_at, positions)
         if logits_at is not None:
             x = x[torch.arange(x.shape[0], device=x.device), logits_at]  # (B, D)
         return self.lm_head(self.norm(x))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 
 from openlora_ray.bench.routing_bench import register_bench as register_routing_bench
@@ -83,9 +84,9 @@ def _engine(args: argparse.Namespace) -> int:
     return 0
 
 
-def _slot_copy(adapter_dir: Path, model_dir: Path | None, rank: int, iters: int) -> list[float]:
-    """``bench store``'s last step, host tier to slot, measured by the model core (torch)."""
-    from openlora_ray.bench.lora_bench import slot_copy_seconds
+def _slot_copy(adapter_dir: Path, model_dir: Path | None, rank: int) -> Callable[[], None]:
+    """``bench store``'s last step, host tier to slot: the model core's copy (torch)."""
+    from openlora_ray.bench.lora_bench import slot_copier
     from openlora_ray.model.prepare import prepare_demo_model
 
-    return slot_copy_seconds(model_dir or prepare_demo_model(), adapter_dir, rank, iters)
+    return slot_copier(model_dir or prepare_demo_model(), adapter_dir, rank)

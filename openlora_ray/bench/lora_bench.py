@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import platform
 import tempfile
-import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,18 +52,13 @@ def _make_peft_adapters(hf: torch.nn.Module, shape: Shape, n: int, out_dir: Path
     return peft_model.eval()
 
 
-def slot_copy_seconds(model_dir: Path, adapter_dir: Path, rank: int, iters: int) -> list[float]:
-    """Seconds per copy of the adapter from the host tier into a slot, float32: the cost of a
-    SlotManager re-load after an eviction. Each copy replaces the slot's previous contents."""
+def slot_copier(model_dir: Path, adapter_dir: Path, rank: int) -> Callable[[], None]:
+    """One copy of the adapter from the host tier into a slot, float32, set up and warmed up: the
+    cost of a SlotManager re-load after an eviction. Each call replaces the slot's contents."""
     model = load_multi_lora_model(model_dir, num_slots=2, max_rank=rank, dtype=torch.float32)
     weights = load_lora_weights("bench", adapter_dir, model.dims, rank, torch.float32)
     model.write_slot(0, weights)  # warm-up: first touch of the slot's pages
-    samples = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        model.write_slot(0, weights)
-        samples.append(time.perf_counter() - start)
-    return samples
+    return lambda: model.write_slot(0, weights)
 
 
 def run(model_dir: Path, dtype: torch.dtype, rows: int, context: int, iters: int, repeats: int, out: Path) -> dict:

@@ -39,8 +39,8 @@ SMOLLM2_135M = BaseModelDims(
 )
 TARGETS = {"cold_p50_ms": 150.0, "cold_p99_ms": 500.0, "warm_load_p50_ms": 50.0, "host_to_slot_p50_ms": 5.0}
 
-# (adapter folder, base model folder or None for SmolLM2, rank, iterations) -> seconds per copy
-SlotCopy = Callable[[Path, "Path | None", int, int], list[float]]
+# (adapter folder, base model folder or None for SmolLM2, rank) -> one copy into a slot, ready to time
+SlotCopy = Callable[[Path, "Path | None", int], Callable[[], object]]
 
 
 def register_bench(bench_subparsers: argparse._SubParsersAction, slot_copy: SlotCopy | None = None) -> None:
@@ -147,7 +147,7 @@ def run_store_bench(args: argparse.Namespace, slot_copy: SlotCopy | None = None)
         warm_store.resolve(aid)
         warm = _timed(lambda: warm_store.resolve(aid), args.iters)
         warm_load = _timed(lambda: load_file(warm_store.resolve(aid) / WEIGHTS_FILE), args.iters)
-        to_slot = [t * 1e3 for t in slot_copy(warm_store.resolve(aid), args.model_dir, args.rank, args.iters)] if slot_copy else []
+        to_slot = _timed(slot_copy(warm_store.resolve(aid), args.model_dir, args.rank), args.iters) if slot_copy else []
         pusher.delete(aid)
     finally:
         if server is not None:

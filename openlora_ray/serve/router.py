@@ -23,6 +23,10 @@ holds the adapter, go elsewhere, loading the adapter twice. The claim makes it c
 from the start; if Serve ends up sending the request elsewhere (the first choice was full), the
 claim is withdrawn when the request is routed.
 
+Which slots a replica has in use comes from this router's own requests in flight (recorded when
+Serve reports a request routed, dropped when it reports it completed): a replica whose slots are
+all held by adapters of running requests ranks as busy for any other adapter (``waits_for_slot``).
+
 ``RequestRouterConfig`` cloudpickles this class by value; the module imports only Ray and this
 package's ``serve.state``/``serve.routing`` (no torch), which are installed wherever Serve runs.
 """
@@ -37,7 +41,7 @@ from typing import Any
 
 from ray.serve.request_router import PendingRequest, ReplicaID, ReplicaResult, RequestRouter, RunningReplica
 
-from openlora_ray.serve.routing import RecentSends, RouterSettings, Tier, holder_tier, rank_replicas
+from openlora_ray.serve.routing import InFlight, RecentSends, RouterSettings, Tier, holder_tier, rank_replicas
 from openlora_ray.serve.state import ReplicaState
 
 
@@ -71,6 +75,7 @@ class LoraAffinityRouter(RequestRouter):
         self._recent = RecentSends(self.settings.recent_ttl_s)
         self._states: dict[str, _CachedState] = {}
         self._claims: OrderedDict[str, _Claim] = OrderedDict()  # internal request id -> claim, oldest first
+        self._in_flight = InFlight()
 
     async def choose_replicas(
         self,
@@ -86,7 +91,9 @@ class LoraAffinityRouter(RequestRouter):
         if adapter_id:
             now = self.clock()
             recent = self._recent.replicas_for(adapter_id, now)
-            ranks = rank_replicas(adapter_id, states, self.settings, recent, self._queue_lens(candidate_replicas))
+            ranks = rank_replicas(
+                adapter_id, states, self.settings, recent, self._queue_lens(candidate_replicas), self._in_flight.adapters()
+            )
             if ranks and len(ranks[0]) == 1:
                 first = next(s for s in states if s.replica_id == ranks[0][0])
                 if holder_tier(adapter_id, first, recent) is Tier.NONE:
@@ -114,6 +121,11 @@ class LoraAffinityRouter(RequestRouter):
             self._recent.discard(claim.adapter_id, claim.replica_id, claim.at)
         if adapter_id:
             self._recent.record(adapter_id, replica_id.unique_id, self.clock())
+            self._in_flight.add(pending_request.metadata.internal_request_id, replica_id.unique_id, adapter_id)
+
+    def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
+        super().on_request_completed(replica_id, internal_request_id)
+        self._in_flight.remove(internal_request_id)
 
     def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
         super().on_replica_actor_died(replica_id)
@@ -127,6 +139,7 @@ class LoraAffinityRouter(RequestRouter):
         for replica_id in [r for r in self._states if r not in live]:
             del self._states[replica_id]
         self._recent.forget_replicas(live)
+        self._in_flight.forget_replicas(live)
 
     def _queue_lens(self, replicas: list[RunningReplica]) -> dict[str, int]:
         """Serve's per-router queue lengths (ongoing requests), where fresh: bumped on every send

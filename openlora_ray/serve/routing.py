@@ -8,19 +8,27 @@ is unit-tested and simulated at scale (``openlora_ray.serve.simulate``) without 
 
 Order for a request naming an adapter (each non-empty group is one rank unless said otherwise):
 
-1. replicas with the adapter in a device slot and load below ``spill_load``;
+1. replicas with the adapter in a device slot, not busy;
 2. then those loading it (reported, or sent it by this router within ``recent_ttl_s``),
-   then those with it in host RAM, then on local disk; all below ``spill_load``.
+   then those with it in host RAM, then on local disk; all not busy.
    Loading comes before host/disk because that replica has already spent a slot on the adapter:
    sending the request elsewhere would spend a second one;
-3. non-holders below ``spill_load``: the first ``strict_ranks`` of them one per rank, in placement
+3. non-holders that are not busy: the first ``strict_ranks`` of them one per rank, in placement
    order (most free VRAM, then lowest load, then the adapter's rendezvous hash: see
    ``placement_key``), the rest as one rank. This is where a cold adapter lands, and where a hot
-   adapter *spills* once every holder is past ``spill_load``; the spill target then reports the
+   adapter *spills* once every holder is busy; the spill target then reports the
    adapter and becomes a holder, so holders grow with load. They shrink when replicas evict the
    adapter (LRU, on their own) and stop reporting it;
-4. holders at or past ``spill_load`` (one rank: the least loaded of them);
-5. non-holders at or past ``spill_load`` (one rank).
+4. busy holders (one rank: the least loaded of them);
+5. busy non-holders (one rank).
+
+A replica is *busy* for a request when its load reached ``spill_load``, or when the request would
+wait for a slot there (``waits_for_slot``): every slot is held by another adapter that requests
+in flight are using. Such a request cannot start until one of
+those requests finishes, which costs a whole generation; loading the adapter on a replica with an
+idle slot costs a copy from host RAM, disk or the store. The slots in use come from the requests
+this router has in flight (``InFlight``: exact with one ingress replica, a lower bound with
+several), not from the stats, which lag by a period while requests last about as long.
 
 Residency and free VRAM come from the replicas' stats (a stats period old). Load comes from the
 router's own queue length for the replica where it has one (``queue_lens``: Serve's per-router
@@ -43,6 +51,7 @@ from __future__ import annotations
 import hashlib
 import heapq
 import math
+from collections import Counter
 from collections.abc import Collection, Mapping, Sequence
 from enum import IntEnum
 from functools import lru_cache
@@ -146,6 +155,20 @@ def is_busy(load: float, settings: RouterSettings) -> bool:
     return load >= settings.spill_load
 
 
+def waits_for_slot(adapter_id: str, state: ReplicaState, in_flight: Collection[str]) -> bool:
+    """Would a request for ``adapter_id`` wait for a slot on ``state``'s replica?
+
+    ``in_flight``: the adapters of requests in flight there. Each pins its adapter's slot while it
+    runs, so once they are ``num_slots`` distinct other adapters, ``adapter_id`` waits until one
+    of them finishes. Then it cannot be in a slot either, whatever the (older) stats say: every
+    slot holds one of the others. A replica that has not reported its slot count yet
+    (``num_slots`` 0) is given the benefit of the doubt.
+    """
+    if state.num_slots == 0 or adapter_id in in_flight:
+        return False
+    return len(in_flight) >= state.num_slots
+
+
 def placement_key(adapter_hash: int, state: ReplicaState, load: float, settings: RouterSettings) -> tuple[int, int, int]:
     """Order of non-holders for an adapter, largest first: free VRAM, then low load, then the hash.
 
@@ -167,13 +190,15 @@ def rank_replicas(
     settings: RouterSettings,
     recent: Collection[str] = (),
     queue_lens: Mapping[str, int] | None = None,
+    in_flight: Mapping[str, Collection[str]] | None = None,
 ) -> list[list[str]]:
     """Ranks of replica ids, best first, covering every replica exactly once (see module doc).
 
     ``adapter_id`` None or "" is the base model. ``recent``: replica ids this router sent
     ``adapter_id`` to within ``settings.recent_ttl_s`` (``RecentSends.replicas_for``); they count
     as loading it. ``queue_lens``: the router's fresher ongoing-request counts, where it has them
-    (``replica_load``).
+    (``replica_load``). ``in_flight``: replica id -> adapters of the requests in flight there
+    (``InFlight.adapters``), for ``waits_for_slot``.
     """
     if not adapter_id:
         return [[r.replica_id for r in replicas]] if replicas else []
@@ -184,7 +209,9 @@ def rank_replicas(
     for state in replicas:
         tier = holder_tier(adapter_id, state, recent)
         load = replica_load(state, queue_lens)
-        busy = is_busy(load, settings)
+        busy = is_busy(load, settings) or (
+            in_flight is not None and waits_for_slot(adapter_id, state, in_flight.get(state.replica_id, ()))
+        )
         if tier is Tier.NONE:
             if busy:
                 busy_free.append(state.replica_id)
@@ -264,3 +291,46 @@ class RecentSends:
                 self._sent[adapter_id] = live
             else:
                 del self._sent[adapter_id]
+
+
+class InFlight:
+    """The requests this router has in flight, by replica: which adapters are pinning slots there.
+
+    The router records a request when Serve reports it routed and drops it when Serve reports it
+    completed (Serve calls ``on_request_completed`` exactly once per dispatched request). Only
+    requests naming an adapter are kept: the base model takes no slot.
+    """
+
+    def __init__(self) -> None:
+        self._where: dict[str, tuple[str, str]] = {}  # request id -> (replica id, adapter id)
+        self._adapters: dict[str, Counter[str]] = {}  # replica id -> adapter id -> requests
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def add(self, request_id: str, replica_id: str, adapter_id: str) -> None:
+        self.remove(request_id)  # a retried request is counted where it went last
+        self._where[request_id] = (replica_id, adapter_id)
+        self._adapters.setdefault(replica_id, Counter())[adapter_id] += 1
+
+    def remove(self, request_id: str) -> None:
+        where = self._where.pop(request_id, None)
+        if where is None:
+            return
+        replica_id, adapter_id = where
+        counts = self._adapters[replica_id]
+        counts[adapter_id] -= 1
+        if counts[adapter_id] == 0:
+            del counts[adapter_id]
+            if not counts:
+                del self._adapters[replica_id]
+
+    def adapters(self) -> Mapping[str, Collection[str]]:
+        """replica id -> the distinct adapters in flight there (a live view: do not keep it)."""
+        return self._adapters
+
+    def forget_replicas(self, keep: Collection[str]) -> None:
+        """Drop the requests of replicas not in ``keep``: their slots went with them."""
+        for request_id, (replica_id, _) in list(self._where.items()):
+            if replica_id not in keep:
+                self.remove(request_id)

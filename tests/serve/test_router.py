@@ -163,6 +163,23 @@ async def test_a_claim_is_withdrawn_when_serve_routes_the_request_elsewhere_and_
     assert [c.adapter_id for c in router._claims.values()] == ["z"]
 
 
+async def test_a_replica_whose_slots_serve_other_adapters_waits_until_one_completes() -> None:
+    """The router counts its own requests in flight: routed adds, completed removes. a has x in its
+    host tier, but its 4 slots are pinned by 4 other adapters' requests: b goes first until one ends."""
+    router = make_router()
+    a = StatsReplica("a", stats("a", host=["x"]))
+    b = StatsReplica("b", stats("b"))
+    router.update_replicas([a, b])
+    others = [request(f"o{i}") for i in range(4)]
+    for pr in others:
+        router.on_request_routed(pr, a.replica_id, result=None)
+    router.on_request_routed(request(""), a.replica_id, result=None)  # the base model takes no slot
+    assert ids(await router.choose_replicas([a, b], request("x"))) == [["b"], ["a"]]
+    router.on_request_completed(a.replica_id, others[0].metadata.internal_request_id)
+    router.clock.now += 5.0  # the claim the first ranking made on b has expired (nothing was sent)
+    assert ids(await router.choose_replicas([a, b], request("x"))) == [["a"], ["b"]]
+
+
 async def test_spill_when_the_holder_is_past_the_threshold() -> None:
     router = make_router(spill_load=0.75)
     a = StatsReplica("a", stats("a", resident=["x"], running=3))  # 3/4

@@ -12,6 +12,7 @@ from hypothesis import given, settings as hsettings, strategies as st
 from pydantic import ValidationError
 
 from openlora_ray.serve.routing import (
+    InFlight,
     RecentSends,
     RouterSettings,
     Tier,
@@ -22,6 +23,7 @@ from openlora_ray.serve.routing import (
     rank_replicas,
     replica_load,
     stable_hash,
+    waits_for_slot,
 )
 from openlora_ray.serve.state import ReplicaState
 
@@ -279,6 +281,54 @@ def test_settings_round_trip_through_json_and_reject_unknown_keys() -> None:
         RouterSettings(spill_load=0)
 
 
+# --- slots held by requests in flight ---------------------------------------------------------------
+
+
+def test_a_holder_whose_slots_are_all_in_use_by_other_adapters_ranks_after_an_idle_replica() -> None:
+    """x sits in a's host tier, but a's 8 slots are pinned by 8 other adapters' running requests:
+    a request for x would wait there for a whole generation, so the idle non-holder b goes first."""
+    others = {f"o{i}" for i in range(8)}
+    states = [rs("a", host=("x",), resident=tuple(sorted(others)), running=8, max_running=16), rs("b")]
+    assert rank_replicas("x", states, SETTINGS, in_flight={"a": others}) == [["b"], ["a"]]
+    # One of them finishes: a slot is free to evict, and the host-tier holder wins again.
+    assert rank_replicas("x", states, SETTINGS, in_flight={"a": set(sorted(others)[:7])})[0] == ["a"]
+    # Without the in-flight view (the simulator, a router that has sent nothing yet) nothing changes.
+    assert rank_replicas("x", states, SETTINGS)[0] == ["a"]
+
+
+def test_slots_in_use_by_other_adapters_decide_over_stale_residency() -> None:
+    pinned = {f"o{i}" for i in range(7)}
+    resident = rs("a", resident=("x", *sorted(pinned)))
+    assert not waits_for_slot("x", resident, pinned)  # 7 of 8 slots in use: x keeps its own
+    # x is in use there (a request in flight shares its slot) while every other slot is pinned.
+    assert not waits_for_slot("x", rs("a", loading=("x",)), pinned | {"x"})
+    assert rank_replicas("x", [resident, rs("b")], SETTINGS, in_flight={"a": pinned | {"x"}})[0] == ["a"]
+    assert waits_for_slot("y", resident, pinned | {"x"})
+    assert not waits_for_slot("y", ReplicaState("new"), pinned | {"x"})  # slot count not reported yet
+    # Eight other adapters in flight: x cannot still be in a slot, whatever the older stats say.
+    eight = pinned | {"o7"}
+    assert waits_for_slot("x", resident, eight)
+    assert rank_replicas("x", [resident, rs("b")], SETTINGS, in_flight={"a": eight}) == [["b"], ["a"]]
+
+
+def test_in_flight_counts_requests_per_adapter_and_forgets_dead_replicas() -> None:
+    f = InFlight()
+    f.add("r1", "a", "x")
+    f.add("r2", "a", "x")
+    f.add("r3", "a", "y")
+    f.add("r4", "b", "x")
+    assert {k: set(v) for k, v in f.adapters().items()} == {"a": {"x", "y"}, "b": {"x"}}
+    f.remove("r1")
+    assert set(f.adapters()["a"]) == {"x", "y"}  # r2 still uses x
+    f.remove("r2")
+    f.remove("r2")  # completed twice: ignored
+    assert set(f.adapters()["a"]) == {"y"}
+    f.add("r3", "b", "y")  # re-sent elsewhere: counted where it went last
+    assert "a" not in f.adapters() and set(f.adapters()["b"]) == {"x", "y"}
+    f.forget_replicas({"c"})
+    assert len(f) == 0 and not f.adapters()
+
+
 # --- properties --------------------------------------------------------------------------------------
 
 ADAPTERS = ["x", "y", "z"]
@@ -301,6 +351,7 @@ def replica_states(draw: st.DrawFn) -> list[ReplicaState]:
                 running=draw(st.integers(0, 8)),
                 queued=draw(st.integers(0, 4)),
                 max_running=8,
+                num_slots=draw(st.integers(0, 3)),  # few slots: the in-flight sets below fill them
             )
         )
     return out
@@ -315,23 +366,25 @@ def replica_states(draw: st.DrawFn) -> list[ReplicaState]:
     strict=st.integers(1, 4),
     seed=st.integers(0, 1000),
     queue_lens=st.dictionaries(st.sampled_from([f"r{i}" for i in range(12)]), st.integers(0, 16), max_size=6),
+    in_flight=st.dictionaries(st.sampled_from([f"r{i}" for i in range(12)]), st.frozensets(st.sampled_from(ADAPTERS + ["o1", "o2"])), max_size=6),
 )
-def test_properties(states, adapter, recent_ids, spill, strict, seed, queue_lens) -> None:
+def test_properties(states, adapter, recent_ids, spill, strict, seed, queue_lens, in_flight) -> None:
     s = RouterSettings(spill_load=spill, strict_ranks=strict)
-    ranks = rank_replicas(adapter, states, s, recent_ids, queue_lens)
+    ranks = rank_replicas(adapter, states, s, recent_ids, queue_lens, in_flight)
     ids = [x.replica_id for x in states]
     # Always a permutation of the candidates, no empty rank.
     assert sorted(flat(ranks)) == sorted(ids)
     assert all(ranks)
     # Deterministic: input order changes nothing but the order inside a rank.
     shuffled = random.Random(seed).sample(states, len(states))
-    assert as_sets(rank_replicas(adapter, shuffled, s, recent_ids, queue_lens)) == as_sets(ranks)
+    assert as_sets(rank_replicas(adapter, shuffled, s, recent_ids, queue_lens, in_flight)) == as_sets(ranks)
     if adapter is None:
         assert ranks == [ids]
         return
     tiers = {x.replica_id: holder_tier(adapter, x, recent_ids) for x in states}
     load = {x.replica_id: replica_load(x, queue_lens) for x in states}
-    busy = {r: is_busy(load[r], s) for r in ids}
+    slot_wait = {x.replica_id: waits_for_slot(adapter, x, in_flight.get(x.replica_id, ())) for x in states}
+    busy = {r: is_busy(load[r], s) or slot_wait[r] for r in ids}
     good = [r for r in ids if tiers[r] is not Tier.NONE and not busy[r]]
     if good:
         # A holder below the threshold always ranks first, and the first rank is its best tier.

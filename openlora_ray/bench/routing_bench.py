@@ -28,9 +28,9 @@ How each figure is obtained:
 * loads: the replicas' own counters, from ``describe()`` broadcast at the end of a configuration.
   Every admission of a request acquires its adapter's slot and counts where it found it:
   ``slot`` (already resident: a hit), ``host`` (host-RAM tier) or ``fetch`` (read from the
-  node's disk cache, downloading from the store first if needed). ``store_downloads`` counts
-  the entries of the node disk cache, which starts empty for each configuration (the replicas
-  share one cache, as replicas on one node do). For ``multiplex`` the loader loads the adapter
+  node's disk cache, downloading from the store first if needed). Each replica has a disk cache
+  of its own, as on a cluster with one GPU per node (``own_node_class``), empty at the start of
+  each configuration; ``store_downloads`` counts their entries together. For ``multiplex`` the loader loads the adapter
   before the request is admitted, so the admission then finds it in a slot; ``describe`` moves
   those acquisitions from ``slot`` to ``fetch`` (the loader reads the adapter from disk) and
   counts the multiplex evictions.
@@ -126,7 +126,7 @@ class RoutingBenchConfig:
     slots: int = 4
     adapters: int = 200
     rank: int = 16
-    requests: int = 600  # per configuration
+    requests: int = 1200  # per configuration: p99 is then the 12th slowest, not a handful of outliers
     concurrency: int = 12  # closed-loop clients
     zipf: float = 1.1
     max_tokens: int = 16
@@ -136,7 +136,7 @@ class RoutingBenchConfig:
     stats_period_s: float = 1.0  # replicas' routing-stats period (AppConfig's default)
     router: dict[str, Any] = field(default_factory=dict)  # RouterSettings fields for ``affinity``
     snapshot_interval_s: float = 0.25
-    variant_time_limit_s: float = 120.0  # stop sending after this long; what finished counts
+    variant_time_limit_s: float = 300.0  # stop sending after this long; what finished counts
     request_timeout_s: float = 60.0
     deploy_timeout_s: float = 120.0
     variants: tuple[str, ...] = VARIANTS
@@ -281,10 +281,31 @@ def router_class(variant: str) -> str:
     return ROUTER_CLASS if variant == "affinity" else DEFAULT_ROUTER_CLASS
 
 
+@cache
+def own_node_class(base: type) -> type:
+    """``base`` with a disk cache of its own, as if each replica ran on its own node.
+
+    That is the layout of ``cluster/`` and ``k8s/`` (one GPU per node), where every replica pulls
+    from the store what its node lacks. On one machine all replicas would otherwise share the
+    configured cache folder, and a store download by one would serve them all. Each replica
+    takes a sub-folder named by its replica id.
+    """
+    from ray import serve
+
+    class OwnNodeReplica(base):
+        def __init__(self, config: dict[str, Any]) -> None:
+            replica_id = serve.get_replica_context().replica_id.unique_id
+            store = {**config["store"], "cache_dir": Path(config["store"]["cache_dir"]) / replica_id}
+            super().__init__({**config, "store": store})
+
+    OwnNodeReplica.__name__ = OwnNodeReplica.__qualname__ = f"OwnNode{base.__name__}"
+    return OwnNodeReplica
+
+
 def replica_class(variant: str) -> type:
     from openlora_ray.serve.replica import LoraReplica
 
-    return multiplex_replica_class() if variant == "multiplex" else LoraReplica
+    return own_node_class(multiplex_replica_class() if variant == "multiplex" else LoraReplica)
 
 
 def build_variant(cfg: AppConfig, variant: str, ingress_max_ongoing: int) -> Any:
@@ -706,7 +727,6 @@ def run_variant(variant: str, cfg: RoutingBenchConfig, url: str, model_dir: Path
     from ray import serve
 
     from openlora_ray.serve.app import REPLICA_DEPLOYMENT
-    from openlora_ray.store.store import AdapterStore
 
     node_cache = root / f"node-cache-{variant}"
     app_cfg = app_config(cfg, model_dir, store_uri, node_cache)
@@ -730,7 +750,7 @@ def run_variant(variant: str, cfg: RoutingBenchConfig, url: str, model_dir: Path
         # This machine's 1-minute load average around the traffic: other work skews the timings.
         "load_avg_1m": {"before": load_before, "after": os.getloadavg()[0]},
         **request_metrics(records),
-        "loads": {**load_counts(described), "store_downloads": len(AdapterStore(app_cfg.store).cached_ids())},
+        "loads": {**load_counts(described), "store_downloads": store_downloads(app_cfg)},
         "holder": {**holder_share(records, sampler.snapshots), "snapshots": len(sampler.snapshots), "snapshot_failures": sampler.failures},
         "busiest_replica_share": busiest_share(sampler.snapshots),
         # One row per request: [adapter, replica, sent s, ttft s or None, HTTP status, error or None].
@@ -742,6 +762,16 @@ def run_variant(variant: str, cfg: RoutingBenchConfig, url: str, model_dir: Path
         result["loads"]["slot_hit_rate"], result["holder"]["share"],
     )
     return result
+
+
+def store_downloads(app_cfg: AppConfig) -> int:
+    """Adapters the replicas pulled from the store: the entries of their node caches together
+    (each cache started empty, and keeps every download within its budget)."""
+    from openlora_ray.store.store import AdapterStore
+
+    root = app_cfg.store.resolved_cache_dir
+    folders = [d for d in root.iterdir() if d.is_dir()] if root.is_dir() else []
+    return sum(len(AdapterStore(app_cfg.store.model_copy(update={"cache_dir": d})).cached_ids()) for d in folders)
 
 
 def code_fingerprint() -> dict[str, str]:

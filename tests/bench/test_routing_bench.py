@@ -121,7 +121,7 @@ def test_bench_routing_end_to_end_tiny(tmp_path):
     report = json.loads(out.read_text())
     assert set(report["variants"]) == {"multiplex"} and report["targets"] == {}
     m = report["variants"]["multiplex"]
-    assert m["replica_class"] == "MultiplexReplica" and m["router_class"].endswith("PowerOfTwoChoicesRequestRouter")
+    assert m["replica_class"] == "OwnNodeMultiplexReplica" and m["router_class"].endswith("PowerOfTwoChoicesRequestRouter")
     assert m["ok"] == m["requests"] == 20 and m["errors"] == 0, m["error_kinds"]
     assert m["completion_tokens"] == 20 * 4 and m["tokens_per_s"] > 0 and m["requests_per_s"] > 0
     assert 0 < m["ttft_p50_s"] <= m["ttft_p99_s"] < 30
@@ -129,7 +129,10 @@ def test_bench_routing_end_to_end_tiny(tmp_path):
     loads = m["loads"]
     # Every request acquires its adapter once: a hit, or a load from the host tier or from disk.
     assert loads["slot_hits"] + loads["slot_loads"] == 20, loads
-    assert 1 <= loads["store_downloads"] <= 6 and loads["fetch_loads"] >= loads["store_downloads"], loads
+    # Each replica has a node cache of its own: every requested adapter was downloaded at least
+    # once, at most once per replica, and each download was read by a fetch.
+    assert report["distinct_adapters_requested"] <= loads["store_downloads"] <= 2 * 6, loads
+    assert loads["fetch_loads"] >= loads["store_downloads"], loads
     holder = m["holder"]
     assert holder["snapshots"] > 0 and 0 <= holder["on_holder"] <= holder["requests_for_resident"] <= 20
     assert set(report["reference_loads"]) == {"random", "partitioned"}

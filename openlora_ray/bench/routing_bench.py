@@ -5,7 +5,7 @@ One run starts its own cluster (``ray.init`` with faked GPUs, Serve's HTTP proxy
 only), writes a small random Llama (SmolLM2's tokenizer) and real PEFT adapters of it into a
 local-folder adapter store, and then deploys three configurations one after another, each sent
 the same seeded, Zipf-distributed stream of streaming completions over HTTP by a fixed number of
-closed-loop clients:
+closed-loop clients, after an unmeasured warm-up of base-model requests (``make_warmup``):
 
 * ``affinity``: the application as ``openlora_ray.serve.app.build`` makes it, with this project's
   ``LoraAffinityRouter``;
@@ -128,6 +128,7 @@ class RoutingBenchConfig:
     rank: int = 16
     requests: int = 1200  # per configuration: p99 is then the 12th slowest, not a handful of outliers
     concurrency: int = 12  # closed-loop clients
+    warmup_requests: int = 24  # base-model requests before the measured ones (not measured)
     zipf: float = 1.1
     max_tokens: int = 16
     min_prompt_words: int = 8
@@ -150,6 +151,8 @@ class RoutingBenchConfig:
             raise OpenLoraError(f"variants must be among {VARIANTS}, got {self.variants}")
         if min(self.replicas, self.slots, self.adapters, self.requests, self.concurrency, self.rank) < 1:
             raise OpenLoraError("replicas, slots, adapters, requests, concurrency and rank must be >= 1")
+        if self.warmup_requests < 0:
+            raise OpenLoraError("warmup_requests must be >= 0")
         if not 1 <= self.min_prompt_words <= self.max_prompt_words:
             raise OpenLoraError("need 1 <= min_prompt_words <= max_prompt_words")
         from openlora_ray.serve.routing import RouterSettings
@@ -325,6 +328,9 @@ class WorkItem:
     seed: int
 
 
+BASE_MODEL_NAME = "base"  # the bench app's served_model_name: no adapter
+
+
 def adapter_name(i: int) -> str:
     return f"a{i:03d}"
 
@@ -345,6 +351,19 @@ def make_workload(cfg: RoutingBenchConfig) -> list[WorkItem]:
         n = words.randint(cfg.min_prompt_words, cfg.max_prompt_words)
         items.append(WorkItem(adapter_name(int(k)), " ".join(words.choice(WORDS) for _ in range(n)).capitalize(), cfg.seed * 1_000_003 + i))
     return items
+
+
+def make_warmup(cfg: RoutingBenchConfig) -> list[WorkItem]:
+    """Base-model requests sent before the measured ones: the first requests through a fresh
+    deployment pay one-time costs (connections from the proxy and ingress, the replicas' first
+    forward passes) that belong to no router, and with 12 clients starting at once they would be
+    the twelve slowest of the run, which is p99 at 1,200 requests. No adapter is loaded: the
+    measured requests still start with every adapter cold."""
+    words = random.Random(cfg.seed + 1)
+    return [
+        WorkItem(BASE_MODEL_NAME, " ".join(words.choice(WORDS) for _ in range(cfg.max_prompt_words)).capitalize(), i)
+        for i in range(cfg.warmup_requests)
+    ]
 
 
 # ------------------------------------------------------------------------------ the client
@@ -678,7 +697,7 @@ def app_config(cfg: RoutingBenchConfig, model_dir: Path, store_uri: Path, node_c
 
     return AppConfig(
         model=str(model_dir),
-        served_model_name="base",
+        served_model_name=BASE_MODEL_NAME,
         engine=EngineSettings(
             num_slots=cfg.slots, max_rank=cfg.rank, max_running=cfg.max_running, max_seq_len=256,
             torch_threads=1, memory_budget_bytes=1 << 30,
@@ -737,6 +756,7 @@ def run_variant(variant: str, cfg: RoutingBenchConfig, url: str, model_dir: Path
     deploy_s = time.monotonic() - start
     try:
         handle = serve.get_deployment_handle(REPLICA_DEPLOYMENT, app_name=name)
+        warmup = run_clients(url, make_warmup(cfg), cfg, time.monotonic())
         t0 = time.monotonic()
         with ResidencySampler(handle, cfg.snapshot_interval_s, t0) as sampler:
             records = run_clients(url, work, cfg, t0)
@@ -747,6 +767,7 @@ def run_variant(variant: str, cfg: RoutingBenchConfig, url: str, model_dir: Path
         "router_class": router_class(variant),
         "replica_class": replica_class(variant).__name__,
         "deploy_s": deploy_s,
+        "warmup": {"requests": len(warmup), "errors": sum(not r.ok for r in warmup)},
         # This machine's 1-minute load average around the traffic: other work skews the timings.
         "load_avg_1m": {"before": load_before, "after": os.getloadavg()[0]},
         **request_metrics(records),
@@ -867,6 +888,7 @@ def register_bench(benches: argparse._SubParsersAction) -> None:
     p.add_argument("--rank", type=int, default=d.rank, help="LoRA rank, all projections (default: %(default)s)")
     p.add_argument("--requests", type=int, default=d.requests, help="requests per configuration (default: %(default)s)")
     p.add_argument("--concurrency", type=int, default=d.concurrency, help="closed-loop clients (default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=d.warmup_requests, help="unmeasured base-model requests first, per configuration (default: %(default)s)")
     p.add_argument("--zipf", type=float, default=d.zipf, help="Zipf exponent of adapter popularity (default: %(default)s)")
     p.add_argument("--max-tokens", type=int, default=d.max_tokens, help="completion tokens per request (default: %(default)s)")
     p.add_argument("--max-running", type=int, default=d.max_running, help="engine batch per replica (default: %(default)s)")
@@ -881,7 +903,7 @@ def register_bench(benches: argparse._SubParsersAction) -> None:
 def _cli(args: argparse.Namespace) -> int:
     cfg = RoutingBenchConfig(
         model_size=args.model_size, replicas=args.replicas, slots=args.slots, adapters=args.adapters, rank=args.rank,
-        requests=args.requests, concurrency=args.concurrency, zipf=args.zipf, max_tokens=args.max_tokens,
+        requests=args.requests, concurrency=args.concurrency, warmup_requests=args.warmup, zipf=args.zipf, max_tokens=args.max_tokens,
         max_running=args.max_running, variant_time_limit_s=args.time_limit, variants=tuple(args.variants), seed=args.seed,
         router={k: json.loads(v) for k, v in (item.split("=", 1) for item in args.router)},
     )

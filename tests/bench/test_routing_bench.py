@@ -114,7 +114,7 @@ def test_bench_routing_end_to_end_tiny(tmp_path):
     the timeout only guards against a hang (a busier machine has taken over two minutes)."""
     cfg = RoutingBenchConfig(
         model_size="tiny", replicas=2, slots=2, adapters=6, rank=4, requests=20, concurrency=4,
-        max_tokens=4, variant_time_limit_s=30, deploy_timeout_s=60, variants=("multiplex",),
+        max_tokens=4, warmup_requests=6, variant_time_limit_s=30, deploy_timeout_s=60, variants=("multiplex",),
     )
     out = tmp_path / "routing.json"
     run(cfg, out)
@@ -126,8 +126,9 @@ def test_bench_routing_end_to_end_tiny(tmp_path):
     assert m["completion_tokens"] == 20 * 4 and m["tokens_per_s"] > 0 and m["requests_per_s"] > 0
     assert 0 < m["ttft_p50_s"] <= m["ttft_p99_s"] < 30
     assert sum(m["requests_per_replica"]) == 20 and len(m["requests_per_replica"]) <= 2
+    assert m["warmup"] == {"requests": 6, "errors": 0}
     loads = m["loads"]
-    # Every request acquires its adapter once: a hit, or a load from the host tier or from disk.
+    # Every request acquires its adapter once (the warm-up's base-model requests acquire none): a hit, or a load from the host tier or from disk.
     assert loads["slot_hits"] + loads["slot_loads"] == 20, loads
     # Each replica has a node cache of its own: every requested adapter was downloaded at least
     # once, at most once per replica, and each download was read by a fetch.

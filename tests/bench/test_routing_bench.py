@@ -17,6 +17,7 @@ from openlora_ray.bench.routing_bench import (
     holder_share,
     load_counts,
     make_workload,
+    reference_loads,
     request_metrics,
     run,
 )
@@ -75,11 +76,27 @@ def test_targets_compare_the_affinity_router_with_the_default_one():
     def result(share: float | None, slot_loads: int, fetch_loads: int, p99: float) -> dict:
         return {"holder": {"share": share}, "loads": {"slot_loads": slot_loads, "fetch_loads": fetch_loads}, "ttft_p99_s": p99}
 
-    targets = evaluate_targets({"affinity": result(0.97, 20, 10, 0.4), "p2c": result(0.3, 100, 30, 0.5)})
+    bound = {"slot_loads": 10, "fetch_loads": 9}
+    targets = evaluate_targets({"affinity": result(0.97, 20, 10, 0.4), "p2c": result(0.3, 100, 30, 0.5)}, bound)
     assert targets["holder_share"]["met"] and targets["slot_loads_vs_default"]["value"] == 0.2
     assert targets["slot_loads_vs_default"]["met"] and not targets["fetch_loads_vs_default"]["met"]
+    # 9 distinct adapters must each be fetched once: no router gets below 9 / 30 of the default.
+    assert targets["fetch_loads_vs_default"]["best_possible"] == pytest.approx(0.3)
+    assert targets["slot_loads_vs_default"]["best_possible"] == pytest.approx(0.1)
     assert targets["ttft_p99_vs_default"]["met"]
-    assert set(evaluate_targets({"p2c": result(0.3, 1, 1, 1.0)})) == set()
+    assert set(evaluate_targets({"p2c": result(0.3, 1, 1, 1.0)}, bound)) == set()
+
+
+def test_lower_bound_of_loads_is_below_every_replay_and_counts_each_adapter_once():
+    work = make_workload(RoutingBenchConfig(adapters=60, requests=800, seed=5))
+    refs = reference_loads(work, replicas=4, slots=4, seed=5)
+    distinct = len({w.adapter for w in work})
+    assert refs["lower_bound"]["fetch_loads"] == distinct
+    for name in ("random", "partitioned"):
+        assert refs["lower_bound"]["slot_loads"] <= refs[name]["slot_loads"]
+        assert refs["lower_bound"]["fetch_loads"] <= refs[name]["fetch_loads"]
+    # One cache of 16 slots still misses at least once per distinct adapter.
+    assert distinct <= refs["lower_bound"]["slot_loads"] < len(work)
 
 
 def test_workload_is_seeded_and_zipf_skewed():
@@ -106,20 +123,22 @@ def test_multiplexed_adapter_evicts_once_although_del_runs_twice():
 
 @pytest.mark.timeout(180)
 def test_bench_routing_end_to_end_tiny(tmp_path):
-    """The benchmark on a real local cluster (2 replicas, 2 slots, 6 adapters, 20 requests), with
-    the multiplexing configuration: it runs the most code of the three (the replica subclass, its
+    """The benchmark on a real local cluster (2 replicas, 2 slots, 6 adapters, 20 requests, after
+    the throwaway settling deployment), with the multiplexing configuration: it runs the most code of the three (the replica subclass, its
     Serve-driven evictions, the builder), and one configuration keeps the test under a minute;
     the others differ from it only in the router class and the replica class. It takes 45-55 s
     on the shared 2-core machine (load average ~10), most of it starting Ray and the replicas;
     the timeout only guards against a hang (a busier machine has taken over two minutes)."""
     cfg = RoutingBenchConfig(
         model_size="tiny", replicas=2, slots=2, adapters=6, rank=4, requests=20, concurrency=4,
-        max_tokens=4, warmup_requests=6, variant_time_limit_s=30, deploy_timeout_s=60, variants=("multiplex",),
+        max_tokens=4, warmup_requests=6, settle_requests=4, variant_time_limit_s=30, deploy_timeout_s=60,
+        variants=("multiplex",),
     )
     out = tmp_path / "routing.json"
     run(cfg, out)
     report = json.loads(out.read_text())
     assert set(report["variants"]) == {"multiplex"} and report["targets"] == {}
+    assert report["settle"]["requests"] == 4 and report["settle"]["errors"] == 0
     m = report["variants"]["multiplex"]
     assert m["replica_class"] == "OwnNodeMultiplexReplica" and m["router_class"].endswith("PowerOfTwoChoicesRequestRouter")
     assert m["ok"] == m["requests"] == 20 and m["errors"] == 0, m["error_kinds"]
@@ -136,4 +155,4 @@ def test_bench_routing_end_to_end_tiny(tmp_path):
     assert loads["fetch_loads"] >= loads["store_downloads"], loads
     holder = m["holder"]
     assert holder["snapshots"] > 0 and 0 <= holder["on_holder"] <= holder["requests_for_resident"] <= 20
-    assert set(report["reference_loads"]) == {"random", "partitioned"}
+    assert set(report["reference_loads"]) == {"random", "partitioned", "lower_bound"}

@@ -46,6 +46,10 @@ def chat_store(tiny_chat_model_dir: Path, tmp_path_factory: pytest.TempPathFacto
         "zeta": dict(r=2, alpha=3.0, targets=("k_proj",), seed=58),
         "eta": dict(r=4, alpha=2.0, targets=("q_proj", "o_proj"), seed=59),
         "theta": dict(r=8, alpha=6.0, targets=("down_proj",), seed=60),
+        "iota": dict(r=2, alpha=5.0, targets=("q_proj",), seed=61),
+        "kappa": dict(r=4, alpha=3.0, targets=("v_proj",), seed=62),
+        "lambda": dict(r=2, alpha=1.0, targets=("o_proj",), seed=63),
+        "mu": dict(r=4, alpha=6.0, targets=("up_proj",), seed=64),
         "acme.tone": dict(r=2, alpha=4.0, targets=("q_proj",), seed=57),  # owned by tenant acme
         "toolarge": dict(r=16, alpha=8.0, targets=("q_proj",), seed=55),  # above the servers' max_rank
     }

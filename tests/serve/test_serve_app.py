@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -168,6 +169,37 @@ def test_concurrent_cold_requests_converge_on_one_replica(app):
         replicas = {r.headers["x-openlora-replica"] for r in pool.map(lambda _: post(app, "/v1/completions", body), range(3))}
     assert len(replicas) == 1
     wait_for(lambda: residency(app, "epsilon@v1")["resident_on"] == sorted(replicas))
+
+
+def test_a_replica_whose_slots_all_serve_running_requests_is_passed_over_until_they_end(app):
+    """Streams for iota and kappa pin both slots of the roomy replica: a request for a third,
+    never-seen adapter goes to the other replica rather than wait there for a slot (the router
+    counts its requests in flight); once the streams have ended, the next never-seen adapter
+    lands on the roomy replica again (Serve reported them completed)."""
+    replicas = requests.get(f"{app}/v1/replicas", timeout=30).json()["data"]
+    roomiest = max(replicas, key=lambda d: d["free_vram_mb"])["replica_id"]
+
+    def start_stream(adapter: str) -> tuple[requests.Response, object]:
+        body = {"model": adapter, "prompt": "hold", "max_tokens": 140, "temperature": 0, "stream": True}
+        response = requests.post(f"{app}/v1/completions", json=body, stream=True, timeout=60)
+        lines = response.iter_lines(decode_unicode=True)
+        next(line for line in lines if line.startswith("data: "))  # decoding: its slot is pinned
+        return response, lines
+
+    held = [start_stream("iota"), start_stream("kappa")]
+    try:
+        assert [r.headers["x-openlora-replica"] for r, _ in held] == [roomiest, roomiest]
+        r = post(app, "/v1/completions", {"model": "lambda", "prompt": "cold", "max_tokens": 2})
+        assert r.status_code == 200, r.text
+        assert r.headers["x-openlora-replica"] != roomiest
+    finally:
+        for response, lines in held:
+            assert any(line == "data: [DONE]" for line in lines)  # read to the end
+            response.close()
+    time.sleep(0.5)  # Serve reports completion from the ingress's handle just after the last chunk
+    r = post(app, "/v1/completions", {"model": "mu", "prompt": "cold", "max_tokens": 2})
+    assert r.status_code == 200, r.text
+    assert r.headers["x-openlora-replica"] == roomiest
 
 
 def test_hot_adapter_spreads_to_a_second_replica_and_overload_is_503(app):

@@ -31,10 +31,10 @@ How each figure is obtained:
   ``slot`` (already resident: a hit), ``host`` (host-RAM tier) or ``fetch`` (read from the
   node's disk cache, downloading from the store first if needed). Each replica has a disk cache
   of its own, as on a cluster with one GPU per node (``own_node_class``), empty at the start of
-  each configuration; ``store_downloads`` counts their entries together. For ``multiplex`` the loader loads the adapter
-  before the request is admitted, so the admission then finds it in a slot; ``describe`` moves
-  those acquisitions from ``slot`` to ``fetch`` (the loader reads the adapter from disk) and
-  counts the multiplex evictions.
+  each configuration; ``store_downloads`` counts their entries together. For ``multiplex`` the
+  loader loads the adapter before the request is admitted, so the admission then finds it in a
+  slot; ``describe`` moves those acquisitions from ``slot`` to ``fetch`` (the loader reads the
+  adapter from disk) and counts the multiplex evictions.
 * on-holder share: a sampler thread broadcasts ``describe`` every ``snapshot_interval_s`` and
   keeps, per snapshot, which adapters sit in each replica's slots and when the broadcast
   returned. A request counts as *for a resident adapter* when the last snapshot returned before
@@ -950,8 +950,8 @@ def register_bench(benches: argparse._SubParsersAction) -> None:
 def _cli(args: argparse.Namespace) -> int:
     cfg = RoutingBenchConfig(
         model_size=args.model_size, replicas=args.replicas, slots=args.slots, adapters=args.adapters, rank=args.rank,
-        requests=args.requests, concurrency=args.concurrency, warmup_requests=args.warmup, settle_requests=args.settle, zipf=args.zipf, max_tokens=args.max_tokens,
-        max_running=args.max_running, variant_time_limit_s=args.time_limit, variants=tuple(args.variants), seed=args.seed,
+        requests=args.requests, concurrency=args.concurrency, warmup_requests=args.warmup, settle_requests=args.settle,
+        zipf=args.zipf, max_tokens=args.max_tokens, max_running=args.max_running, variant_time_limit_s=args.time_limit, variants=tuple(args.variants), seed=args.seed,
         router={k: json.loads(v) for k, v in (item.split("=", 1) for item in args.router)},
     )
     run(cfg, args.out)

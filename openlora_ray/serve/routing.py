@@ -24,9 +24,9 @@ Order for a request naming an adapter (each non-empty group is one rank unless s
 
 A replica is *busy* for a request when its load reached ``spill_load``, or when the request would
 wait for a slot there (``waits_for_slot``): every slot is held by another adapter that requests
-in flight are using. Such a request cannot start until one of
-those requests finishes, which costs a whole generation; loading the adapter on a replica with an
-idle slot costs a copy from host RAM, disk or the store. The slots in use come from the requests
+in flight are using. Such a request cannot start until one of those requests finishes, which
+costs a whole generation; loading the adapter on a replica with an idle slot costs a copy from
+host RAM, disk or the store. The slots in use come from the requests
 this router has in flight (``InFlight``: exact with one ingress replica, a lower bound with
 several), not from the stats, which lag by a period while requests last about as long.
 

@@ -29,6 +29,7 @@ import torch
 
 from openlora_ray.engine.config import EngineConfig
 from openlora_ray.engine.detokenize import IncrementalText
+from openlora_ray.engine.prompts import Prompt, encode_prompt
 from openlora_ray.engine.request import FinishReason, GenerationRequest, SamplingParams, StreamOutput
 from openlora_ray.engine.sampling import sample_next
 from openlora_ray.errors import AdapterNotFoundError, CapacityError, InvalidAdapterError, InvalidRequestError
@@ -39,7 +40,6 @@ from openlora_ray.model.loader import load_multi_lora_model, resolve_dtype
 
 log = logging.getLogger(__name__)
 
-Prompt = str | Sequence[int] | Sequence[dict[str, str]]
 AdapterResolver = Callable[[str], Path]  # adapter id -> local folder (blocking; runs in a worker)
 
 
@@ -128,17 +128,7 @@ class Engine:
     # ------------------------------------------------------------------ public API (any thread)
     def tokenize(self, prompt: Prompt) -> list[int]:
         """Token ids from text, chat messages (through the chat template) or ids as given."""
-        if isinstance(prompt, str) or (prompt and isinstance(prompt[0], dict)):
-            if self.tokenizer is None:
-                raise InvalidRequestError("this model has no tokenizer; send token ids")
-            if isinstance(prompt, str):
-                return self.tokenizer(prompt).input_ids
-            return list(self.tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
-        ids = [int(t) for t in prompt]
-        vocab = self.model.config.vocab_size
-        if any(not 0 <= t < vocab for t in ids):
-            raise InvalidRequestError(f"token ids must be in [0, {vocab})")
-        return ids
+        return encode_prompt(self.tokenizer, self.model.config.vocab_size, prompt)
 
     def make_request(self, prompt: Prompt, adapter_id: str | None = None, params: SamplingParams | None = None, request_id: str | None = None) -> GenerationRequest:
         return GenerationRequest(request_id or uuid.uuid4().hex, adapter_id, tuple(self.tokenize(prompt)), params or SamplingParams())

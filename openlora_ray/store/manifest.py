@@ -60,6 +60,16 @@ class Manifest(BaseModel):
     def total_bytes(self) -> int:
         return sum(f.size for f in self.files.values())
 
+    @property
+    def content_digest(self) -> str:
+        """sha256 over the files' names and digests: the identity of the weights themselves.
+
+        Unlike ``name@version`` it changes whenever the content does (a version string deleted and
+        pushed again with other weights), and unlike the manifest's own bytes it ignores
+        ``created_at``; caches of anything computed under an adapter (its KV prefix blocks) key on it.
+        """
+        return content_digest({name: entry.sha256 for name, entry in self.files.items()})
+
     def to_json(self) -> bytes:
         return self.model_dump_json(indent=2).encode()
 
@@ -79,6 +89,17 @@ def sha256_file(path: Path) -> str:
         while chunk := f.read(_CHUNK):
             h.update(chunk)
     return h.hexdigest()
+
+
+def content_digest(file_digests: dict[str, str]) -> str:
+    """sha256 of ``name:sha256`` lines in name order (see ``Manifest.content_digest``)."""
+    lines = "".join(f"{name}:{digest}\n" for name, digest in sorted(file_digests.items()))
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+def folder_digest(adapter_dir: Path) -> str:
+    """The content digest of a local adapter folder's files, as a manifest of them would give."""
+    return content_digest({fname: sha256_file(adapter_dir / fname) for fname in ADAPTER_FILES})
 
 
 def build_manifest(name: str, version: str, adapter_dir: Path) -> Manifest:

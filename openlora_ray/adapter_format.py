@@ -205,6 +205,7 @@ def _check_header(
     if not header:
         raise InvalidAdapterError(adapter_id, f"{WEIGHTS_FILE} holds no tensors")
     seen: dict[tuple[int, str], set[str]] = {}
+    widths: dict[tuple[str, str], dict[int, str]] = {}  # (proj, A|B) -> width -> first tensor with it
     for key, (dtype, shape) in header.items():
         parsed = parse_weight_key(key)
         if parsed is None:
@@ -229,11 +230,69 @@ def _check_header(
                 f"tensor {key!r} has shape {list(shape)}, expected {list(expected)} (r={cfg.r})",
             )
         seen.setdefault((layer, proj), set()).add(ab)
+        widths.setdefault((proj, ab), {}).setdefault(shape[1] if ab == "A" else shape[0], key)
     unpaired = sorted(k for k, v in seen.items() if v != {"A", "B"})
     if unpaired:
         layer, proj = unpaired[0]
         raise InvalidAdapterError(adapter_id, f"layer {layer} {proj} has lora_A or lora_B but not both")
+    _check_consistent_widths(adapter_id, widths, cfg)
+    _check_targets_declared(adapter_id, cfg, frozenset(p for _, p in seen))
     return frozenset(seen)
+
+
+# Which (projection, A|B) widths are the same model dimension: lora_A's input width and lora_B's
+# output width. A Llama-family model has four such dimensions, so an adapter must agree with
+# itself on each even when no base model is known to compare it with.
+_SHARED_WIDTHS = {
+    "hidden size": (("q_proj", "A"), ("k_proj", "A"), ("v_proj", "A"), ("gate_proj", "A"), ("up_proj", "A"),
+                    ("o_proj", "B"), ("down_proj", "B")),
+    "intermediate size": (("gate_proj", "B"), ("up_proj", "B"), ("down_proj", "A")),
+    "attention width": (("q_proj", "B"), ("o_proj", "A")),
+    "key/value width": (("k_proj", "B"), ("v_proj", "B")),
+}
+
+
+def _check_consistent_widths(
+    adapter_id: str, widths: dict[tuple[str, str], dict[int, str]], cfg: PeftLoraConfig
+) -> None:
+    """Refuse an adapter whose matrices disagree among themselves about the model's widths.
+
+    One projection must have the same input (lora_A) and output (lora_B) width in every layer,
+    projections that read or write the same model dimension must agree on it, and the rank must
+    not exceed the width of the matrices it adapts (such a "low-rank" update is larger than the
+    full matrix and is a mistake, e.g. a rank meant for another model).
+    """
+    for (proj, ab), found in widths.items():
+        if len(found) > 1:
+            (w1, k1), (w2, k2) = sorted(found.items())[:2]
+            side = "input width (lora_A)" if ab == "A" else "output width (lora_B)"
+            raise InvalidAdapterError(
+                adapter_id, f"{proj} {side} differs across layers: {w1} in {k1!r}, {w2} in {k2!r}"
+            )
+    for dimension, members in _SHARED_WIDTHS.items():
+        present = {m: next(iter(widths[m].items())) for m in members if m in widths}
+        if len({w for w, _ in present.values()}) > 1:
+            (w1, k1), (w2, k2) = sorted(set(present.values()))[:2]
+            raise InvalidAdapterError(
+                adapter_id, f"tensors disagree on the model's {dimension}: {w1} in {k1!r}, {w2} in {k2!r}"
+            )
+    narrowest = min(w for found in widths.values() for w in found)
+    if cfg.r > narrowest:
+        raise InvalidAdapterError(
+            adapter_id, f"rank {cfg.r} is above the width of the matrices it adapts ({narrowest}): "
+            "the adapter was made for another model or its rank is wrong",
+        )
+
+
+def _check_targets_declared(adapter_id: str, cfg: PeftLoraConfig, projections: frozenset[str]) -> None:
+    """Tensors for a projection the config's ``target_modules`` list leaves out mean a mixed-up folder."""
+    if not isinstance(cfg.target_modules, list):
+        return  # a regex string or None: PEFT matched modules by pattern, the tensors are the truth
+    undeclared = sorted(projections - set(cfg.target_modules))
+    if undeclared:
+        raise InvalidAdapterError(
+            adapter_id, f"tensors adapt {undeclared}, which {CONFIG_FILE}'s target_modules does not list"
+        )
 
 
 def _explain_key(key: str) -> str:

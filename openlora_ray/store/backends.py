@@ -47,8 +47,13 @@ class ObjectStore(Protocol):
     def describe(self) -> str:
         """Where this store is, for error messages (endpoint, bucket, folder)."""
 
-    def list(self, prefix: str) -> Iterator[ObjectInfo]:
-        """Every object whose key starts with ``prefix``, following pagination."""
+    def list(self, prefix: str, start_after: str = "") -> Iterator[ObjectInfo]:
+        """Objects whose key starts with ``prefix``, in key order, following pagination lazily.
+
+        With ``start_after``, only keys greater than it (S3's ``StartAfter``): a caller that stops
+        iterating early pays only for the pages it read, which is what makes listing a page of a
+        10,000-adapter store cheap.
+        """
 
     def read_bytes(self, key: str) -> bytes:
         """A small object's content; raises ObjectMissing."""
@@ -96,19 +101,37 @@ class LocalObjectStore:
         if not self.root.is_dir():
             raise StoreUnavailableError(f"store folder {self.root} does not exist or is not a folder")
 
-    def list(self, prefix: str) -> Iterator[ObjectInfo]:
+    def list(self, prefix: str, start_after: str = "") -> Iterator[ObjectInfo]:
         self._check_root()
-        base = self.root
-        for dirpath, dirnames, filenames in os.walk(base):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            for fname in sorted(filenames):
-                if fname.startswith(".tmp-"):
+        yield from self._walk(self.root, "", prefix, start_after)
+
+    def _walk(self, folder: Path, base: str, prefix: str, start_after: str) -> Iterator[ObjectInfo]:
+        """Files under ``folder`` in S3's key order, skipping whole folders outside the range.
+
+        A folder ``d`` holds the keys ``d/...``, which sort as ``d/`` does: entries are ordered by
+        that, so ``a-b/x`` comes before ``a/x`` exactly as S3 lists them.
+        """
+        try:
+            entries = list(os.scandir(folder))
+        except FileNotFoundError:  # removed by a concurrent delete while we walked
+            return
+        ordered = sorted(((e.name + "/" if e.is_dir() else e.name), e) for e in entries if not e.name.startswith("."))
+        for name, entry in ordered:
+            key = base + name
+            if entry.is_dir():
+                # Every key below sorts before key[:-1] + "0" ('0' follows '/'); skip subtrees
+                # wholly at or before start_after, or outside the prefix.
+                if start_after and key[:-1] + "0" <= start_after:
                     continue
-                path = Path(dirpath, fname)
-                key = path.relative_to(base).as_posix()
-                if key.startswith(prefix):
-                    st = path.stat()
-                    yield ObjectInfo(key, st.st_size, datetime.fromtimestamp(st.st_mtime, timezone.utc))
+                if not (key.startswith(prefix) or prefix.startswith(key)):
+                    continue
+                yield from self._walk(Path(entry.path), key, prefix, start_after)
+            elif key.startswith(prefix) and key > start_after:
+                try:
+                    st = entry.stat()
+                except FileNotFoundError:
+                    continue
+                yield ObjectInfo(key, st.st_size, datetime.fromtimestamp(st.st_mtime, timezone.utc))
 
     def read_bytes(self, key: str) -> bytes:
         self._check_root()

@@ -18,11 +18,13 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from openlora_ray.errors import OpenLoraError
+from openlora_ray.store.listing import MAX_PAGE
 
 _LARGE_FETCH = 8 << 20  # fetches smaller than this show no progress bar
 
 DESCRIPTION = """\
-Publish, list, inspect, fetch and delete LoRA adapters in a store.
+Publish, list, inspect, fetch and delete LoRA adapters in a store. `init` records the base
+model (and max rank) a store serves, so that `push` refuses adapters no replica could load.
 
 An adapter is named by a reference STORE_URI/NAME[@VERSION]: the store root followed by the
 adapter id, e.g. s3://my-bucket/adapters/sql-helper@v3 or ./adapters/sql-helper. A bare NAME
@@ -55,15 +57,32 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     cmds = group.add_subparsers(dest="command", required=True)
 
+    init = cmds.add_parser(
+        "init", parents=[common], help="record the base model and max rank a store serves (checked at every push)",
+        description="Record in STORE_URI/openlora-store.json which base model the store's adapters are for and "
+        "the deployment's max_rank; every later push is checked against them.",
+    )
+    init.add_argument("store", help="STORE_URI, e.g. s3://bucket/prefix or ./store")
+    init.add_argument("--base-model", type=Path, required=True, help="the served model's folder (its config.json)")
+    init.add_argument("--max-rank", type=int, help="the deployment's engine.max_rank")
+    init.add_argument("--name", help="the base model's name, for people (default: from config.json)")
+    init.add_argument("--replace", action="store_true", help="change a profile already recorded")
+    init.set_defaults(func=_init)
+
     push = cmds.add_parser("push", parents=[common], help="validate a PEFT adapter folder and upload it as a new version")
     push.add_argument("dir", type=Path, help="folder written by PEFT's save_pretrained")
     push.add_argument("ref", help=f"{REF_HELP}; without @VERSION the version is a UTC timestamp")
+    push.add_argument("--base-model", type=Path,
+                      help="check against this model folder too (must match the store's recorded base model, if any)")
+    push.add_argument("--max-rank", type=int, help="refuse ranks above this (as well as the store's recorded max_rank)")
     push.set_defaults(func=_push)
 
     ls = cmds.add_parser("ls", parents=[common], help="list adapters and versions in a store")
     ls.add_argument("store", help="STORE_URI, e.g. s3://bucket/prefix or ./store")
     ls.add_argument("name", nargs="?", help="only this adapter's versions")
     ls.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+    ls.add_argument("--limit", type=int, help=f"at most this many adapters (1-{MAX_PAGE}), then a hint to continue")
+    ls.add_argument("--after", help="start after this adapter name (the hint a limited listing prints)")
     ls.set_defaults(func=_ls)
 
     inspect = cmds.add_parser("inspect", parents=[common], help="show a version's manifest and LoRA config")
@@ -80,7 +99,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     rm.set_defaults(func=_rm)
 
 
-def _store(args: argparse.Namespace, uri: str):
+def _store(args: argparse.Namespace, uri: str, **checks):
     from openlora_ray.store.settings import StoreSettings
     from openlora_ray.store.store import AdapterStore
 
@@ -97,7 +116,7 @@ def _store(args: argparse.Namespace, uri: str):
     if args.cache_dir is not None:
         fields["cache_dir"] = args.cache_dir
     try:
-        return AdapterStore(StoreSettings(**fields))
+        return AdapterStore(StoreSettings(**fields), **checks)
     except ValidationError as e:
         first = e.errors()[0]
         raise SettingsError(f"{'.'.join(map(str, first['loc'])) or 'settings'}: {first['msg']}") from e
@@ -140,9 +159,21 @@ def _size(n: int) -> str:
     return str(n)
 
 
+def _init(args: argparse.Namespace) -> int:
+    from openlora_ray.store.profile import StoreProfile
+
+    profile = StoreProfile.from_model_dir(args.base_model, args.max_rank, args.name)
+    _store(args, args.store).init(profile, replace=args.replace)
+    print(f"{args.store} serves {profile.describe()}")
+    return 0
+
+
 def _push(args: argparse.Namespace) -> int:
+    from openlora_ray.store.profile import StoreProfile
+
     root, aid = _split(args.ref)
-    store = _store(args, root)
+    dims = StoreProfile.from_model_dir(args.base_model, None).dims if args.base_model else None
+    store = _store(args, root, dims=dims, max_rank=args.max_rank)
     with _progress_bars() as bars:
         manifest = store.push(args.dir, aid, progress=bars)
     print(f"pushed {manifest.name}@{manifest.version} ({_size(manifest.total_bytes)}) to {root}")
@@ -150,18 +181,34 @@ def _push(args: argparse.Namespace) -> int:
 
 
 def _ls(args: argparse.Namespace) -> int:
-    versions = _store(args, args.store).list(args.name)
+    store = _store(args, args.store)
+    if args.limit is not None and not 1 <= args.limit <= MAX_PAGE:
+        raise SettingsError(f"--limit must be between 1 and {MAX_PAGE}")
+    more = None
+    if args.name is not None:
+        versions = store.list(args.name)
+    elif args.limit is None:  # everything, streamed adapter by adapter
+        versions = (v for a in store.adapters(args.after) for v in a.versions)
+    else:
+        page = store.page(args.after, args.limit)
+        versions = [v for a in page.adapters for v in a.versions]
+        more = page.last if page.has_more else None
     if args.json:
         for v in versions:
             print(json.dumps({"name": v.id.name, "version": v.id.version, "bytes": v.size,
                               "pushed_at": v.pushed_at.isoformat()}))
+        if more:
+            print(f"more adapters follow: continue with --after {more}", file=sys.stderr)
         return 0
+    versions = list(versions)
     rows = [(v.id.name, v.id.version, _size(v.size), v.pushed_at.strftime("%Y-%m-%d %H:%M:%S")) for v in versions]
     headers = ("NAME", "VERSION", "SIZE", "PUSHED (UTC)")
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
     print("  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip())
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    if more:
+        print(f"more adapters follow: continue with --after {more}", file=sys.stderr)
     return 0
 
 

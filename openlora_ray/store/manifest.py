@@ -19,6 +19,10 @@ from openlora_ray.adapter_format import CONFIG_FILE, WEIGHTS_FILE
 from openlora_ray.errors import InvalidAdapterError
 
 MANIFEST_FILE = "openlora-manifest.json"
+# Left in a version's folder when it is deleted, so the version string is never pushed again with
+# other weights: every cache tier (node disk, host RAM, slots) may still hold the deleted content
+# under that string, and a version that silently changed content would be served stale.
+TOMBSTONE_FILE = "openlora-deleted.json"
 FORMAT_VERSION = 1
 # The only files a version holds besides the manifest; anything else PEFT writes (README.md) is
 # left out of the store because nothing at serving time reads it.
@@ -81,6 +85,20 @@ class Manifest(BaseModel):
             first = e.errors()[0]
             where = ".".join(str(p) for p in first["loc"]) or "manifest"
             raise InvalidAdapterError(adapter_id, f"bad {MANIFEST_FILE}: {where}: {first['msg']}") from e
+
+
+class Tombstone(BaseModel):
+    """What ``<name>/<version>/openlora-deleted.json`` holds: when, and which content was deleted."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    name: str
+    version: str
+    deleted_at: datetime
+    content_digest: str | None = None
+
+    def to_json(self) -> bytes:
+        return self.model_dump_json(indent=2).encode()
 
 
 def sha256_file(path: Path) -> str:

@@ -134,13 +134,14 @@ class S3ObjectStore:
             f"{self.describe()} failed to {action} {key!r}: {code} {err.get('Message', '')}".rstrip()
         )
 
-    def list(self, prefix: str) -> Iterator[ObjectInfo]:
+    def list(self, prefix: str, start_after: str = "") -> Iterator[ObjectInfo]:
         # ``prefix`` is "" or ends with "/", so "a/" never matches "ab/...".
-        full = (self.root.prefix + "/" if self.root.prefix else "") + prefix
-        strip = len(self.root.prefix) + 1 if self.root.prefix else 0
+        base = self.root.prefix + "/" if self.root.prefix else ""
+        strip = len(base)
+        extra = {"StartAfter": base + start_after} if start_after else {}
         paginator = self.client.get_paginator("list_objects_v2")
         with self._errors(prefix, "list"):
-            for page in paginator.paginate(Bucket=self.root.bucket, Prefix=full):
+            for page in paginator.paginate(Bucket=self.root.bucket, Prefix=base + prefix, **extra):
                 for obj in page.get("Contents", ()):
                     yield ObjectInfo(obj["Key"][strip:], obj["Size"], obj["LastModified"])
 

@@ -10,7 +10,13 @@ store is down; a bare ``name`` means the newest version, which needs one listing
 (remembered for ``latest_ttl_s``). "Newest" is the most recently pushed version: the one whose
 manifest was written last (ties within the store's timestamp resolution are broken by the manifest's
 own creation time, then by natural version order). Deleting a version removes it from the store and
-this node's cache; other nodes keep serving their cached copy until it is evicted.
+this node's cache and leaves a tombstone: that version string can never be pushed again, so no
+cache tier anywhere can hold other weights under it. A node's disk cache also compares its copy's
+content digest with the store's manifest (at most once per ``latest_ttl_s``) before serving it,
+so a version whose objects were replaced by hand is fetched again rather than served stale.
+
+A store may record the base model it serves and the deployment's ``max_rank``
+(:mod:`openlora_ray.store.profile`); a push is then checked against them.
 """
 
 from __future__ import annotations
@@ -20,9 +26,9 @@ import hashlib
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 
 from openlora_ray.adapter_format import (
@@ -31,17 +37,27 @@ from openlora_ray.adapter_format import (
     check_finite,
     validate_adapter_dir,
 )
-from openlora_ray.errors import AdapterNotFoundError, InvalidAdapterError, InvalidAdapterIdError, OpenLoraError
+from openlora_ray.errors import (
+    AdapterNotFoundError,
+    InvalidAdapterError,
+    InvalidAdapterIdError,
+    OpenLoraError,
+    StoreUnavailableError,
+)
 from openlora_ray.store.backends import LocalObjectStore, ObjectExists, ObjectMissing, ObjectStore, Progress
 from openlora_ray.store.cache import DiskCache
 from openlora_ray.store.ids import AdapterId, new_version, parse_adapter_id, version_sort_key
+from openlora_ray.store.listing import AdapterVersions, Page, VersionInfo, iter_adapters, page
 from openlora_ray.store.manifest import (
     ADAPTER_FILES,
     MANIFEST_FILE,
+    TOMBSTONE_FILE,
     Manifest,
+    Tombstone,
     build_manifest,
     verify_files,
 )
+from openlora_ray.store.profile import PROFILE_FILE, StoreProfile, StoreProfileError, combine_max_rank
 from openlora_ray.store.settings import StoreSettings
 from openlora_ray.store.uri import LocalRoot, S3Root, StoreRoot, parse_store_uri
 
@@ -51,17 +67,13 @@ ProgressFactory = Callable[[str, int], Progress]
 """``factory(description, total_bytes)`` returns the per-chunk callback of one transfer."""
 
 
+# After the store failed to answer a digest check, cached copies are served unchecked this long,
+# so an outage costs one timeout, not one per disk-cache hit.
+VERIFY_BACKOFF_S = 30.0
+
+
 class AdapterVersionExistsError(OpenLoraError):
-    """A push named a version that already exists; versions are immutable. HTTP 409."""
-
-
-@dataclass(frozen=True)
-class VersionInfo:
-    """One visible version in the store (its manifest has been written)."""
-
-    id: AdapterId  # always pinned
-    size: int  # bytes of the adapter files, manifest excluded
-    pushed_at: datetime
+    """A push named a version that exists or existed; versions are immutable. HTTP 409."""
 
 
 @dataclass(frozen=True)
@@ -108,6 +120,8 @@ class AdapterStore:
         self._cache_ns = _namespace(self.root, settings)
         self._latest: dict[str, tuple[AdapterId, float]] = {}
         self._latest_lock = threading.Lock()
+        self._verified: dict[AdapterId, float] = {}  # cached copy matched the store's manifest until
+        self._unverifiable_until = 0.0
 
     @classmethod
     def from_uri(cls, uri: str, **settings) -> "AdapterStore":
@@ -119,31 +133,17 @@ class AdapterStore:
     # --- listing ---------------------------------------------------------------------------
     def list(self, name: str | None = None) -> list[VersionInfo]:
         """Every visible version (of ``name``, or of all adapters), by name then push order."""
-        prefix = ""
-        if name is not None:
-            aid = parse_adapter_id(name)
-            prefix = f"{aid.name}/"
-        files: dict[tuple[str, str], int] = {}
-        manifests: dict[tuple[str, str], datetime] = {}
-        for obj in self.backend.list(prefix):
-            parts = obj.key.split("/")
-            if len(parts) != 3:
-                continue
-            vkey = (parts[0], parts[1])
-            if parts[2] == MANIFEST_FILE:
-                manifests[vkey] = obj.last_modified
-            elif parts[2] in ADAPTER_FILES:
-                files[vkey] = files.get(vkey, 0) + obj.size
-        out = []
-        for (n, v), pushed in manifests.items():
-            try:
-                aid = parse_adapter_id(f"{n}@{v}")
-            except OpenLoraError:
-                log.debug("ignoring %s/%s in %s: not a valid adapter id", n, v, self.backend.describe())
-                continue
-            out.append(VersionInfo(aid, files.get((n, v), 0), pushed))
-        out.sort(key=lambda i: (i.id.name, i.pushed_at, version_sort_key(i.id.version)))
-        return out
+        prefix = f"{parse_adapter_id(name).name}/" if name is not None else ""
+        return [v for a in iter_adapters(self.backend, prefix=prefix) for v in a.versions]
+
+    def adapters(self, after: str | None = None) -> Iterator[AdapterVersions]:
+        """Adapters after ``after`` in key order (see :mod:`listing`), read from the store lazily."""
+        # A name from a client: checked before it reaches the store.
+        return iter_adapters(self.backend, after=parse_adapter_id(after).name if after else None)
+
+    def page(self, after: str | None = None, limit: int = 100, keep: Callable[[str], bool] | None = None) -> Page:
+        """One page of adapters (those ``keep`` accepts), reading only as much of the store as it needs."""
+        return page(self.adapters(after), limit, keep)
 
     def latest(self, name: str) -> AdapterId:
         """The newest version of ``name`` (asks the store; see the module docstring)."""
@@ -175,6 +175,44 @@ class AdapterStore:
         with self._latest_lock:
             self._latest[aid.name] = (pinned, now + self.settings.latest_ttl_s)
         return pinned
+
+    # --- the store's profile ---------------------------------------------------------------
+    def profile(self) -> StoreProfile | None:
+        """The base model and max rank this store serves, if recorded (see :mod:`profile`)."""
+        try:
+            return StoreProfile.parse(self.backend.read_bytes(PROFILE_FILE))
+        except ObjectMissing:
+            return None
+
+    def init(self, profile: StoreProfile, replace: bool = False) -> None:
+        """Record the store's profile; refuses to change an existing one unless ``replace``.
+
+        Changing the base model of a store whose adapters were checked against another one is
+        rarely right, so it takes an explicit ``replace``; the adapters already there are not
+        re-checked (the replicas still check each one at load).
+        """
+        try:
+            self.backend.write_bytes(PROFILE_FILE, profile.to_json(), if_absent=not replace)
+        except ObjectExists as e:
+            current = self.profile()
+            if current == profile:
+                return
+            raise StoreProfileError(
+                f"this store already serves {current.describe() if current else 'another profile'}; "
+                "pass replace (--replace) to record a different one"
+            ) from e
+        log.info("store %s now serves %s", self.backend.describe(), profile.describe())
+
+    def _push_limits(self) -> tuple[BaseModelDims | None, int | None]:
+        """The dims and max rank a push is checked against: this store object's and the recorded ones."""
+        recorded = self.profile()
+        if recorded is None:
+            return self.dims, self.max_rank
+        if self.dims is not None and self.dims != recorded.dims:
+            raise StoreProfileError(
+                f"the base model given ({self.dims}) is not the one this store serves: {recorded.describe()}"
+            )
+        return recorded.dims, combine_max_rank(self.max_rank, recorded.max_rank)
 
     def _forget_latest(self, name: str) -> None:
         with self._latest_lock:
@@ -212,7 +250,7 @@ class AdapterStore:
         path = self.cache.lookup(key)
         if path is not None:
             local = self._open_cached(aid, key, path)
-            if local is not None:
+            if local is not None and self._matches_store(local, key):
                 return local
         path, built = self.cache.get_or_create(key, lambda tmp: self._download(aid, tmp, progress))
         if built is not None:
@@ -256,6 +294,38 @@ class AdapterStore:
             return None
         spec = validate_adapter_dir(str(aid), path, self.dims, self.max_rank)
         return LocalAdapter(aid, path, manifest, spec)
+
+    def _matches_store(self, local: LocalAdapter, key: str) -> bool:
+        """Whether a cached copy is still what the store holds under its version (else it is dropped).
+
+        Asks the store for the manifest at most once per ``latest_ttl_s`` per version. A deleted
+        version raises not-found; a store that does not answer is not a reason to stop serving a
+        checked copy (an outage must not take cached adapters down), so the check is skipped for
+        ``VERIFY_BACKOFF_S`` after a failure.
+        """
+        now = time.monotonic()
+        if self._verified.get(local.id, 0.0) > now or self._unverifiable_until > now:
+            return True
+        try:
+            current = self._read_manifest(local.id)
+        except AdapterNotFoundError:
+            self.cache.remove(key)
+            self._verified.pop(local.id, None)
+            raise
+        except StoreUnavailableError as e:
+            self._unverifiable_until = now + VERIFY_BACKOFF_S
+            log.warning("serving cached %s unchecked for %gs: the store did not answer (%s)", local.id, VERIFY_BACKOFF_S, e)
+            return True
+        if current.content_digest != local.manifest.content_digest:
+            log.warning(
+                "the store's %s is not the content cached on this node (digest %s, cached %s): the version's "
+                "objects were replaced outside `adapters push`; dropping the cached copy and fetching it again",
+                local.id, current.content_digest[:12], local.manifest.content_digest[:12],
+            )
+            self.cache.remove(key)
+            return False
+        self._verified[local.id] = now + self.settings.latest_ttl_s
+        return True
 
     def _download(self, aid: AdapterId, tmp: Path, progress: ProgressFactory | None) -> tuple[Manifest, AdapterSpec]:
         """Fill ``tmp`` with a checked, validated version; the manifest goes in last."""
@@ -301,8 +371,10 @@ class AdapterStore:
         """Validate a local PEFT folder and publish it as a new, immutable version.
 
         Without ``@version`` the version is a UTC timestamp (see :func:`ids.new_version`). The
-        adapter files go up first and the manifest last, created only if absent, so a version is
-        either invisible or complete, and an existing version is never overwritten.
+        adapter is checked against itself and against the store's profile (base model widths and
+        ``max_rank``) before a byte is uploaded. The adapter files go up first and the manifest
+        last, created only if absent, so a version is either invisible or complete, and an
+        existing version is never overwritten; nor is a deleted one pushed again (its tombstone).
         """
         aid = parse_adapter_id(adapter_id)
         if not aid.pinned:
@@ -310,7 +382,9 @@ class AdapterStore:
         src = Path(src_dir)
         if not src.is_dir():
             raise InvalidAdapterError(str(aid), f"{src} is not a folder")
-        validate_adapter_dir(str(aid), src, self.dims, self.max_rank)
+        validate_adapter_dir(str(aid), src, max_rank=self.max_rank)  # before any request to the store
+        dims, max_rank = self._push_limits()
+        validate_adapter_dir(str(aid), src, dims, max_rank)
         total = sum((src / f).stat().st_size for f in ADAPTER_FILES)
         if total > self.settings.max_adapter_bytes:
             raise InvalidAdapterError(
@@ -319,8 +393,15 @@ class AdapterStore:
         if self.settings.check_finite:
             check_finite(str(aid), src)
         base = f"{aid.name}/{aid.version}/"
-        if any(o.key == base + MANIFEST_FILE for o in self.backend.list(base)):
+        present = {o.key[len(base) :] for o in self.backend.list(base)}
+        if MANIFEST_FILE in present:
             raise AdapterVersionExistsError(f"{aid} already exists in {self.backend.describe()}; versions are immutable")
+        if TOMBSTONE_FILE in present:
+            raise AdapterVersionExistsError(
+                f"{aid} was deleted and a version string is never reused (caches may still hold the deleted "
+                f"weights under it); push this adapter as a new version, e.g. {aid.name}@{new_version()} or "
+                f"{aid.name} without a version"
+            )
         manifest = build_manifest(aid.name, aid.version, src)
         for fname in ADAPTER_FILES:
             cb = progress(f"{aid} {fname}", manifest.files[fname].size) if progress else None
@@ -334,7 +415,11 @@ class AdapterStore:
         return manifest
 
     def delete(self, adapter_id: str | AdapterId) -> None:
-        """Delete one version: manifest first (it vanishes atomically), then its files."""
+        """Delete one version: tombstone first, then the manifest (it vanishes atomically), then its files.
+
+        The tombstone stays for good, so the version string is never pushed again with other
+        content (see the module docstring).
+        """
         aid = parse_adapter_id(adapter_id)
         if not aid.pinned:
             raise InvalidAdapterIdError(f"refusing to delete {aid.name!r} without a version: name it as {aid}@VERSION")
@@ -342,9 +427,14 @@ class AdapterStore:
         keys = [o.key for o in self.backend.list(base)]
         if base + MANIFEST_FILE not in keys:
             raise AdapterNotFoundError(str(aid), self.backend.describe())
+        manifest = self._read_manifest(aid)
+        tombstone = Tombstone(name=aid.name, version=aid.version, deleted_at=datetime.now(timezone.utc),
+                              content_digest=manifest.content_digest)
+        self.backend.write_bytes(base + TOMBSTONE_FILE, tombstone.to_json())
         self.backend.delete([base + MANIFEST_FILE])
-        self.backend.delete([k for k in keys if k != base + MANIFEST_FILE])
+        self.backend.delete([k for k in keys if k not in (base + MANIFEST_FILE, base + TOMBSTONE_FILE)])
         self.cache.remove(f"{self._cache_ns}/{aid.name}/{aid.version}")
+        self._verified.pop(aid, None)
         self._forget_latest(aid.name)
         log.info("deleted %s from %s", aid, self.backend.describe())
 

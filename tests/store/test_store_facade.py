@@ -11,6 +11,7 @@ from store_helpers import TINY_LLAMA_DIMS, WEIGHTS, settings_for
 from openlora_ray.adapter_format import CONFIG_FILE
 from openlora_ray.errors import AdapterNotFoundError, InvalidAdapterError, InvalidAdapterIdError
 from openlora_ray.store import MANIFEST_FILE, AdapterStore, AdapterVersionExistsError
+from openlora_ray.store.manifest import TOMBSTONE_FILE
 
 
 def test_push_then_fetch_is_byte_identical(make_store, adapters, s3, s3_client):
@@ -94,8 +95,9 @@ def test_delete_removes_version_everywhere(make_store, adapters, s3, s3_client):
     store.delete("gone@v2")
     assert not path.exists()
     keys = [o["Key"] for o in s3_client.list_objects_v2(Bucket=s3.bucket)["Contents"]]
-    assert not any("/v2/" in k for k in keys)
+    assert [k for k in keys if "/v2/" in k] == [f"adapters/gone/v2/{TOMBSTONE_FILE}"]  # only the tombstone
     assert str(store.pin("gone")) == "gone@v1"
+    assert [str(v.id) for v in store.list()] == ["gone@v1"]
     with pytest.raises(AdapterNotFoundError):
         store.delete("gone@v2")
     with pytest.raises(InvalidAdapterIdError, match="without a version"):
@@ -145,7 +147,7 @@ def test_local_folder_store_round_trip(tmp_path, adapters):
     with pytest.raises(AdapterVersionExistsError):
         store.push(adapters[0], "loc@v1")
     store.delete("loc@v1")
-    assert not (tmp_path / "store/loc/v1").exists()
+    assert [p.name for p in (tmp_path / "store/loc/v1").iterdir()] == [TOMBSTONE_FILE]
     assert [str(v.id) for v in store.list()] == ["loc@v2"]
 
 

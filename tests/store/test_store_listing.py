@@ -44,3 +44,37 @@ def test_listing_many_adapters(make_store, s3, s3_client):
     assert sizes["adapter-0123@v1"] == 123 * 2 + 1
     assert [str(v.id) for v in store.list("adapter-0042")] == ["adapter-0042@v0", "adapter-0042@v1"]
     assert store.list("adapter-9999") == []
+
+
+def _pages(store, limit: int, keep=None) -> list[list[str]]:
+    pages, after = [], None
+    while True:
+        page = store.page(after, limit, keep)
+        pages.append([a.name for a in page.adapters])
+        if not page.has_more:
+            return pages
+        after = page.last
+
+
+def test_pages_follow_after_and_read_only_what_they_need(make_store, s3, adapters, tmp_path):
+    """Both backends page in the same (key) order: 'a-b' before 'a', since '-' sorts before '/'."""
+    from openlora_ray.store import AdapterStore
+    from store_helpers import settings_for
+
+    (tmp_path / "folder").mkdir()
+    stores = [make_store(), AdapterStore(settings_for(str(tmp_path / "folder"), tmp_path / "fcache"))]
+    names = ["a", "a-b", "a.c", "b", "b0", "c"]
+    for store in stores:
+        for name in names:
+            store.push(adapters[0], f"{name}@v1")
+        store.push(adapters[1], "b@v2")
+        store.push(adapters[0], "gone@v1")
+        store.delete("gone@v1")  # a tombstone only: not an adapter
+    for store in stores:
+        assert _pages(store, 4) == [["a-b", "a.c", "a", "b"], ["b0", "c"]]
+        assert _pages(store, 2, keep=lambda n: n.startswith("b")) == [["b", "b0"]]
+        assert [str(v.id) for v in store.page("a", 1).adapters[0].versions] == ["b@v1", "b@v2"]
+        assert store.page("c", 5).adapters == () and not store.page("c", 5).has_more
+    s3.log.clear()
+    stores[0].page(None, 2)
+    assert sum(1 for m, p in s3.log if m == "GET" and p.rstrip("/").endswith(s3.bucket)) == 1  # one ListObjectsV2

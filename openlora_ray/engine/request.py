@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 FinishReason = Literal["stop", "length", "abort", "error"]
+# A stop string longer than this is refused (400): held-back text and matching state grow with it,
+# and no real stop sequence (an end-of-turn marker, a closing tag) comes near it.
+MAX_STOP_CHARS = 256
+StopString = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_CHARS)]
 
 
 class SamplingParams(BaseModel):
@@ -19,8 +23,8 @@ class SamplingParams(BaseModel):
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0, description="0 = no top-k filter")
-    seed: int | None = None
-    stop: list[str] = Field(default_factory=list, max_length=16)
+    seed: int | None = Field(None, ge=-(2**63), lt=2**63, description="int64, as torch's generators take")
+    stop: list[StopString] = Field(default_factory=list, max_length=16)
     stop_token_ids: list[int] = Field(default_factory=list, max_length=64)
     repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
     ignore_eos: bool = False

@@ -111,6 +111,11 @@ class SlotManager:
     def resident(self) -> list[str]:
         return list(self._slot_of)
 
+    def weights(self, adapter_id: str) -> LoraWeights | None:
+        """What a resident adapter's slot holds (its digest is the KV identity of its rows)."""
+        slot = self._slot_of.get(adapter_id)
+        return None if slot is None else self._weights[slot]
+
     @property
     def free_slots(self) -> int:
         return self._adapter.count(None)

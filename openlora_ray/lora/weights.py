@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from openlora_ray.adapter_digest import folder_digest
 from openlora_ray.adapter_format import WEIGHTS_FILE, BaseModelDims, parse_weight_key, validate_adapter_dir
 from openlora_ray.errors import InvalidAdapterError
 
@@ -26,6 +27,7 @@ class LoraWeights:
     adapter_id: str
     rank: int
     modules: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
+    digest: str  # content digest of the files these weights came from: the KV identity they compute under
 
     @property
     def nbytes(self) -> int:
@@ -53,17 +55,23 @@ class RawLora:
     rank: int
     scale: float
     tensors: dict[tuple[int, str, str], torch.Tensor]  # (layer, proj, "A" | "B") -> as stored
+    digest: str  # see ``LoraWeights.digest``
 
 
-def read_lora(adapter_id: str, adapter_dir: str | Path, dims: BaseModelDims, max_rank: int) -> RawLora:
+def read_lora(
+    adapter_id: str, adapter_dir: str | Path, dims: BaseModelDims, max_rank: int, digest: str | None = None
+) -> RawLora:
     """Validate an adapter folder and read its tensors (I/O only: safe off the model's thread).
 
     Shapes, rank and features are checked from the safetensors header before any tensor is read.
+    ``digest`` is the folder's content digest when the caller knows it (the store's manifest);
+    otherwise the files are hashed here.
     """
     spec = validate_adapter_dir(adapter_id, adapter_dir, dims, max_rank)
     tensors = load_file(Path(adapter_dir) / WEIGHTS_FILE, device="cpu")
     # Every key parses: validate_adapter_dir checked them.
-    return RawLora(adapter_id, spec.rank, spec.config.scale, {parse_weight_key(k): t for k, t in tensors.items()})
+    parsed = {parse_weight_key(k): t for k, t in tensors.items()}
+    return RawLora(adapter_id, spec.rank, spec.config.scale, parsed, digest or folder_digest(adapter_dir))
 
 
 def to_weights(raw: RawLora, dtype: torch.dtype) -> LoraWeights:
@@ -74,7 +82,7 @@ def to_weights(raw: RawLora, dtype: torch.dtype) -> LoraWeights:
             raise InvalidAdapterError(raw.adapter_id, f"layer {layer} {proj} lora_{ab} holds NaN or infinite values")
         pairs.setdefault((layer, proj), {})[ab] = tensor.float()
     modules = {k: (p["A"].to(dtype), (p["B"] * raw.scale).T.to(dtype).contiguous()) for k, p in pairs.items()}
-    return LoraWeights(raw.adapter_id, raw.rank, modules)
+    return LoraWeights(raw.adapter_id, raw.rank, modules, raw.digest)
 
 
 def load_lora_weights(adapter_id: str, adapter_dir: str | Path, dims: BaseModelDims, max_rank: int, dtype: torch.dtype) -> LoraWeights:

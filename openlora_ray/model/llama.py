@@ -3,9 +3,10 @@
 The weights come from a Hugging Face ``LlamaForCausalLM`` (also Mistral, Qwen2 and SmolLM, which
 share its layout); norms, rotary embeddings and activation are reused from transformers, and the
 seven projections of every decoder layer become four ``LoraProjectionGroup``s (qkv, o, gate_up,
-down). The same forward serves a prefill (L tokens per row) and a decode step (L = 1) against a
-KV cache allocated once; every row carries its own positions, so rows of different lengths and
-ages share one batch.
+down). The same forward serves a prefill chunk of one sequence (L tokens) and a decode step of
+many (L = 1) against a paged KV cache allocated once (``model/paged_attention.py``); every row
+carries its own positions and block table, so rows of different lengths and ages share one batch
+and each attends over its own length. Without a cache it is a plain causal forward (tests).
 """
 
 from __future__ import annotations
@@ -23,6 +24,13 @@ from openlora_ray.adapter_format import BaseModelDims
 from openlora_ray.lora.layers import GroupBatch, LoraProjectionGroup
 from openlora_ray.lora.ops import NO_ADAPTER, Segments, segment_rows
 from openlora_ray.lora.weights import LoraWeights
+from openlora_ray.model.paged_attention import (
+    DecodeLayout,
+    PrefillLayout,
+    decode_attention,
+    prefill_attention,
+    write_kv,
+)
 
 GROUPS: dict[str, tuple[str, ...]] = {
     "qkv": ("q_proj", "k_proj", "v_proj"),
@@ -40,23 +48,36 @@ class LoraBatch:
     groups: dict[str, GroupBatch]
 
 
-class KVCache:
-    """Keys and values for ``rows`` sequences of up to ``max_len`` tokens, allocated once.
+class PagedKVCache:
+    """Keys and values of ``num_blocks`` blocks of ``block_size`` tokens per layer, allocated once.
 
-    k, v: (num_layers, rows, kv_heads, max_len, head_dim). A sequence owns one row for its
-    lifetime; writing position p overwrites whatever an earlier occupant left there, and
-    attention only reads positions <= the query's, so stale entries are never seen.
+    k, v: (num_layers, KVH, num_blocks, block_size, head_dim). Which block belongs to which
+    sequence is the scheduler's business (``engine/block_pool.py``); the cache only stores. Zeroed
+    at allocation: positions past a row's length are masked, and a masked weight of exactly 0
+    times a finite stale value stays 0 (uninitialised memory could hold NaN).
     """
 
-    def __init__(self, dims: BaseModelDims, rows: int, max_len: int, dtype: torch.dtype, device: torch.device) -> None:
-        shape = (dims.num_layers, rows, dims.num_kv_heads, max_len, dims.head_dim)
+    def __init__(self, dims: BaseModelDims, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device) -> None:
+        shape = (dims.num_layers, dims.num_kv_heads, num_blocks, block_size, dims.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.rows, self.max_len = rows, max_len
+        self.num_blocks, self.block_size = num_blocks, block_size
+
+    @staticmethod
+    def bytes_per_block(dims: BaseModelDims, block_size: int, dtype: torch.dtype) -> int:
+        return 2 * dims.num_layers * dims.num_kv_heads * block_size * dims.head_dim * dtype.itemsize
 
     @property
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
+
+
+@dataclass(frozen=True)
+class PagedBatch:
+    """Where a forward's new keys and values go and how its queries read the cache."""
+
+    slots: torch.Tensor  # (B*L,) long, flat slot (block * block_size + offset) of each new token
+    layout: PrefillLayout | DecodeLayout  # prefill: B == 1; decode: L == 1
 
 
 class DecoderLayer(nn.Module):
@@ -81,12 +102,10 @@ class DecoderLayer(nn.Module):
         self,
         x: torch.Tensor,  # (B, L, D)
         rope: tuple[torch.Tensor, torch.Tensor],  # cos, sin: (B, L, head_dim)
-        mask: torch.Tensor,  # (B, 1, L, T) bool, True = may attend
         lora: LoraBatch | None,
-        kv: tuple[torch.Tensor, torch.Tensor] | None,  # this layer's cache: (rows, KVH, max_len, hd) each
-        rows: torch.Tensor | None,  # (B,) the cache row of each batch row; None = row i is kv[.][i]
-        write_at: torch.Tensor | None,  # (B, 1) the kv row each batch row writes (rows, or 0..B-1)
-        positions: torch.Tensor,  # (B, L)
+        kv: tuple[torch.Tensor, torch.Tensor] | None,  # this layer's pools: (KVH, NB, bs, hd) each
+        paged: PagedBatch | None,
+        mask: torch.Tensor | None,  # (B, 1, L, L) bool, True = may attend; only without a cache
     ) -> torch.Tensor:
         g = lora.groups if lora is not None else {}
         bsz, seq, _ = x.shape
@@ -95,17 +114,19 @@ class DecoderLayer(nn.Module):
         k = k.view(bsz, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, KVH, L, hd)
         v = v.view(bsz, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary_pos_emb(q, k, *rope)
-        if kv is not None:
-            ck, cv = kv
-            ck[write_at, :, positions] = k.transpose(1, 2)  # (B, L, KVH, hd) at each row's positions
-            cv[write_at, :, positions] = v.transpose(1, 2)
-            t = mask.shape[-1]
-            if rows is None:  # views of the cache: nothing copied
-                k, v = ck[:, :, :t], cv[:, :, :t]  # (B, KVH, T, hd)
-            else:  # a gather: one copy of every row's keys and values per layer
-                k, v = ck[rows, :, :t], cv[rows, :, :t]
-        att = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling, enable_gqa=True)
-        x = x + self.groups["o"](att.transpose(1, 2).reshape(bsz, seq, -1), g.get("o"))[0]
+        if kv is None:
+            att = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling, enable_gqa=True)
+            att = att.transpose(1, 2)  # (B, L, H, hd)
+        else:
+            k_pool, v_pool = kv
+            new_k = k.transpose(1, 2).reshape(bsz * seq, self.num_kv_heads, self.head_dim)  # (B*L, KVH, hd)
+            new_v = v.transpose(1, 2).reshape(bsz * seq, self.num_kv_heads, self.head_dim)
+            write_kv(k_pool, v_pool, paged.slots, new_k, new_v)
+            if isinstance(paged.layout, PrefillLayout):
+                att = prefill_attention(q[0], k_pool, v_pool, paged.layout, self.scaling).transpose(0, 1)[None]
+            else:
+                att = decode_attention(q[:, :, 0], k_pool, v_pool, paged.layout, self.scaling)[:, None]
+        x = x + self.groups["o"](att.reshape(bsz, seq, -1), g.get("o"))[0]
         gate, up = self.groups["gate_up"](self.post_norm(x), g.get("gate_up"))
         return x + self.groups["down"](self.act(gate) * up, g.get("down"))[0]
 
@@ -141,8 +162,8 @@ class MultiLoraLlama(nn.Module):
     def bytes_per_slot(self) -> int:
         return sum(g.bytes_per_slot() for layer in self.layers for g in layer.groups.values())
 
-    def new_kv_cache(self, rows: int, max_len: int) -> KVCache:
-        return KVCache(self.dims, rows, max_len, self.dtype, self.device)
+    def new_kv_cache(self, num_blocks: int, block_size: int) -> PagedKVCache:
+        return PagedKVCache(self.dims, num_blocks, block_size, self.dtype, self.device)
 
     # ----------------------------------------------------------------- slots
     def write_slot(self, slot: int, weights: LoraWeights) -> None:
@@ -189,29 +210,16 @@ class MultiLoraLlama(nn.Module):
         tokens: torch.Tensor,  # (B, L) long
         positions: torch.Tensor,  # (B, L) long, position of each token in its sequence
         lora: LoraBatch | None = None,
-        cache: KVCache | None = None,
-        cache_rows: torch.Tensor | slice | None = None,  # (B,) long, the cache row of each batch row,
-        # or a slice when those rows are one contiguous block (the cache is then read in place:
-        # a decode step of 32 rows x 150 tokens spent 20% of its time gathering rows otherwise)
+        cache: PagedKVCache | None = None,
+        paged: PagedBatch | None = None,  # required with a cache
         logits_at: torch.Tensor | None = None,  # (B,) long, one position index per row; None = all
     ) -> torch.Tensor:  # (B, L, V), or (B, V) with logits_at
         x = self.embed(tokens)  # (B, L, D)
         rope = self.rotary(x, positions)
-        if cache is None:
-            key_pos = positions  # attend within this chunk
-        else:
-            key_pos = torch.arange(int(positions.max()) + 1, device=tokens.device).expand(tokens.shape[0], -1)
-        mask = (key_pos[:, None, None, :] <= positions[:, None, :, None])  # (B, 1, L, T)
-        block = isinstance(cache_rows, slice)
-        read_rows = None if block else cache_rows
-        write_at = None
-        if cache is not None:  # (B, 1), once for all layers
-            write_at = (torch.arange(tokens.shape[0], device=tokens.device) if block else cache_rows)[:, None]
+        mask = None if cache is not None else positions[:, None, None, :] <= positions[:, None, :, None]  # (B, 1, L, L)
         for i, layer in enumerate(self.layers):
-            kv = None
-            if cache is not None:
-                kv = (cache.k[i][cache_rows], cache.v[i][cache_rows]) if block else (cache.k[i], cache.v[i])
-            x = layer(x, rope, mask, lora, kv, read_rows, write_at, positions)
+            kv = (cache.k[i], cache.v[i]) if cache is not None else None
+            x = layer(x, rope, lora, kv, paged, mask)
         if logits_at is not None:
             x = x[torch.arange(x.shape[0], device=x.device), logits_at]  # (B, D)
         return self.lm_head(self.norm(x))

@@ -11,16 +11,17 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 from ray import serve
 from ray.serve.metrics import Counter, Gauge, Histogram
 
 from openlora_ray.adapter_format import BaseModelDims
+from openlora_ray.engine.adapters import ResolvedAdapter
 from openlora_ray.engine.config import EngineConfig
 from openlora_ray.engine.engine import Engine
 from openlora_ray.engine.request import SamplingParams
+from openlora_ray.errors import InvalidRequestError
 from openlora_ray.serve.config import AppConfig
 from openlora_ray.serve.state import ReplicaState
 from openlora_ray.store.store import AdapterStore
@@ -52,14 +53,15 @@ class LoraReplica:
         self._m_slots = Gauge("openlora_slots_used", "LoRA slots holding an adapter")
         log.info("replica %s ready (model %s)", self.replica_id, path)
 
-    def _resolve(self, adapter_id: str) -> Path:
-        """Engine worker thread: the adapter's local folder, downloading it on a cache miss."""
+    def _resolve(self, adapter_id: str) -> ResolvedAdapter:
+        """Engine worker thread: the adapter's local folder, downloading it on a cache miss, and
+        its manifest's content digest (the KV identity of what it computes)."""
         start = time.monotonic()
         local = self.store.fetch(adapter_id)
         tier = "store" if local.downloaded else "disk"
         self._m_loads.inc(tags={"tier": tier})
         self._m_load_s.observe(time.monotonic() - start, tags={"tier": tier})
-        return local.path
+        return ResolvedAdapter(local.path, local.manifest.content_digest)
 
     async def generate(self, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """Stream one request. The adapter id arrives as Serve's multiplexed model id."""
@@ -77,6 +79,18 @@ class LoraReplica:
                 "replica": self.replica_id,
             }
 
+    def tokenize(self, prompt: Any, token_strs: bool = False) -> dict[str, Any]:
+        """/tokenize: the ids the engine would see for this prompt (text or a ChatPrompt)."""
+        ids = self.engine.tokenize(prompt)
+        strs = self.engine.tokenizer.convert_ids_to_tokens(ids) if token_strs else None
+        return {"max_model_len": self.engine.config.max_seq_len, "tokens": ids, "token_strs": strs}
+
+    def detokenize(self, ids: list[int]) -> str:
+        """/detokenize: ids checked against the vocabulary, special tokens kept in the text."""
+        if self.engine.tokenizer is None:
+            raise InvalidRequestError("this model has no tokenizer")
+        return self.engine.tokenizer.decode(self.engine.tokenize(ids) if ids else [])
+
     def state(self) -> ReplicaState:
         s = self.engine.stats
         return ReplicaState(
@@ -88,6 +102,8 @@ class LoraReplica:
             num_slots=s.num_slots,
             free_slots=s.free_slots,
             free_vram_mb=s.free_device_bytes >> 20,
+            free_kv_blocks=s.free_kv_blocks,
+            total_kv_blocks=s.total_kv_blocks,
             queued=s.queue_depth,
             running=s.running,
             max_running=self.engine.config.max_running,

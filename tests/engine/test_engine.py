@@ -51,7 +51,7 @@ async def test_requests_joining_and_leaving_keep_their_tokens(engine_factory, ti
         want = hf_greedy(tiny_hf, ps[i], lengths[i], eos=None)
         assert tokens == want, f"request {i}"
         assert last.finish_reason == "length" and last.completion_tokens == lengths[i]
-    await wait_until(lambda: engine.stats.running == 0 and engine.stats.free_kv_rows == 4)
+    await wait_until(lambda: engine.stats.running == 0 and engine.stats.free_kv_blocks == engine.stats.total_kv_blocks)
 
 
 async def test_adapters_in_one_batch_equal_peft_merged(engine_factory, tiny_model_dir, make_adapter):
@@ -107,7 +107,7 @@ async def test_cancelling_a_stream_frees_its_row_and_pin(engine_factory, tiny_mo
         if seen == 3:
             break
     await stream.aclose()
-    await wait_until(lambda: engine.stats.running == 0 and engine.stats.free_kv_rows == 2)
+    await wait_until(lambda: engine.stats.running == 0 and engine.stats.free_kv_blocks == engine.stats.total_kv_blocks)
     assert engine.slots.pins("cancel-me") == 0 and "cancel-me" in engine.stats.resident_adapters
 
 

@@ -21,7 +21,7 @@ def test_choose_slot_prefers_free_then_lru_unpinned():
 
 
 def _fake_weights(adapter_id: str, nbytes: int) -> LoraWeights:
-    return LoraWeights(adapter_id, 1, {(0, "q_proj"): (torch.zeros(nbytes // 2, dtype=torch.uint8), torch.zeros(nbytes - nbytes // 2, dtype=torch.uint8))})
+    return LoraWeights(adapter_id, 1, {(0, "q_proj"): (torch.zeros(nbytes // 2, dtype=torch.uint8), torch.zeros(nbytes - nbytes // 2, dtype=torch.uint8))}, digest=adapter_id)
 
 
 def test_host_cache_is_lru_under_a_byte_budget():

@@ -7,33 +7,43 @@ import torch
 
 from openlora_ray.lora.ops import NO_ADAPTER
 from openlora_ray.lora.weights import load_lora_weights
+from openlora_ray.model.llama import PagedBatch
 from openlora_ray.model.loader import load_multi_lora_model
+from openlora_ray.model.paged_attention import PrefillLayout, build_decode_layout
 
 
-@pytest.mark.parametrize("block", [False, True], ids=["gathered-rows", "contiguous-block"])
+@pytest.mark.parametrize("scattered", [False, True], ids=["consecutive-blocks", "scattered-blocks"])
 @torch.inference_mode()
-def test_prefill_then_decode_with_cache_matches_full_forward(tiny_model_dir, make_adapter, block):
+def test_chunked_prefill_then_decode_through_the_paged_cache_matches_full_forward(tiny_model_dir, make_adapter, scattered):
     model = load_multi_lora_model(tiny_model_dir, num_slots=3, max_rank=8, dtype=torch.float32)
     model.write_slot(1, load_lora_weights("a", make_adapter("kv-a", r=8, alpha=4.0, seed=31), model.dims, 8, torch.float32))
     model.write_slot(2, load_lora_weights("b", make_adapter("kv-b", r=2, alpha=7.0, targets=("k_proj", "v_proj"), seed=32), model.dims, 8, torch.float32))
     slots = [1, NO_ADAPTER, 2]
     lengths = [9, 5, 7]  # prompt lengths differ per row
-    total = 12
+    total, bs = 12, 4
     seqs = torch.randint(0, 256, (3, total), generator=torch.Generator().manual_seed(4))
     full = model(seqs, torch.arange(total).expand(3, -1), model.lora_batch(slots))  # (3, total, V)
 
-    cache = model.new_kv_cache(rows=5, max_len=32)
-    # Any rows of the cache, not 0..B-1; or rows 1..3 read in place as one block.
-    cache_rows = slice(1, 4) if block else torch.tensor([4, 0, 2])
-    lora = model.lora_batch(slots)
-    # Prefill each row alone (different lengths), then decode all rows together, one token a step.
+    cache = model.new_kv_cache(num_blocks=16, block_size=bs)
+    order = torch.randperm(16, generator=torch.Generator().manual_seed(9)).tolist() if scattered else list(range(16))
+    tables = [order[0:3], order[3:6], order[6:9]]  # 3 blocks of 4 = 12 tokens per row
+
+    def slot_of(row: int, pos: torch.Tensor) -> torch.Tensor:
+        return torch.tensor(tables[row])[pos // bs] * bs + pos % bs
+
+    # Prefill each row alone in chunks of 4 (different lengths), then decode all rows together.
     for i, n in enumerate(lengths):
-        one = slice(1 + i, 2 + i) if block else cache_rows[i : i + 1]
-        logits = model(seqs[i : i + 1, :n], torch.arange(n)[None], model.lora_batch([slots[i]]), cache, one)
-        torch.testing.assert_close(logits[0], full[i, :n], rtol=1e-4, atol=1e-4)
+        for start in range(0, n, 4):
+            pos = torch.arange(start, min(n, start + 4))
+            paged = PagedBatch(slot_of(i, pos), PrefillLayout(torch.tensor(tables[i][: -(-(pos[-1] + 1) // bs)]), start))
+            logits = model(seqs[i : i + 1, pos], pos[None], model.lora_batch([slots[i]]), cache, paged)
+            torch.testing.assert_close(logits[0], full[i, pos], rtol=1e-4, atol=1e-4)
     pos = torch.tensor(lengths)
+    lora = model.lora_batch(slots)
     for _ in range(total - max(lengths)):
-        step = model(seqs[torch.arange(3), pos][:, None], pos[:, None], lora, cache, cache_rows, logits_at=torch.zeros(3, dtype=torch.long))
+        layout = build_decode_layout(tables, (pos + 1).tolist(), bs, torch.device("cpu"))
+        paged = PagedBatch(torch.cat([slot_of(r, pos[r : r + 1]) for r in range(3)]), layout)
+        step = model(seqs[torch.arange(3), pos][:, None], pos[:, None], lora, cache, paged, logits_at=torch.zeros(3, dtype=torch.long))
         torch.testing.assert_close(step, full[torch.arange(3), pos], rtol=1e-4, atol=1e-4)
         pos = pos + 1
 

@@ -1,0 +1,174 @@
+"""Attention over a paged KV cache, stated as reference PyTorch and implemented without row loops.
+
+Layout. Each layer's cache is a pool of blocks, ``k, v: (KVH, NB, bs, hd)``; a sequence's block
+table lists the blocks holding its tokens, token ``p`` at ``(table[p // bs], p % bs)``. Grouped
+query attention folds the ``rep = H / KVH`` query heads that share a KV head into one axis, so no
+key or value is ever repeated per head.
+
+Semantics (for one row with block table ``table`` whose queries sit at positions
+``start .. start + L - 1``)::
+
+    k_row = cat([k[:, b] for b in table], dim=1)[:, :start + L]     # (KVH, T, hd)
+    for each query head h (KV head h // rep), query i:
+        out[h, i] = softmax(q[h, i] @ k_row[h // rep].T * scale, keys j <= start + i) @ v_row[h // rep]
+
+``paged_attention_reference`` is exactly that, one row at a time. Two paths must match it:
+
+* ``prefill_attention``: one sequence, L new tokens. Its blocks are gathered (one copy of its
+  context, small beside the chunk's GEMMs) and one SDPA call runs with the causal mask aligned to
+  the end of the context (``is_causal`` would align it to the start: wrong after a cached prefix).
+* ``decode_attention``: B rows, one query each. Gathering every row's context per layer would copy
+  as many bytes as attention reads (measured on CPU: the gather cost more than the attention), so
+  the pool is read in place where it can be. Scores are computed block by block for every
+  (row, block) pair, ``s = K_block @ q_row`` as one batched matmul over all pairs; the softmax over
+  a row's blocks is segmented (per-row max by ``scatter_reduce``, sum by ``index_add``); the output is
+  the per-block ``softmax @ V_block`` summed per row. When the batch's blocks are distinct and
+  dense in the pool (the usual case), the pairs are simply ``blocks lo..hi`` read as a view; when
+  blocks are shared (prefix-cache hits, ``n > 1``) or scattered, the pairs' blocks are gathered.
+  Each row attends over its own length only: positions past it are masked in its last block.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+MASKED = -1e30  # finite "minus infinity": a padding pair's max stays finite, so exp() is 0, not NaN
+
+
+@dataclass(frozen=True)
+class PrefillLayout:
+    """One sequence's chunk: its block table up to the chunk's end, and where the chunk starts."""
+
+    blocks: torch.Tensor  # (nb,) long
+    start: int  # tokens already in the cache before this chunk
+
+
+@dataclass(frozen=True)
+class DecodeLayout:
+    """The (row, block) pairs of a decode batch, built once per step for every layer.
+
+    blocks  (P,) long pool blocks to gather, or a slice ``lo:hi`` read in place
+    row_of  (P,) long batch row of each pair; ``num_rows`` for a padding pair
+    masked  (1, P, bs, 1) bool, True = not part of the row's context
+    """
+
+    blocks: torch.Tensor | slice
+    row_of: torch.Tensor
+    masked: torch.Tensor
+    num_rows: int
+
+
+def build_decode_layout(
+    tables: Sequence[Sequence[int]], lengths: Sequence[int], block_size: int, device: torch.device
+) -> DecodeLayout:
+    """Pairs for rows with block tables ``tables`` and contexts of ``lengths`` tokens (this step's
+    token included). In place when every block is used once and the used range is at most twice
+    the blocks used; gathered otherwise."""
+    pairs: list[tuple[int, int, int]] = []  # (block, row, valid tokens)
+    for row, (table, length) in enumerate(zip(tables, lengths)):
+        n = -(-length // block_size)
+        pairs += [(table[i], row, min(block_size, length - i * block_size)) for i in range(n)]
+    used = [b for b, _, _ in pairs]
+    lo, hi = min(used), max(used) + 1
+    num_rows = len(tables)
+    if len(set(used)) == len(used) and hi - lo <= 2 * len(used):
+        row_of, valid = [num_rows] * (hi - lo), [0] * (hi - lo)
+        for block, row, n in pairs:
+            row_of[block - lo], valid[block - lo] = row, n
+        blocks: torch.Tensor | slice = slice(lo, hi)
+    else:
+        row_of, valid = [r for _, r, _ in pairs], [n for _, _, n in pairs]
+        blocks = torch.tensor(used, device=device)
+    valid_t = torch.tensor(valid, device=device)
+    masked = torch.arange(block_size, device=device)[None, :] >= valid_t[:, None]  # (P, bs)
+    return DecodeLayout(blocks, torch.tensor(row_of, device=device), masked[None, :, :, None], num_rows)
+
+
+def write_kv(
+    k_pool: torch.Tensor,  # (KVH, NB, bs, hd)
+    v_pool: torch.Tensor,
+    slots: torch.Tensor,  # (N,) long, flat token slot block * bs + offset of each new token
+    k: torch.Tensor,  # (N, KVH, hd)
+    v: torch.Tensor,
+) -> None:
+    kvh, nb, bs, hd = k_pool.shape
+    k_pool.view(kvh, nb * bs, hd).index_copy_(1, slots, k.transpose(0, 1))
+    v_pool.view(kvh, nb * bs, hd).index_copy_(1, slots, v.transpose(0, 1))
+
+
+def prefill_attention(
+    q: torch.Tensor,  # (H, L, hd) one sequence's new queries
+    k_pool: torch.Tensor,  # (KVH, NB, bs, hd), this chunk already written
+    v_pool: torch.Tensor,
+    layout: PrefillLayout,
+    scale: float,
+) -> torch.Tensor:  # (H, L, hd)
+    heads, length, hd = q.shape
+    kvh, _, bs, _ = k_pool.shape
+    rep = heads // kvh
+    total = layout.start + length
+    k = k_pool.index_select(1, layout.blocks).view(kvh, -1, hd)[:, :total]  # (KVH, T, hd)
+    v = v_pool.index_select(1, layout.blocks).view(kvh, -1, hd)[:, :total]
+    query_pos = layout.start + torch.arange(length, device=q.device)
+    mask = torch.arange(total, device=q.device)[None, :] <= query_pos[:, None]  # (L, T)
+    q = q.reshape(kvh, rep * length, hd)  # (KVH, rep*L, hd): heads h = kvh*rep + r
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.repeat(rep, 1), scale=scale)
+    return out.view(heads, length, hd)
+
+
+def decode_attention(
+    q: torch.Tensor,  # (B, H, hd) one query per row
+    k_pool: torch.Tensor,  # (KVH, NB, bs, hd), this step's tokens already written
+    v_pool: torch.Tensor,
+    layout: DecodeLayout,
+    scale: float,
+) -> torch.Tensor:  # (B, H, hd)
+    rows, heads, hd = q.shape
+    kvh = k_pool.shape[0]
+    rep = heads // kvh
+    if isinstance(layout.blocks, slice):
+        k, v = k_pool[:, layout.blocks], v_pool[:, layout.blocks]  # (KVH, P, bs, hd): views
+    else:
+        k, v = k_pool.index_select(1, layout.blocks), v_pool.index_select(1, layout.blocks)
+    # One padding row (index B) absorbs the pairs of unused blocks in an in-place range.
+    q_rows = torch.cat([q, q.new_zeros(1, heads, hd)]).view(rows + 1, kvh, rep, hd)
+    q_pairs = q_rows.index_select(0, layout.row_of).permute(1, 0, 3, 2)  # (KVH, P, hd, rep)
+    scores = torch.matmul(k, q_pairs).mul_(scale).masked_fill_(layout.masked, MASKED)  # (KVH, P, bs, rep)
+    block_max = scores.amax(2)  # (KVH, P, rep)
+    row_max = torch.full((kvh, rows + 1, rep), MASKED, dtype=scores.dtype, device=q.device)
+    row_max.scatter_reduce_(1, layout.row_of[None, :, None].expand_as(block_max), block_max, "amax")  # (KVH, B+1, rep)
+    weights = scores.sub_(row_max.index_select(1, layout.row_of)[:, :, None, :]).exp_()  # (KVH, P, bs, rep)
+    denom = torch.zeros_like(row_max).index_add_(1, layout.row_of, weights.sum(2))  # (KVH, B+1, rep)
+    partial = torch.matmul(weights.transpose(2, 3), v)  # (KVH, P, rep, hd)
+    out = torch.zeros(kvh, rows + 1, rep, hd, dtype=q.dtype, device=q.device).index_add_(1, layout.row_of, partial)
+    out = out[:, :rows] / denom[:, :rows, :, None]  # (KVH, B, rep, hd)
+    return out.permute(1, 0, 2, 3).reshape(rows, heads, hd)
+
+
+def paged_attention_reference(
+    q: torch.Tensor,  # (B, H, L, hd)
+    k_pool: torch.Tensor,  # (KVH, NB, bs, hd)
+    v_pool: torch.Tensor,
+    tables: Sequence[Sequence[int]],
+    starts: Sequence[int],  # tokens in each row's cache before its L queries
+    scale: float,
+) -> torch.Tensor:  # (B, H, L, hd)
+    """The definition, one row and one head at a time, in float64. For tests only."""
+    rows, heads, length, hd = q.shape
+    kvh = k_pool.shape[0]
+    out = torch.empty(rows, heads, length, hd, dtype=torch.float64)
+    for b in range(rows):
+        total = starts[b] + length
+        k_row = torch.cat([k_pool[:, blk] for blk in tables[b]], dim=1)[:, :total].double()  # (KVH, T, hd)
+        v_row = torch.cat([v_pool[:, blk] for blk in tables[b]], dim=1)[:, :total].double()
+        for h in range(heads):
+            g = h // (heads // kvh)
+            for i in range(length):
+                s = (k_row[g] @ q[b, h, i].double()) * scale  # (T,)
+                s[starts[b] + i + 1 :] = float("-inf")
+                out[b, h, i] = s.softmax(0) @ v_row[g]
+    return out

@@ -18,8 +18,10 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import DynamicCache
 
-from openlora_ray.bench.timing import print_table, time_interleaved, write_json
+from openlora_ray.bench.timing import cpu_model, print_table, time_interleaved, write_json
 from openlora_ray.lora.weights import load_lora_weights
+from openlora_ray.model.llama import PagedBatch
+from openlora_ray.model.paged_attention import PrefillLayout, build_decode_layout
 from openlora_ray.model.loader import load_hf_model, load_multi_lora_model
 
 log = logging.getLogger(__name__)
@@ -69,8 +71,12 @@ def run(model_dir: Path, dtype: torch.dtype, rows: int, context: int, iters: int
     tokens = torch.randint(0, ours.config.vocab_size, (rows, context + 1))
     prompt, next_tok = tokens[:, :context], tokens[:, context:]
     positions = torch.arange(context).expand(rows, -1)
-    cache_rows = torch.arange(rows)
     last = torch.full((rows,), context - 1)
+    bs = 16
+    per_row = -(-(context + 1) // bs)
+    tables = [list(range(r * per_row, (r + 1) * per_row)) for r in range(rows)]
+    step_slots = torch.tensor([t[context // bs] * bs + context % bs for t in tables])
+    decode_batch = PagedBatch(step_slots, build_decode_layout(tables, [context + 1] * rows, bs, torch.device("cpu")))
     results = []
     for shape in SHAPES:
         hf = load_hf_model(model_dir, dtype)
@@ -84,9 +90,12 @@ def run(model_dir: Path, dtype: torch.dtype, rows: int, context: int, iters: int
         adapter_bytes = sum(w.nbytes for w in adapters)
         names = [f"a{i}" for i in range(rows)]
         mixed = ours.lora_batch(list(range(rows)))
-        cache = ours.new_kv_cache(rows, context + 8)
+        cache = ours.new_kv_cache(rows * per_row, bs)
         with torch.inference_mode():
-            ours(prompt, positions, mixed, cache, cache_rows, logits_at=last)
+            for r in range(rows):  # the engine prefills one sequence per forward
+                slots = torch.tensor([tables[r][p // bs] * bs + p % bs for p in range(context)])
+                paged = PagedBatch(slots, PrefillLayout(torch.tensor(tables[r]), 0))
+                ours(prompt[r : r + 1], positions[:1], ours.lora_batch([r]), cache, paged, logits_at=last[:1])
             hf_past = DynamicCache()
             plain_hf(input_ids=prompt, past_key_values=hf_past, use_cache=True)
             peft_past = DynamicCache()
@@ -100,8 +109,8 @@ def run(model_dir: Path, dtype: torch.dtype, rows: int, context: int, iters: int
 
             phases = {
                 "decode": {
-                    "ours_base": lambda: ours(next_tok, dec_pos, None, cache, cache_rows, logits_at=zero),
-                    "ours_mixed": lambda: ours(next_tok, dec_pos, mixed, cache, cache_rows, logits_at=zero),
+                    "ours_base": lambda: ours(next_tok, dec_pos, None, cache, decode_batch, logits_at=zero),
+                    "ours_mixed": lambda: ours(next_tok, dec_pos, mixed, cache, decode_batch, logits_at=zero),
                     "hf_base": lambda: hf_decode(plain_hf, hf_past),
                     "peft_mixed": lambda: hf_decode(peft_model, peft_past, adapter_names=names),
                 },
@@ -138,7 +147,7 @@ def run(model_dir: Path, dtype: torch.dtype, rows: int, context: int, iters: int
         "rows": rows,
         "context": context,
         "threads": torch.get_num_threads(),
-        "machine": f"{platform.machine()} {torch.backends.cpu.get_cpu_capability()}",
+        "machine": f"{cpu_model()} ({platform.machine()} {torch.backends.cpu.get_cpu_capability()})",
         "results": results,
     }
     write_json(out, report)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -26,6 +27,17 @@ def time_interleaved(variants: dict[str, Callable[[], object]], iters: int, repe
                 fn()
             samples[name].append((time.perf_counter() - start) / iters)
     return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def cpu_model() -> str:
+    """The CPU's model name: figures from one machine are named by it (CPUs differ run to run)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def write_json(path: Path, payload: dict) -> None:

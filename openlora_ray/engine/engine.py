@@ -98,10 +98,17 @@ class _Request:
     submitted: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
     last_token_at: float | None = None
+    gone: bool = False  # the caller's event loop closed: nobody reads this stream any more
 
     @property
     def generated(self) -> list[int]:
         return self.seq.tokens[self.seq.num_prompt :]
+
+    def send(self, output: StreamOutput) -> None:
+        try:
+            self.emit(output)
+        except RuntimeError:  # the caller's loop is closed; the engine aborts the request
+            self.gone = True
 
 
 class Engine:
@@ -384,7 +391,9 @@ class Engine:
         elif len(record.generated) >= p.max_tokens:
             self._finish(record, "length", text=text + record.text.flush())
         else:
-            record.emit(StreamOutput(record.req.request_id, text, (token,)))
+            record.send(StreamOutput(record.req.request_id, text, (token,)))
+            if record.gone:
+                self._finish(record, "abort")
 
     def _finish(self, record: _Request, reason: FinishReason, error: Exception | None = None, text: str | None = None) -> None:
         if self._requests.pop(record.seq, None) is None:
@@ -399,7 +408,7 @@ class Engine:
         ttft = record.first_token_at - record.submitted if record.first_token_at else None
         per_token = (record.last_token_at - record.first_token_at) / (n - 1) if n > 1 else None
         last = tuple(generated[-1:]) if reason in ("stop", "length") else ()
-        record.emit(StreamOutput(record.req.request_id, text, last, reason, record.seq.num_prompt, n, ttft, per_token, error))
+        record.send(StreamOutput(record.req.request_id, text, last, reason, record.seq.num_prompt, n, ttft, per_token, error))
 
     def _publish_stats(self) -> None:
         self._steps += 1

@@ -43,6 +43,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     engine.add_argument("--out", type=Path, default=Path("bench-results/engine.json"))
     engine.set_defaults(func=_engine)
+    kv = benches.add_parser("kv", help="paged KV cache vs the fixed-row engine; prefix cache on vs off")
+    kv.add_argument("--model", type=Path, default=None, help="model folder (default: the prepared demo model)")
+    kv.add_argument("--mix-requests", type=int, default=48, help="requests of the length mix, (a) (default: %(default)s)")
+    kv.add_argument("--shared-requests", type=int, default=64, help="requests with adapter system prompts, (b) (default: %(default)s)")
+    kv.add_argument("--seed", type=int, default=0)
+    kv.add_argument("--threads", type=int, default=None, help="torch CPU threads per system (default: torch's own)")
+    kv.add_argument("--out", type=Path, default=Path("bench-results/kv.json"))
+    kv.set_defaults(func=_kv)
     register_store_bench(benches, _slot_copy)
     register_routing_bench(benches)
     register_routing_sim(benches)
@@ -81,6 +89,15 @@ def _engine(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     run(args.model or prepare_demo_model(), resolve_dtype(args.dtype, torch.device("cpu")), cfg, args.out, args.threads)
+    return 0
+
+
+def _kv(args: argparse.Namespace) -> int:
+    from openlora_ray.bench.kv_bench import KvBenchConfig, run
+    from openlora_ray.model.prepare import prepare_demo_model
+
+    cfg = KvBenchConfig(mix_requests=args.mix_requests, shared_requests=args.shared_requests, seed=args.seed)
+    run(args.model or prepare_demo_model(), cfg, args.out, args.threads)
     return 0
 
 

@@ -153,6 +153,7 @@ class Engine:
             max_running=cfg.max_running,
             token_budget=cfg.prefill_chunk,
             watermark=max(1, self.memory.num_blocks // 100),
+            prefix_cache=cfg.prefix_cache,
         )
         self.adapters = AdapterManager(
             self.slots,

@@ -96,9 +96,17 @@ class PrefixStats:
 
 class Scheduler:
     def __init__(
-        self, pool: BlockPool, *, block_size: int, max_running: int, token_budget: int, watermark: int
+        self,
+        pool: BlockPool,
+        *,
+        block_size: int,
+        max_running: int,
+        token_budget: int,
+        watermark: int,
+        prefix_cache: bool = True,
     ) -> None:
         self.pool = pool
+        self.prefix_cache = prefix_cache  # off: no block is named or looked up (benchmarks' baseline)
         self.block_size = block_size
         self.max_running = max_running
         self.token_budget = token_budget  # prompt tokens prefilled per step, at most
@@ -201,6 +209,8 @@ class Scheduler:
     def _prefix_hit(self, seq: Seq) -> list[int]:
         """Cached blocks of ``seq``'s longest named prefix, leaving at least its last token to
         compute (the step needs that token's logits to sample from)."""
+        if not self.prefix_cache:
+            return []
         usable = (len(seq.tokens) - 1) // self.block_size
         extend_block_hashes(seq.hashes, seq.identity, seq.tokens[: usable * self.block_size], self.block_size)
         return self.pool.lookup(seq.hashes[:usable])
@@ -240,7 +250,7 @@ class Scheduler:
     def _computed(self, seq: Seq, upto: int) -> None:
         seq.num_computed = upto
         full = upto // self.block_size
-        if full > seq.num_named:
+        if self.prefix_cache and full > seq.num_named:
             extend_block_hashes(seq.hashes, seq.identity, seq.tokens[: full * self.block_size], self.block_size)
             for i in range(seq.num_named, full):
                 self.pool.cache(seq.blocks[i], seq.hashes[i])

@@ -6,6 +6,11 @@ carry the admin scope. An adapter belongs to the tenant named before the first `
 (``acme.support-bot`` is acme's); a name without a dot, or owned by ``shared_owner``, is shared
 with every tenant. Another tenant's adapter is reported as *not found*, so its existence is not
 revealed.
+
+Managing an adapter (prefetch, pin, unpin, evict) takes slots and memory from everyone on the
+replicas, so an admin key manages its *own* tenant's adapters only: a tenant admin that pinned
+every shared adapter could leave no slot for other tenants' requests. Shared adapters are managed
+by admin keys of the ``shared_owner`` tenant (the operator's).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
 
-from openlora_ray.errors import AuthenticationError
+from openlora_ray.errors import AuthenticationError, PermissionDeniedError
 
 KEY_PREFIX = "olr-"
 
@@ -56,8 +61,27 @@ class Principal:
     def may_use(self, adapter_name: str, shared_owner: str) -> bool:
         if self.tenant is None:
             return True
-        owner = adapter_name.split(".", 1)[0] if "." in adapter_name else shared_owner
-        return owner in (self.tenant, shared_owner)
+        return owner_of(adapter_name, shared_owner) in (self.tenant, shared_owner)
+
+    def check_may_manage(self, adapter_name: str, shared_owner: str) -> None:
+        """Raise PermissionDeniedError unless this key may prefetch, pin, unpin or evict the adapter.
+
+        Call after :meth:`may_use` said yes (so another tenant's adapter still reads as not found).
+        """
+        if not self.admin:
+            raise PermissionDeniedError("managing adapters needs an admin key")
+        owner = owner_of(adapter_name, shared_owner)
+        if self.tenant is not None and owner != self.tenant:
+            raise PermissionDeniedError(
+                f"adapter {adapter_name!r} is shared: only an admin key of tenant {shared_owner!r} may prefetch, "
+                f"pin, unpin or evict it (this key's tenant is {self.tenant!r})"
+            )
+
+
+def owner_of(adapter_name: str, shared_owner: str) -> str:
+    """The tenant an adapter belongs to: the part of its name before the first '.', else shared."""
+    name = adapter_name.split("@", 1)[0]
+    return name.split(".", 1)[0] if "." in name else shared_owner
 
 
 ANONYMOUS = Principal(tenant=None, admin=True, key_id="anonymous")

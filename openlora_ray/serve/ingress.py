@@ -13,13 +13,12 @@ Serve's multiplexed model id, which the adapter-affinity router reads.
 import asyncio
 import json
 import logging
-import os
 import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import FastAPI, Header, Request
+from fastapi import FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
@@ -31,7 +30,11 @@ from openlora_ray.errors import AdapterNotFoundError, InvalidRequestError, Permi
 from openlora_ray.serve.auth import KeyRing, Principal
 from openlora_ray.serve.limits import KeyLimiter
 from openlora_ray.serve.config import AppConfig
-from openlora_ray.serve.errors import error_response
+from openlora_ray.serve.docs import register_docs
+from openlora_ray.serve.errors import error_response, stream_error
+from openlora_ray.serve.gate import configure as configure_gate
+from openlora_ray.serve.gate import gate
+from openlora_ray.serve.labels import Labelled, ModelLabels
 from openlora_ray.serve.openai_api import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -41,6 +44,7 @@ from openlora_ray.serve.openai_api import (
     usage,
 )
 from openlora_ray.serve.state import ReplicaState
+from openlora_ray.store.listing import MAX_PAGE, Page
 from openlora_ray.store.store import AdapterStore
 
 log = logging.getLogger(__name__)
@@ -48,7 +52,9 @@ log = logging.getLogger(__name__)
 REPLICA_HEADER = "x-openlora-replica"
 DEFAULT_MAX_TOKENS = 256
 
-api = FastAPI(title="openlora-ray", description="OpenAI-compatible multi-LoRA serving")
+api = FastAPI(title="openlora-ray", description="OpenAI-compatible multi-LoRA serving", docs_url=None, redoc_url=None, openapi_url=None)
+api.middleware("http")(gate)  # every request: an API key (but /healthz, /health), a sane body
+register_docs(api)  # /openapi.json, /docs and /redoc behind the gate
 
 
 @api.exception_handler(RequestValidationError)
@@ -66,33 +72,6 @@ def _residency(aid: str, states: list[ReplicaState]) -> dict[str, list[str]]:
     }
 
 
-# Serve freezes a copy of ``api`` (and pickles the class's globals by value), so the limit cannot
-# travel through ``api.state``; the ingress replica's process environment is shared by both.
-BODY_LIMIT_ENV = "OPENLORA_MAX_BODY_BYTES"
-
-
-@api.middleware("http")
-async def _limit_body(request: Request, call_next):
-    """413 before a large body is read: by its Content-Length, or while it streams in."""
-    limit = int(os.environ.get(BODY_LIMIT_ENV, "0")) or None
-    if limit is not None and request.method in ("POST", "PUT"):
-        declared = request.headers.get("content-length")
-        if declared is not None and int(declared) > limit:
-            return _too_large(limit)
-        if declared is None:
-            body = b""
-            async for chunk in request.stream():
-                body += chunk
-                if len(body) > limit:
-                    return _too_large(limit)
-            request._body = body  # starlette re-reads the buffered body from here
-    return await call_next(request)
-
-
-def _too_large(limit: int) -> JSONResponse:
-    return JSONResponse(error_body(f"request body exceeds {limit} bytes", "invalid_request_error", "body_too_large"), status_code=413)
-
-
 class PrefetchBody(BaseModel):
     replicas: int = Field(1, ge=1, description="how many replicas should hold the adapter")
 
@@ -108,7 +87,7 @@ class Ingress:
         # name -> the version a bare name last resolved to: used only while the store is down.
         self._last_pins: dict[str, str] = {}
         self._stale: set[str] = set()  # names served from _last_pins since the store last answered
-        os.environ[BODY_LIMIT_ENV] = str(self.cfg.limits.max_body_bytes)
+        configure_gate(self.cfg.auth, self.cfg.limits.max_body_bytes)
         if not self.cfg.auth.enabled:
             log.warning("AUTHENTICATION IS DISABLED: anyone who reaches this port can use and manage every adapter")
         tags = ("model",)
@@ -116,6 +95,8 @@ class Ingress:
         self._m_tokens = Counter("openlora_tokens", "tokens by adapter and kind (prompt, completion)", tag_keys=("model", "kind"))
         self._m_ttft = Histogram("openlora_time_to_first_token_seconds", "engine time to first token", boundaries=[0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30], tag_keys=tags)
         self._m_tpot = Histogram("openlora_time_per_output_token_seconds", "mean time between output tokens", boundaries=[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1], tag_keys=tags)
+        self._labels = ModelLabels(self.cfg.served_model_name)  # bounded "model" label values
+        self._m_requests, self._m_tokens, self._m_ttft, self._m_tpot = (Labelled(m, self._labels) for m in (self._m_requests, self._m_tokens, self._m_ttft, self._m_tpot))
 
     # ------------------------------------------------------------------ OpenAI endpoints
     @api.post("/v1/completions")
@@ -127,18 +108,22 @@ class Ingress:
         return await self._serve(authorization, body, [m.model_dump() for m in body.messages], chat=True)
 
     @api.get("/v1/models")
-    async def models(self, authorization: str | None = Header(None)) -> Any:
+    async def models(self, after: str | None = None, limit: int = Query(MAX_PAGE, ge=1, le=MAX_PAGE), authorization: str | None = Header(None)) -> Any:
+        """The base model, then the adapters this key may use, a page at a time in the store's
+        key order (``after`` = the previous page's ``last_id``; ``has_more`` says whether to go on)."""
         now = int(time.time())
+        page = Page((), has_more=False)
         data = [{"id": self.cfg.served_model_name, "object": "model", "created": now, "owned_by": "openlora-ray"}]
         if self.store is not None:
             try:
                 principal = self.keys.authenticate(authorization)
-                versions = await asyncio.to_thread(self.store.list)
+                page = await asyncio.to_thread(self.store.page, after, limit, lambda name: self._visible(principal, name))
             except Exception as e:  # noqa: BLE001 - mapped to an HTTP answer, never swallowed
                 return self._error(e)
-            for name in sorted({v.id.name for v in versions if self._visible(principal, v.id.name)}):
+            for name in (a.name for a in page.adapters):
                 data.append({"id": name, "object": "model", "created": now, "owned_by": "openlora-ray", "parent": self.cfg.served_model_name})
-        return {"object": "list", "data": data}
+        data = data[1:] if after else data  # the base model heads the first page only
+        return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None, "last_id": page.last, "has_more": page.has_more}
 
     @api.get("/healthz")
     async def healthz(self) -> dict[str, str]:
@@ -266,8 +251,7 @@ class Ingress:
                     break
                 item = await stream.__anext__()
         except Exception as e:  # noqa: BLE001 - the stream ends with an error event, not a hang
-            response = error_response(e)
-            message = json.loads(response.body)["error"] if response is not None else {"message": str(e), "type": "server_error"}
+            message = stream_error(e)
             self._m_requests.inc(tags={"model": model, "status": "error"})
             yield event({"error": message})
             yield "data: [DONE]\n\n"
@@ -307,8 +291,8 @@ class Ingress:
         name = model.split("@", 1)[0]
         if not self._visible(principal, name):
             raise AdapterNotFoundError(model)
-        if admin and not principal.admin:
-            raise PermissionDeniedError("managing adapters needs an admin key")
+        if admin:
+            principal.check_may_manage(name, self.cfg.auth.shared_owner)
         try:
             pinned = str(await asyncio.to_thread(self.store.pin, model))
         except StoreUnavailableError:
@@ -322,6 +306,7 @@ class Ingress:
                 self._stale.add(model)
                 log.warning("store unreachable: serving %r as %s, the version it last resolved to", model, last)
             return last
+        self._labels.admit(model)
         if "@" not in model:
             self._last_pins[model] = pinned
             self._stale.discard(model)

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from openlora_ray.adapter_format import CONFIG_FILE, PROJECTIONS, WEIGHTS_FILE, BaseModelDims
 from openlora_ray.errors import OpenLoraError
+from openlora_ray.store.listing_bench import register_listing_bench
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,7 @@ def register_bench(bench_subparsers: argparse._SubParsersAction, slot_copy: Slot
     p.add_argument("--bucket", default="openlora-bench", help="bucket to use (created if absent)")
     p.add_argument("--out", type=Path, default=Path("bench-results/store.json"))
     p.set_defaults(func=lambda args: run_store_bench(args, slot_copy))
+    register_listing_bench(bench_subparsers)
 
 
 def write_adapter(folder: Path, dims: BaseModelDims, rank: int, seed: int = 0) -> int:

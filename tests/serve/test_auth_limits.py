@@ -76,3 +76,63 @@ def test_keys_new_cli_prints_a_key_and_its_hash(capsys):
     entry = yaml.safe_load(out.split("keys file entry:\n")[1])[0]
     assert entry == {"tenant": "acme", "sha256": hash_key(key), "admin": True}
     assert KeyRing(AuthSettings(keys=[entry])).authenticate(f"Bearer {key}").admin
+
+
+def test_an_admin_key_manages_its_own_tenants_adapters_only():
+    from openlora_ray.errors import PermissionDeniedError
+
+    ring = KeyRing(AuthSettings(keys=[
+        {"tenant": "acme", "sha256": hash_key("a"), "admin": True},
+        {"tenant": "acme", "sha256": hash_key("u")},
+        {"tenant": "shared", "sha256": hash_key("op"), "admin": True},
+    ]))
+    admin, user, operator = (ring.authenticate(f"Bearer {k}") for k in ("a", "u", "op"))
+    admin.check_may_manage("acme.bot", "shared")
+    admin.check_may_manage("acme.bot@v3", "shared")
+    for shared in ("alpha", "shared.faq", "alpha@v1"):
+        with pytest.raises(PermissionDeniedError, match="only an admin key of tenant 'shared'"):
+            admin.check_may_manage(shared, "shared")
+        operator.check_may_manage(shared, "shared")
+    with pytest.raises(PermissionDeniedError, match="needs an admin key"):
+        user.check_may_manage("acme.bot", "shared")
+    KeyRing(AuthSettings(enabled=False)).authenticate(None).check_may_manage("globex.bot", "shared")
+
+
+def test_model_label_values_are_bounded_by_what_resolved():
+    from openlora_ray.serve.labels import Labelled, ModelLabels
+
+    seen = []
+
+    class Metric:
+        def inc(self, value=1.0, tags=None):
+            seen.append(tags["model"])
+
+    labels = ModelLabels("base")
+    counter = Labelled(Metric(), labels)
+    for model in ("base", "alpha@v1", "x" * 10_000, None, "alpha"):
+        counter.inc(tags={"model": model, "status": "ok"})
+    labels.admit("alpha@v1")
+    counter.inc(tags={"model": "alpha@v2"})
+    assert seen == ["base", "unknown", "unknown", "unknown", "unknown", "alpha"]
+
+
+def test_client_messages_carry_no_store_location():
+    import json
+
+    from openlora_ray.errors import AdapterNotFoundError, InvalidAdapterError, StoreUnavailableError
+    from openlora_ray.serve.errors import error_response, stream_error
+
+    where = "s3://secret-bucket/adapters at http://10.1.2.3:9000"
+    cases = [
+        (StoreUnavailableError(f"cannot reach {where} to read 'a/v1/openlora-manifest.json'"), 503, "store_unavailable"),
+        (AdapterNotFoundError("a@v1", where), 404, "model_not_found"),
+        (InvalidAdapterError("a@v1", "cached copy at /var/cache/openlora/x/a/v1 was damaged"), None, "invalid_adapter"),
+    ]
+    for exc, status, code in cases:
+        response = error_response(exc)
+        body = json.loads(response.body)["error"]
+        assert response.status_code == (status or response.status_code) and body["code"] == code
+        assert "secret-bucket" not in body["message"] and "10.1.2.3" not in body["message"] and "/var/cache" not in body["message"]
+        assert "a@v1" in body["message"] or code == "store_unavailable"
+    assert stream_error(RuntimeError("boom at /srv/secret")) == {
+        "message": "internal error; the request was not completed", "type": "server_error", "code": "internal_error"}

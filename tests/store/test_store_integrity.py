@@ -201,3 +201,16 @@ def test_profile_file_is_not_an_adapter_and_bad_profiles_are_clear(folder_store,
     with pytest.raises(StoreProfileError, match="not a Hugging Face model folder"):
         StoreProfile.from_model_dir(tmp_path / "nothing", 8)
     shutil.rmtree(tmp_path / "store")
+
+
+def test_cli_ls_pages_with_limit_and_after(folder_store, adapters, tmp_path, capsys):
+    for name in ("b", "a", "c"):
+        folder_store.push(adapters[0], f"{name}@v1")
+    uri = str(tmp_path / "store")
+    assert main(["adapters", "ls", uri, "--limit", "2", "--cache-dir", str(tmp_path / "c")]) == 0
+    out, err = capsys.readouterr()
+    assert [line.split()[0] for line in out.splitlines()[1:]] == ["a", "b"] and "--after b" in err
+    assert main(["adapters", "ls", uri, "--limit", "2", "--after", "b", "--json", "--cache-dir", str(tmp_path / "c")]) == 0
+    out, err = capsys.readouterr()
+    assert [json.loads(line)["name"] for line in out.splitlines()] == ["c"] and err == ""
+    assert main(["adapters", "ls", uri, "--limit", "0", "--cache-dir", str(tmp_path / "c")]) == 1

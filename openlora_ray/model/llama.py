@@ -51,16 +51,18 @@ class LoraBatch:
 class PagedKVCache:
     """Keys and values of ``num_blocks`` blocks of ``block_size`` tokens per layer, allocated once.
 
-    k, v: (num_layers, KVH, num_blocks, block_size, head_dim). Which block belongs to which
+    k: (num_layers, num_blocks, KVH, head_dim, block_size), keys transposed within a block, and
+    v: (num_layers, num_blocks, KVH, block_size, head_dim); ``model/paged_attention.py`` says why.
+    Which block belongs to which
     sequence is the scheduler's business (``engine/block_pool.py``); the cache only stores. Zeroed
     at allocation: positions past a row's length are masked, and a masked weight of exactly 0
     times a finite stale value stays 0 (uninitialised memory could hold NaN).
     """
 
     def __init__(self, dims: BaseModelDims, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device) -> None:
-        shape = (dims.num_layers, dims.num_kv_heads, num_blocks, block_size, dims.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        blocks = (dims.num_layers, num_blocks, dims.num_kv_heads)
+        self.k = torch.zeros(*blocks, dims.head_dim, block_size, dtype=dtype, device=device)
+        self.v = torch.zeros(*blocks, block_size, dims.head_dim, dtype=dtype, device=device)
         self.num_blocks, self.block_size = num_blocks, block_size
 
     @staticmethod
@@ -103,7 +105,7 @@ class DecoderLayer(nn.Module):
         x: torch.Tensor,  # (B, L, D)
         rope: tuple[torch.Tensor, torch.Tensor],  # cos, sin: (B, L, head_dim)
         lora: LoraBatch | None,
-        kv: tuple[torch.Tensor, torch.Tensor] | None,  # this layer's pools: (KVH, NB, bs, hd) each
+        kv: tuple[torch.Tensor, torch.Tensor] | None,  # this layer's pools: (NB, KVH, hd, bs), (NB, KVH, bs, hd)
         paged: PagedBatch | None,
         mask: torch.Tensor | None,  # (B, 1, L, L) bool, True = may attend; only without a cache
     ) -> torch.Tensor:

@@ -1,14 +1,18 @@
 """Attention over a paged KV cache, stated as reference PyTorch and implemented without row loops.
 
-Layout. Each layer's cache is a pool of blocks, ``k, v: (KVH, NB, bs, hd)``; a sequence's block
-table lists the blocks holding its tokens, token ``p`` at ``(table[p // bs], p % bs)``. Grouped
-query attention folds the ``rep = H / KVH`` query heads that share a KV head into one axis, so no
-key or value is ever repeated per head.
+Layout. Each layer's cache is a pool of blocks, ``k: (NB, KVH, hd, bs)`` and ``v: (NB, KVH, bs,
+hd)``: block-major, so that a run of blocks is one contiguous piece of memory a batched matmul
+reads without a copy, and keys transposed within a block, so that a block's scores are one
+``(rep, hd) @ (hd, bs)`` product (the ``(bs, hd) @ (hd, rep)`` form ran 17x slower in MKL's batched
+GEMM on CPU: an output 3 columns wide). A sequence's block table lists the blocks holding its
+tokens, token ``p`` at offset ``p % bs`` of block ``table[p // bs]``. Grouped query attention folds
+the ``rep = H / KVH`` query heads that share a KV head into one axis, so no key or value is ever
+repeated per head.
 
 Semantics (for one row with block table ``table`` whose queries sit at positions
 ``start .. start + L - 1``)::
 
-    k_row = cat([k[:, b] for b in table], dim=1)[:, :start + L]     # (KVH, T, hd)
+    k_row = cat([k[b].mT for b in table], dim=1)[:, :start + L]     # (KVH, T, hd)
     for each query head h (KV head h // rep), query i:
         out[h, i] = softmax(q[h, i] @ k_row[h // rep].T * scale, keys j <= start + i) @ v_row[h // rep]
 
@@ -20,7 +24,7 @@ Semantics (for one row with block table ``table`` whose queries sit at positions
 * ``decode_attention``: B rows, one query each. Gathering every row's context per layer would copy
   as many bytes as attention reads (measured on CPU: the gather cost more than the attention), so
   the pool is read in place where it can be. Scores are computed block by block for every
-  (row, block) pair, ``s = K_block @ q_row`` as one batched matmul over all pairs; the softmax over
+  (row, block) pair, ``s = q_row @ K_block^T`` as one batched matmul over all pairs; the softmax over
   a row's blocks is segmented (per-row max by ``scatter_reduce``, sum by ``index_add``); the output is
   the per-block ``softmax @ V_block`` summed per row. When the batch's blocks are distinct and
   dense in the pool (the usual case), the pairs are simply ``blocks lo..hi`` read as a view; when
@@ -53,7 +57,7 @@ class DecodeLayout:
 
     blocks  (P,) long pool blocks to gather, or a slice ``lo:hi`` read in place
     row_of  (P,) long batch row of each pair; ``num_rows`` for a padding pair
-    masked  (1, P, bs, 1) bool, True = not part of the row's context
+    masked  (P, 1, 1, bs) bool, True = not part of the row's context
     """
 
     blocks: torch.Tensor | slice
@@ -85,34 +89,35 @@ def build_decode_layout(
         blocks = torch.tensor(used, device=device)
     valid_t = torch.tensor(valid, device=device)
     masked = torch.arange(block_size, device=device)[None, :] >= valid_t[:, None]  # (P, bs)
-    return DecodeLayout(blocks, torch.tensor(row_of, device=device), masked[None, :, :, None], num_rows)
+    return DecodeLayout(blocks, torch.tensor(row_of, device=device), masked[:, None, None, :], num_rows)
 
 
 def write_kv(
-    k_pool: torch.Tensor,  # (KVH, NB, bs, hd)
-    v_pool: torch.Tensor,
+    k_pool: torch.Tensor,  # (NB, KVH, hd, bs)
+    v_pool: torch.Tensor,  # (NB, KVH, bs, hd)
     slots: torch.Tensor,  # (N,) long, flat token slot block * bs + offset of each new token
     k: torch.Tensor,  # (N, KVH, hd)
     v: torch.Tensor,
 ) -> None:
-    kvh, nb, bs, hd = k_pool.shape
-    k_pool.view(kvh, nb * bs, hd).index_copy_(1, slots, k.transpose(0, 1))
-    v_pool.view(kvh, nb * bs, hd).index_copy_(1, slots, v.transpose(0, 1))
+    bs = v_pool.shape[2]
+    blocks, offsets = slots // bs, slots % bs
+    k_pool[blocks, :, :, offsets] = k
+    v_pool[blocks, :, offsets] = v
 
 
 def prefill_attention(
     q: torch.Tensor,  # (H, L, hd) one sequence's new queries
-    k_pool: torch.Tensor,  # (KVH, NB, bs, hd), this chunk already written
-    v_pool: torch.Tensor,
+    k_pool: torch.Tensor,  # (NB, KVH, hd, bs), this chunk already written
+    v_pool: torch.Tensor,  # (NB, KVH, bs, hd)
     layout: PrefillLayout,
     scale: float,
 ) -> torch.Tensor:  # (H, L, hd)
     heads, length, hd = q.shape
-    kvh, _, bs, _ = k_pool.shape
+    kvh = k_pool.shape[1]
     rep = heads // kvh
     total = layout.start + length
-    k = k_pool.index_select(1, layout.blocks).view(kvh, -1, hd)[:, :total]  # (KVH, T, hd)
-    v = v_pool.index_select(1, layout.blocks).view(kvh, -1, hd)[:, :total]
+    k = k_pool.index_select(0, layout.blocks).permute(1, 0, 3, 2).reshape(kvh, -1, hd)[:, :total]  # (KVH, T, hd)
+    v = v_pool.index_select(0, layout.blocks).transpose(0, 1).reshape(kvh, -1, hd)[:, :total]
     query_pos = layout.start + torch.arange(length, device=q.device)
     mask = torch.arange(total, device=q.device)[None, :] <= query_pos[:, None]  # (L, T)
     q = q.reshape(kvh, rep * length, hd)  # (KVH, rep*L, hd): heads h = kvh*rep + r
@@ -122,49 +127,49 @@ def prefill_attention(
 
 def decode_attention(
     q: torch.Tensor,  # (B, H, hd) one query per row
-    k_pool: torch.Tensor,  # (KVH, NB, bs, hd), this step's tokens already written
-    v_pool: torch.Tensor,
+    k_pool: torch.Tensor,  # (NB, KVH, hd, bs), this step's tokens already written
+    v_pool: torch.Tensor,  # (NB, KVH, bs, hd)
     layout: DecodeLayout,
     scale: float,
 ) -> torch.Tensor:  # (B, H, hd)
     rows, heads, hd = q.shape
-    kvh = k_pool.shape[0]
+    kvh = k_pool.shape[1]
     rep = heads // kvh
     if isinstance(layout.blocks, slice):
-        k, v = k_pool[:, layout.blocks], v_pool[:, layout.blocks]  # (KVH, P, bs, hd): views
+        k, v = k_pool[layout.blocks], v_pool[layout.blocks]  # (P, KVH, hd, bs), (P, KVH, bs, hd): views
     else:
-        k, v = k_pool.index_select(1, layout.blocks), v_pool.index_select(1, layout.blocks)
+        k, v = k_pool.index_select(0, layout.blocks), v_pool.index_select(0, layout.blocks)
     # One padding row (index B) absorbs the pairs of unused blocks in an in-place range.
     q_rows = torch.cat([q, q.new_zeros(1, heads, hd)]).view(rows + 1, kvh, rep, hd)
-    q_pairs = q_rows.index_select(0, layout.row_of).permute(1, 0, 3, 2)  # (KVH, P, hd, rep)
-    scores = torch.matmul(k, q_pairs).mul_(scale).masked_fill_(layout.masked, MASKED)  # (KVH, P, bs, rep)
-    block_max = scores.amax(2)  # (KVH, P, rep)
-    row_max = torch.full((kvh, rows + 1, rep), MASKED, dtype=scores.dtype, device=q.device)
-    row_max.scatter_reduce_(1, layout.row_of[None, :, None].expand_as(block_max), block_max, "amax")  # (KVH, B+1, rep)
-    weights = scores.sub_(row_max.index_select(1, layout.row_of)[:, :, None, :]).exp_()  # (KVH, P, bs, rep)
-    denom = torch.zeros_like(row_max).index_add_(1, layout.row_of, weights.sum(2))  # (KVH, B+1, rep)
-    partial = torch.matmul(weights.transpose(2, 3), v)  # (KVH, P, rep, hd)
-    out = torch.zeros(kvh, rows + 1, rep, hd, dtype=q.dtype, device=q.device).index_add_(1, layout.row_of, partial)
-    out = out[:, :rows] / denom[:, :rows, :, None]  # (KVH, B, rep, hd)
-    return out.permute(1, 0, 2, 3).reshape(rows, heads, hd)
+    q_pairs = q_rows.index_select(0, layout.row_of)  # (P, KVH, rep, hd)
+    scores = torch.matmul(q_pairs, k).mul_(scale).masked_fill_(layout.masked, MASKED)  # (P, KVH, rep, bs)
+    block_max = scores.amax(-1)  # (P, KVH, rep)
+    index = layout.row_of[:, None, None].expand_as(block_max)
+    row_max = torch.full((rows + 1, kvh, rep), MASKED, dtype=scores.dtype, device=q.device)
+    row_max.scatter_reduce_(0, index, block_max, "amax")  # (B+1, KVH, rep)
+    weights = scores.sub_(row_max.index_select(0, layout.row_of)[..., None]).exp_()  # (P, KVH, rep, bs)
+    denom = torch.zeros_like(row_max).index_add_(0, layout.row_of, weights.sum(-1))  # (B+1, KVH, rep)
+    partial = torch.matmul(weights, v)  # (P, KVH, rep, hd)
+    out = torch.zeros(rows + 1, kvh, rep, hd, dtype=q.dtype, device=q.device).index_add_(0, layout.row_of, partial)
+    return (out[:rows] / denom[:rows, :, :, None]).view(rows, heads, hd)
 
 
 def paged_attention_reference(
     q: torch.Tensor,  # (B, H, L, hd)
-    k_pool: torch.Tensor,  # (KVH, NB, bs, hd)
-    v_pool: torch.Tensor,
+    k_pool: torch.Tensor,  # (NB, KVH, hd, bs)
+    v_pool: torch.Tensor,  # (NB, KVH, bs, hd)
     tables: Sequence[Sequence[int]],
     starts: Sequence[int],  # tokens in each row's cache before its L queries
     scale: float,
 ) -> torch.Tensor:  # (B, H, L, hd)
     """The definition, one row and one head at a time, in float64. For tests only."""
     rows, heads, length, hd = q.shape
-    kvh = k_pool.shape[0]
+    kvh = k_pool.shape[1]
     out = torch.empty(rows, heads, length, hd, dtype=torch.float64)
     for b in range(rows):
         total = starts[b] + length
-        k_row = torch.cat([k_pool[:, blk] for blk in tables[b]], dim=1)[:, :total].double()  # (KVH, T, hd)
-        v_row = torch.cat([v_pool[:, blk] for blk in tables[b]], dim=1)[:, :total].double()
+        k_row = torch.cat([k_pool[blk].mT for blk in tables[b]], dim=1)[:, :total].double()  # (KVH, T, hd)
+        v_row = torch.cat([v_pool[blk] for blk in tables[b]], dim=1)[:, :total].double()
         for h in range(heads):
             g = h // (heads // kvh)
             for i in range(length):

@@ -20,8 +20,7 @@ KVH, REP, HD, BS = 2, 3, 8, 4
 
 def pools(num_blocks: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
-    shape = (KVH, num_blocks, BS, HD)
-    return torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
+    return torch.randn(num_blocks, KVH, HD, BS, generator=gen), torch.randn(num_blocks, KVH, BS, HD, generator=gen)
 
 
 def random_tables(lengths: list[int], num_blocks: int, rng: random.Random, shared: int = 0) -> list[list[int]]:

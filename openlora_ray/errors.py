@@ -12,7 +12,7 @@ class OpenLoraError(Exception):
 
 
 class InvalidAdapterError(OpenLoraError):
-    """An adapter exists but cannot be served (bad config, shapes, weights or format). HTTP 422."""
+    """An adapter exists but cannot be served (bad config, shapes, weights or format). HTTP 400."""
 
     def __init__(self, adapter_id: str, reason: str) -> None:
         super().__init__(f"adapter {adapter_id!r} cannot be served: {reason}")

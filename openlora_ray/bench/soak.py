@@ -11,9 +11,9 @@ The mix is mostly good requests (completions and chat, streamed or not, greedy o
 the adapters with a Zipf popularity, so a few adapters are hot and most are cold, and the
 adapters far outnumber the slots, the host-RAM budget and the disk-cache budget: every tier
 evicts all the time. The rest are bad requests, each of which has exactly one right answer: an
-unknown adapter (404), a corrupted adapter written into the store behind the store's back (422),
-a malformed adapter id (400), an oversize prompt (400, from the ingress or from the engine), and a
-body that is not JSON (400).
+unknown adapter (404), a corrupted adapter written into the store behind the store's back (400,
+code invalid_adapter), a malformed adapter id (400), an oversize prompt (400, from the ingress or
+from the engine), and a body that is not JSON (400).
 
 What it reports, and the targets it checks:
 
@@ -59,7 +59,7 @@ BASE_NAME = "base"
 MiB = 1 << 20
 # Good requests are most of the traffic; the rest is split evenly between these kinds.
 BAD_KINDS = ("unknown_adapter", "invalid_adapter", "invalid_id", "oversize_prompt", "bad_json")
-EXPECTED_STATUS = {"good": 200, "unknown_adapter": 404, "invalid_adapter": 422, "invalid_id": 400, "oversize_prompt": 400, "bad_json": 400}
+EXPECTED_STATUS = {"good": 200, "unknown_adapter": 404, "invalid_adapter": 400, "invalid_id": 400, "oversize_prompt": 400, "bad_json": 400}
 REFUSALS = (429, 503)  # the intended answers to overload
 MAX_PROMPT_CHARS = 4000
 REQUEST_TIMEOUT_S = 120.0

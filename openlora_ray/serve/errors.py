@@ -31,7 +31,7 @@ from openlora_ray.errors import (
     InvalidRequestError,
     StoreUnavailableError,
 )
-from openlora_ray.serve.openai_api import error_body
+from openlora_ray.serve.openai_responses import error_body
 from openlora_ray.store.store import AdapterVersionExistsError
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,9 @@ _TABLE: list[tuple[type[BaseException], int, str, str, bool]] = [
     (AdapterNotFoundError, 404, "invalid_request_error", "model_not_found", False),
     (AdapterVersionExistsError, 409, "invalid_request_error", "version_exists", False),
     (AdapterInUseError, 409, "invalid_request_error", "adapter_in_use", False),
-    (InvalidAdapterError, 422, "invalid_request_error", "invalid_adapter", False),
+    # 400, not 422: the SDKs raise UnprocessableEntityError for a 422, which code written for other
+    # OpenAI servers (``except BadRequestError``) does not catch; the code says what went wrong.
+    (InvalidAdapterError, 400, "invalid_request_error", "invalid_adapter", False),
     (CapacityError, 429, "rate_limit_error", "overloaded", True),
     (BackPressureError, 503, "server_error", "overloaded", True),
     (StoreUnavailableError, 503, "server_error", "store_unavailable", True),

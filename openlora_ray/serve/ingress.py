@@ -11,11 +11,13 @@ Serve's multiplexed model id, which the adapter-affinity router reads.
 
 
 import asyncio
+import contextlib
+import dataclasses
 import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from fastapi import FastAPI, Header, Query, Request
@@ -23,6 +25,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 from ray import serve
+from ray.serve import context as serve_context
+from ray.serve._private.utils import generate_request_id
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from ray.serve.handle import DeploymentHandle
 from ray.serve.metrics import Counter, Histogram
 
@@ -37,12 +42,13 @@ from openlora_ray.serve.gate import gate
 from openlora_ray.serve.labels import Labelled, ModelLabels
 from openlora_ray.serve.openai_api import (
     ChatCompletionRequest,
+    Choice,
     CompletionRequest,
-    completion_response,
-    error_body,
-    stream_chunk,
-    usage,
+    DetokenizeRequest,
+    TokenizeRequest,
 )
+from openlora_ray.serve.openai_responses import completion_response, error_body, model_card
+from openlora_ray.serve.openai_serving import chunk_writer, results, start_choices
 from openlora_ray.serve.state import ReplicaState
 from openlora_ray.store.listing import MAX_PAGE, Page
 from openlora_ray.store.store import AdapterStore
@@ -59,9 +65,21 @@ register_docs(api)  # /openapi.json, /docs and /redoc behind the gate
 
 @api.exception_handler(RequestValidationError)
 async def _bad_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+    """400 with OpenAI's body; ``param`` names the field (an unsupported one gets its own code)."""
     first = exc.errors()[0]
     where = ".".join(str(p) for p in first["loc"] if p != "body")
-    return JSONResponse(error_body(f"{where}: {first['msg']}", "invalid_request_error", "invalid_request"), status_code=400)
+    param = (first.get("ctx") or {}).get("param") or where or None
+    code = first["type"] if first["type"] in ("unsupported_parameter", "invalid_value") else "invalid_request"
+    message = f"{where}: {first['msg']}" if where else first["msg"]
+    return JSONResponse(error_body(message, "invalid_request_error", code, param), status_code=400)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """Unknown routes and wrong methods answer OpenAI's error body, not FastAPI's ``detail``."""
+    codes = {404: "not_found", 405: "method_not_allowed"}
+    body = error_body(str(exc.detail), "invalid_request_error", codes.get(exc.status_code, str(exc.status_code)))
+    return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
 
 def _residency(aid: str, states: list[ReplicaState]) -> dict[str, list[str]]:
@@ -70,6 +88,23 @@ def _residency(aid: str, states: list[ReplicaState]) -> dict[str, list[str]]:
         "host_on": [s.replica_id for s in states if aid in s.host],
         "disk_on": [s.replica_id for s in states if aid in s.disk],
     }
+
+
+@contextlib.contextmanager
+def _own_serve_request_id() -> Iterator[None]:
+    """A handle call made in here gets an internal request id of its own.
+
+    Serve 2.60 gives a handle call the internal id of the request being served, and its request
+    router keeps one pending request per internal id: the second and later of several calls made
+    for one HTTP request (the choices of ``n`` > 1) were never routed and hung. Our router also
+    keys its claims and in-flight counts by that id.
+    """
+    ctx = serve_context._get_serve_request_context()
+    token = serve_context._serve_request_context.set(dataclasses.replace(ctx, _internal_request_id=generate_request_id()))
+    try:
+        yield
+    finally:
+        serve_context._serve_request_context.reset(token)
 
 
 class PrefetchBody(BaseModel):
@@ -101,11 +136,11 @@ class Ingress:
     # ------------------------------------------------------------------ OpenAI endpoints
     @api.post("/v1/completions")
     async def completions(self, body: CompletionRequest, authorization: str | None = Header(None)) -> Any:
-        return await self._serve(authorization, body, body.prompt, chat=False)
+        return await self._serve(authorization, body, chat=False)
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, body: ChatCompletionRequest, authorization: str | None = Header(None)) -> Any:
-        return await self._serve(authorization, body, [m.model_dump() for m in body.messages], chat=True)
+        return await self._serve(authorization, body, chat=True)
 
     @api.get("/v1/models")
     async def models(self, after: str | None = None, limit: int = Query(MAX_PAGE, ge=1, le=MAX_PAGE), authorization: str | None = Header(None)) -> Any:
@@ -113,20 +148,55 @@ class Ingress:
         key order (``after`` = the previous page's ``last_id``; ``has_more`` says whether to go on)."""
         now = int(time.time())
         page = Page((), has_more=False)
-        data = [{"id": self.cfg.served_model_name, "object": "model", "created": now, "owned_by": "openlora-ray"}]
+        data = [model_card(self.cfg.served_model_name, now)]
         if self.store is not None:
             try:
                 principal = self.keys.authenticate(authorization)
                 page = await asyncio.to_thread(self.store.page, after, limit, lambda name: self._visible(principal, name))
             except Exception as e:  # noqa: BLE001 - mapped to an HTTP answer, never swallowed
                 return self._error(e)
-            for name in (a.name for a in page.adapters):
-                data.append({"id": name, "object": "model", "created": now, "owned_by": "openlora-ray", "parent": self.cfg.served_model_name})
+            data += [model_card(a.name, now, parent=self.cfg.served_model_name) for a in page.adapters]
         data = data[1:] if after else data  # the base model heads the first page only
         return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None, "last_id": page.last, "has_more": page.has_more}
 
+    @api.get("/v1/models/{model_id:path}")
+    async def model(self, model_id: str, authorization: str | None = Header(None)) -> Any:
+        """The base model or an adapter this key may use (another tenant's reads as not found)."""
+        try:
+            adapter = await self._resolve_model(model_id, self.keys.authenticate(authorization))
+        except Exception as e:  # noqa: BLE001
+            return self._error(e)
+        parent = None if adapter is None else self.cfg.served_model_name
+        return model_card(model_id, int(time.time()), parent=parent)
+
+    @api.post("/tokenize")
+    async def tokenize(self, body: TokenizeRequest, authorization: str | None = Header(None)) -> Any:
+        """vLLM's /tokenize. Adapters share the base model's tokenizer and chat template, so any
+        replica answers, whatever adapter ``model`` names (checked like a generation request)."""
+        try:
+            await self._resolve_model(body.model, self.keys.authenticate(authorization))
+            handle = self.replicas.options(method_name="tokenize")
+            out = await handle.remote(body.to_prompt(), body.return_token_strs)
+        except Exception as e:  # noqa: BLE001
+            return self._error(e)
+        return {"count": len(out["tokens"]), **out}
+
+    @api.post("/detokenize")
+    async def detokenize(self, body: DetokenizeRequest, authorization: str | None = Header(None)) -> Any:
+        try:
+            await self._resolve_model(body.model, self.keys.authenticate(authorization))
+            text = await self.replicas.options(method_name="detokenize").remote(body.tokens)
+        except Exception as e:  # noqa: BLE001
+            return self._error(e)
+        return {"prompt": text}
+
     @api.get("/healthz")
     async def healthz(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+    @api.get("/health")
+    async def health(self) -> dict[str, str]:
+        """vLLM's name for the same check (guidellm and others probe it before sending load)."""
         return {"status": "ok"}
 
     # -------------------------------------------------------------- adapter management
@@ -187,99 +257,102 @@ class Ingress:
         return await self._on_holders(authorization, adapter, "evict", lambda s, aid: aid in s.resident or aid in s.host)
 
     # ------------------------------------------------------------------------ internals
-    async def _serve(self, authorization: str | None, body: CompletionRequest | ChatCompletionRequest, prompt: Any, chat: bool) -> Any:
-        model = body.model
+    async def _serve(self, authorization: str | None, body: CompletionRequest | ChatCompletionRequest, chat: bool) -> Any:
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         try:
             principal = self.keys.authenticate(authorization)
-            params = body.sampling(DEFAULT_MAX_TOKENS)
-            self._check_limits(params, prompt)
-            self.limiter.admit(principal.key_id)
+            choices = body.choices(DEFAULT_MAX_TOKENS)
+            self._check_limits(choices[0].params, body.prompt_chars())
+            self._admit(principal)
         except Exception as e:  # noqa: BLE001
             return self._error(e)
         try:
-            response = await self._generate(principal, model, rid, params, prompt, chat, body)
+            response = await self._generate(principal, body, rid, choices, chat)
         except BaseException:
-            self.limiter.done(principal.key_id)
+            self._release(principal)
             raise
         if isinstance(response, StreamingResponse):
             return response  # the stream releases the key's slot when it ends
-        self.limiter.done(principal.key_id)
+        self._release(principal)
         return response
 
-    async def _generate(self, principal: Principal, model: str, rid: str, params: Any, prompt: Any, chat: bool, body: Any) -> Any:
+    def _admit(self, principal: Principal) -> None:
+        """Per-key limits apply with auth on. With auth off every caller shares one anonymous key,
+        so a per-key stream cap would throttle all local users together: their requests queue in
+        Serve instead (ingress and replica ``max_ongoing_requests``/``max_queued_requests``)."""
+        if self.cfg.auth.enabled:
+            self.limiter.admit(principal.key_id)
+
+    def _release(self, principal: Principal) -> None:
+        if self.cfg.auth.enabled:
+            self.limiter.done(principal.key_id)
+
+    async def _generate(self, principal: Principal, body: CompletionRequest | ChatCompletionRequest, rid: str, choices: list[Choice], chat: bool) -> Any:
+        model = body.model
         try:
-            adapter = None if model == self.cfg.served_model_name else await self._pin(model, principal)
+            adapter = await self._resolve_model(model, principal)
             handle = self.replicas.options(method_name="generate", stream=True, multiplexed_model_id=adapter or "")
-            stream = handle.remote({"prompt": prompt, "params": params.model_dump(), "request_id": rid})
-            first = await stream.__anext__()  # errors before the first token become proper statuses
+
+            def start(c: Choice) -> Any:
+                request_id = rid if len(choices) == 1 else f"{rid}-{c.index}"
+                with _own_serve_request_id():
+                    return handle.remote({"prompt": c.prompt, "params": c.params.model_dump(), "request_id": request_id})
+
+            running = await start_choices(choices, start)  # errors before the first token become statuses
         except Exception as e:  # noqa: BLE001
             self._m_requests.inc(tags={"model": model, "status": "error"})
             return self._error(e)
-        headers = {REPLICA_HEADER: first["replica"]}
+        headers = {REPLICA_HEADER: running.replica}
         if body.stream:
-            return StreamingResponse(self._sse(rid, model, first, stream, chat, body.include_usage, principal.key_id), media_type="text/event-stream", headers=headers)
-        text, last = first["text"], first
+            events = running.events(
+                chunk_writer(rid, model, chat), body.include_usage, lambda lasts: self._record(model, lasts), lambda e: self._stream_error(model, e)
+            )
+            return StreamingResponse(self._released(events, principal), media_type="text/event-stream", headers=headers)
         try:
-            async for item in stream:
-                text += item["text"]
-                last = item
+            lasts = await running.collect()
         except Exception as e:  # noqa: BLE001
+            self._m_requests.inc(tags={"model": model, "status": "error"})
             return self._error(e)
-        self._record(model, last)
-        return JSONResponse(completion_response(rid, model, text, last["finish_reason"], usage(last["prompt_tokens"], last["completion_tokens"]), chat), headers=headers)
+        self._record(model, lasts)
+        return JSONResponse(completion_response(rid, model, results(choices, lasts), chat), headers=headers)
 
-    async def _sse(self, rid: str, model: str, first: dict, stream: AsyncIterator[dict], chat: bool, include_usage: bool, key_id: str) -> AsyncIterator[str]:
+    async def _released(self, events: AsyncIterator[str], principal: Principal) -> AsyncIterator[str]:
         try:
-            async for event in self._events(rid, model, first, stream, chat, include_usage):
+            async for event in events:
                 yield event
         finally:
-            self.limiter.done(key_id)
+            self._release(principal)
 
-    async def _events(self, rid: str, model: str, first: dict, stream: AsyncIterator[dict], chat: bool, include_usage: bool) -> AsyncIterator[str]:
-        def event(payload: dict[str, Any]) -> str:
-            return f"data: {json.dumps(payload)}\n\n"
+    def _stream_error(self, model: str, exc: BaseException) -> dict[str, Any]:
+        """The error event that ends a stream which already answered 200."""
+        self._m_requests.inc(tags={"model": model, "status": "error"})
+        return stream_error(exc)
 
-        if chat:
-            yield event(stream_chunk(rid, model, None, None, chat, role=True))
-        item = first
-        try:
-            while True:
-                if item["text"] or item["finish_reason"]:
-                    yield event(stream_chunk(rid, model, item["text"], item["finish_reason"], chat))
-                if item["finish_reason"]:
-                    break
-                item = await stream.__anext__()
-        except Exception as e:  # noqa: BLE001 - the stream ends with an error event, not a hang
-            message = stream_error(e)
-            self._m_requests.inc(tags={"model": model, "status": "error"})
-            yield event({"error": message})
-            yield "data: [DONE]\n\n"
-            return
-        self._record(model, item)
-        if include_usage:
-            yield event(stream_chunk(rid, model, None, None, chat, u=usage(item["prompt_tokens"], item["completion_tokens"])))
-        yield "data: [DONE]\n\n"
-
-    def _record(self, model: str, last: dict[str, Any]) -> None:
+    def _record(self, model: str, lasts: list[dict[str, Any]]) -> None:
         self._m_requests.inc(tags={"model": model, "status": "ok"})
-        self._m_tokens.inc(max(1, last["prompt_tokens"]), tags={"model": model, "kind": "prompt"})
-        if last["completion_tokens"]:
-            self._m_tokens.inc(last["completion_tokens"], tags={"model": model, "kind": "completion"})
-        if last["ttft_s"] is not None:
-            self._m_ttft.observe(last["ttft_s"], tags={"model": model})
-        if last["tpot_s"] is not None:
-            self._m_tpot.observe(last["tpot_s"], tags={"model": model})
+        for last in lasts:
+            self._m_tokens.inc(max(1, last["prompt_tokens"]), tags={"model": model, "kind": "prompt"})
+            if last["completion_tokens"]:
+                self._m_tokens.inc(last["completion_tokens"], tags={"model": model, "kind": "completion"})
+            if last["ttft_s"] is not None:
+                self._m_ttft.observe(last["ttft_s"], tags={"model": model})
+            if last["tpot_s"] is not None:
+                self._m_tpot.observe(last["tpot_s"], tags={"model": model})
 
-    def _check_limits(self, params: Any, prompt: Any) -> None:
+    def _check_limits(self, params: Any, prompt_chars: int) -> None:
         lim = self.cfg.limits
         if params.max_tokens > lim.max_tokens:
             raise InvalidRequestError(f"max_tokens {params.max_tokens} is above this server's limit of {lim.max_tokens}")
         if len(params.stop) > lim.max_stop:
             raise InvalidRequestError(f"at most {lim.max_stop} stop sequences are allowed")
-        chars = len(prompt) if isinstance(prompt, (str, list)) and not (prompt and isinstance(prompt[0], dict)) else sum(len(m["content"]) for m in prompt)
-        if chars > lim.max_prompt_chars:
+        if prompt_chars > lim.max_prompt_chars:
             raise InvalidRequestError(f"the prompt is longer than this server's limit of {lim.max_prompt_chars} characters")
+
+    async def _resolve_model(self, model: str | None, principal: Principal) -> str | None:
+        """None for the base model (also when ``model`` is left out), else the adapter's pinned id."""
+        if model is None or model == self.cfg.served_model_name:
+            return None
+        return await self._pin(model, principal)
 
     def _visible(self, principal: Principal, name: str) -> bool:
         return principal.may_use(name, self.cfg.auth.shared_owner)

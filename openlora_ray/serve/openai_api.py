@@ -1,26 +1,175 @@
-"""OpenAI's request and response shapes for completions and chat, and their error body.
+"""OpenAI's request shapes for completions and chat (and vLLM's for /tokenize, /detokenize).
 
-Requests are pydantic models (unknown fields are ignored, as OpenAI clients send many optional
-ones); responses and stream chunks are plain dicts in OpenAI's documented format.
+Requests are pydantic models. Unknown fields are ignored, as clients send many vendor extras; but
+a *known* OpenAI field the server does not implement is refused with a 400 that names it (see
+``UNSUPPORTED``) unless it carries its no-op default, so nobody gets plain text where they asked
+for log probabilities or JSON. What the engine supports passes through to ``SamplingParams``,
+including vLLM's ``ignore_eos`` and ``stop_token_ids``.
+
+One request fans out into ``Choice`` rows, one engine request each: ``n`` per prompt, and on
+completions one prompt per entry of a prompt list, indexed as OpenAI does (prompt ``p``'s
+``j``-th choice has index ``p * n + j``).
 """
 
 from __future__ import annotations
 
-import time
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
+from openlora_ray.engine.prompts import ChatPrompt
 from openlora_ray.engine.request import SamplingParams
+from openlora_ray.errors import InvalidRequestError
+
+MAX_CHOICES = 128  # prompts x n per request; OpenAI's own ceiling on n
+SEED_BITS = 63
+
+
+def _empty(value: Any) -> bool:
+    return value is None or value == [] or value == {}
+
+
+def _zero(value: Any) -> bool:
+    return value is None or value == 0
+
+
+def _false(value: Any) -> bool:
+    return value is None or value is False
+
+
+# Known fields the server does not implement yet -> "is this value a no-op?". The engine-side
+# sampling features (log probabilities, penalties, logit_bias, min_tokens, structured output,
+# tools) come with the paged engine; until then asking for them is an error, not a silent no-op.
+UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
+    "logprobs": lambda v: v is None or v is False or v == 0,
+    "top_logprobs": _zero,
+    "logit_bias": _empty,
+    "presence_penalty": _zero,
+    "frequency_penalty": _zero,
+    "response_format": lambda v: v is None or (isinstance(v, dict) and v.get("type") == "text"),
+    "tools": _empty,
+    "tool_choice": lambda v: v is None or v == "none",
+    "functions": _empty,
+    "function_call": lambda v: v is None or v == "none",
+    "audio": _empty,
+    "modalities": lambda v: v is None or v == ["text"],
+    "prediction": _empty,
+    "web_search_options": _empty,
+    "reasoning_effort": lambda v: v is None,
+    "verbosity": lambda v: v is None,
+    "store": _false,
+    "echo": _false,
+    "suffix": lambda v: v is None or v == "",
+    # vLLM extras that benchmark and eval tools send
+    "min_tokens": _zero,
+    "min_p": _zero,
+    "skip_special_tokens": lambda v: v is None or v is True,
+    "include_stop_str_in_output": _false,
+    "use_beam_search": _false,
+}
+
+
+def unsupported(name: str, value: Any) -> PydanticCustomError:
+    return PydanticCustomError(
+        "unsupported_parameter",
+        "'{param}' is not supported by this server yet (got {value}); leave it out or send its default",
+        {"param": name, "value": repr(value)[:80]},
+    )
 
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class ContentPart(BaseModel):
+    """One text part of a message's content (``ChatMessage`` refuses the other types first)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["text"]
+    text: str
+
+
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str = "{}"
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
-    role: Literal["system", "user", "assistant"]
-    content: str
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, content: Any) -> Any:
+        """Names the part types a text-only model cannot take (image_url, input_audio, file...)."""
+        if isinstance(content, list):
+            kinds = sorted({str(p.get("type")) for p in content if isinstance(p, dict)} - {"text"})
+            if kinds:
+                raise ValueError(f"content part type(s) {', '.join(kinds)} not supported: this model takes 'text' parts only")
+        return content
+
+    @model_validator(mode="after")
+    def _complete(self) -> ChatMessage:
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a 'tool' message needs 'tool_call_id'")
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError(f"a {self.role!r} message needs 'content'")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only 'assistant' messages carry 'tool_calls'")
+        return self
+
+    @property
+    def text(self) -> str:
+        """Text parts are joined with newlines, as vLLM does for string-content chat templates."""
+        if isinstance(self.content, list):
+            return "\n".join(p.text for p in self.content)
+        return self.content or ""
+
+    def for_template(self) -> dict[str, Any]:
+        """The message as chat templates expect it: string content, ``developer`` as ``system``."""
+        out: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": self.text}
+        if self.name is not None:
+            out["name"] = self.name
+        if self.tool_calls:
+            out["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One engine request of an HTTP request: its OpenAI index, prompt and settings."""
+
+    index: int
+    prompt_index: int
+    prompt: Any  # str, token ids or a ChatPrompt
+    params: SamplingParams
+
+
+def choice_seed(seed: int, j: int) -> int:
+    """Choice ``j``'s seed: ``seed`` itself for the first (so ``n=1`` and the first of ``n`` agree),
+    then 63 bits of sha256("seed/j"): reproducible, and unrelated to the seeds of nearby requests."""
+    if j == 0:
+        return seed
+    digest = hashlib.sha256(f"{seed}/{j}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> (64 - SEED_BITS)
 
 
 class _Common(BaseModel):
@@ -28,84 +177,188 @@ class _Common(BaseModel):
 
     model: str
     max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0)
-    n: int = Field(1, ge=1)
-    seed: int | None = None
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=-1, description="vLLM extra; 0 or -1 = no top-k filter")
+    n: int | None = Field(None, ge=1, le=MAX_CHOICES)
+    seed: int | None = Field(None, ge=-(2**63), lt=2**63)
     stop: str | list[str] | None = None
-    stream: bool = False
+    stream: bool | None = False
     stream_options: StreamOptions | None = None
-    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
+    ignore_eos: bool = False
+    stop_token_ids: list[int] | None = Field(None, max_length=64)
+    # Known but not implemented: typed loosely so that any value reaches the check below.
+    logprobs: Any = None
+    top_logprobs: Any = None
+    logit_bias: Any = None
+    presence_penalty: Any = None
+    frequency_penalty: Any = None
+    min_tokens: Any = None
+    min_p: Any = None
+    skip_special_tokens: Any = None
+    include_stop_str_in_output: Any = None
+    use_beam_search: Any = None
 
-    @field_validator("n")
-    @classmethod
-    def _single_choice(cls, n: int) -> int:
-        if n != 1:
-            raise ValueError("only n=1 is supported; send several requests instead")
-        return n
+    @model_validator(mode="after")
+    def _no_silent_ignoring(self) -> _Common:
+        for name, is_noop in UNSUPPORTED.items():
+            if name in type(self).model_fields and not is_noop(getattr(self, name)):
+                raise unsupported(name, getattr(self, name))
+        if self.stream_options is not None and not self.stream:
+            raise PydanticCustomError(
+                "invalid_value", "'stream_options' is only allowed when 'stream' is true", {"param": "stream_options"}
+            )
+        return self
 
-    def sampling(self, default_max_tokens: int) -> SamplingParams:
-        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        return SamplingParams(
-            max_tokens=self.max_tokens or default_max_tokens,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            top_k=self.top_k,
-            seed=self.seed,
-            stop=stop,
-            repetition_penalty=self.repetition_penalty,
-        )
+    @property
+    def choices_per_prompt(self) -> int:
+        return self.n or 1
 
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    def sampling(self, default_max_tokens: int) -> SamplingParams:
+        """The engine's settings for the first choice (``choices`` derives the others' seeds)."""
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        try:
+            return SamplingParams(
+                max_tokens=self._max_tokens() or default_max_tokens,
+                temperature=1.0 if self.temperature is None else self.temperature,
+                top_p=1.0 if self.top_p is None else self.top_p,
+                top_k=max(0, self.top_k or 0),
+                seed=self.seed,
+                stop=stop,
+                stop_token_ids=list(self.stop_token_ids or []),
+                repetition_penalty=self.repetition_penalty or 1.0,
+                ignore_eos=self.ignore_eos,
+            )
+        except ValidationError as e:
+            first = e.errors()[0]
+            raise InvalidRequestError(f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+
+    def _max_tokens(self) -> int | None:
+        return self.max_tokens
+
+    def prompts(self) -> list[Any]:
+        raise NotImplementedError
+
+    def choices(self, default_max_tokens: int) -> list[Choice]:
+        params = self.sampling(default_max_tokens)
+        n = self.choices_per_prompt
+        out = []
+        for p, prompt in enumerate(self.prompts()):
+            for j in range(n):
+                seeded = params if params.seed is None or j == 0 else params.model_copy(update={"seed": choice_seed(params.seed, j)})
+                out.append(Choice(index=p * n + j, prompt_index=p, prompt=prompt, params=seeded))
+        return out
+
 
 class CompletionRequest(_Common):
-    prompt: str | list[int]
+    prompt: str | list[str] | list[int] | list[list[int]]
+    best_of: int | None = Field(None, ge=1)
+    echo: Any = None
+    suffix: Any = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_empty(cls, prompt: Any) -> Any:
+        if len(prompt) == 0 or (isinstance(prompt, list) and any(len(p) == 0 for p in prompt if not isinstance(p, int))):
+            raise ValueError("the prompt must not be empty")
+        return prompt
+
+    @model_validator(mode="after")
+    def _sizes(self) -> CompletionRequest:
+        if self.best_of not in (None, self.choices_per_prompt):
+            raise unsupported("best_of", self.best_of)
+        if len(self.prompts()) * self.choices_per_prompt > MAX_CHOICES:
+            raise ValueError(f"at most {MAX_CHOICES} choices (prompts x n) per request")
+        return self
+
+    def prompts(self) -> list[str | list[int]]:
+        """One entry per prompt: a string, or token ids (a single ``list[int]`` is one prompt)."""
+        if isinstance(self.prompt, str) or (self.prompt and isinstance(self.prompt[0], int)):
+            return [self.prompt]
+        return list(self.prompt)
+
+    def prompt_chars(self) -> int:
+        return sum(len(p) for p in self.prompts())
 
 
 class ChatCompletionRequest(_Common):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    # vLLM's chat extras
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+    # Known but not implemented (chat only)
+    response_format: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    audio: Any = None
+    modalities: Any = None
+    prediction: Any = None
+    web_search_options: Any = None
+    reasoning_effort: Any = None
+    verbosity: Any = None
+    store: Any = None
 
-    def sampling(self, default_max_tokens: int) -> SamplingParams:
-        params = super().sampling(default_max_tokens)
-        if self.max_completion_tokens and not self.max_tokens:
-            return params.model_copy(update={"max_tokens": self.max_completion_tokens})
-        return params
+    def _max_tokens(self) -> int | None:
+        return self.max_tokens or self.max_completion_tokens
+
+    def chat_prompt(self) -> ChatPrompt:
+        return ChatPrompt(
+            messages=tuple(m.for_template() for m in self.messages),
+            add_generation_prompt=self.add_generation_prompt,
+            continue_final_message=self.continue_final_message,
+            template_kwargs=dict(self.chat_template_kwargs or {}),
+        )
+
+    def prompts(self) -> list[ChatPrompt]:
+        return [self.chat_prompt()]
+
+    def prompt_chars(self) -> int:
+        return sum(len(m.text) for m in self.messages)
 
 
-def error_body(message: str, type_: str, code: str | int | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type_, "param": None, "code": code}}
+class TokenizeRequest(BaseModel):
+    """vLLM's /tokenize: ``prompt`` (completion style) or ``messages`` (chat style)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    return_token_strs: bool = False
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("send either 'prompt' or 'messages'")
+        return self
+
+    def to_prompt(self) -> str | ChatPrompt:
+        if self.messages is None:
+            return self.prompt or ""
+        return ChatPrompt(
+            messages=tuple(m.for_template() for m in self.messages),
+            tools=tuple(self.tools) if self.tools else None,
+            add_generation_prompt=self.add_generation_prompt,
+            continue_final_message=self.continue_final_message,
+            template_kwargs=dict(self.chat_template_kwargs or {}),
+        )
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
 
-
-def completion_response(rid: str, model: str, text: str, finish: str, u: dict, chat: bool) -> dict[str, Any]:
-    choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": None}
-    if chat:
-        choice["message"] = {"role": "assistant", "content": text}
-    else:
-        choice["text"] = text
-    return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()), "model": model, "choices": [choice], "usage": u}
-
-
-def stream_chunk(rid: str, model: str, text: str | None, finish: str | None, chat: bool, role: bool = False, u: dict | None = None) -> dict[str, Any]:
-    """One SSE payload; ``text=None`` with ``u`` set is the final usage-only chunk."""
-    choices: list[dict[str, Any]] = []
-    if text is not None or finish is not None or role:
-        if chat:
-            delta: dict[str, Any] = {"role": "assistant"} if role else {}
-            if text:
-                delta["content"] = text
-            choices.append({"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None})
-        else:
-            choices.append({"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None})
-    chunk: dict[str, Any] = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": int(time.time()), "model": model, "choices": choices}
-    if u is not None:
-        chunk["usage"] = u
-    return chunk
+    model: str | None = None
+    tokens: list[int] = Field(max_length=1 << 20)

@@ -374,13 +374,13 @@ BAD = {
 
 # ---------------------------------------------------------------------------------------- tests
 @pytest.mark.timeout(300)  # includes the cluster, the app and the adapters (module fixtures)
-def test_bad_adapters_are_422_load_nothing_and_do_not_disturb_others(app: FaultsApp, solo):
+def test_bad_adapters_are_400_load_nothing_and_do_not_disturb_others(app: FaultsApp, solo):
     """Adapters that reach the store without push validation are refused where they are fetched.
 
-    Each is a 422 naming the adapter and the reason, by bare name and pinned id, twice (nothing was
-    half-loaded the first time); no replica holds it in a slot, host RAM or the disk cache, no temp
-    folder is left, the pickles are never unpickled, and good requests running meanwhile on both
-    replicas all get exactly their solo answers.
+    Each is a 400 (code invalid_adapter) naming the adapter and the reason, by bare name and pinned
+    id, twice (nothing was half-loaded the first time); no replica holds it in a slot, host RAM or
+    the disk cache, no temp folder is left, the pickles are never unpickled, and good requests
+    running meanwhile on both replicas all get exactly their solo answers.
     """
     stop = threading.Event()
     others: list[tuple[str, str, int, str]] = []
@@ -400,11 +400,11 @@ def test_bad_adapters_are_422_load_nothing_and_do_not_disturb_others(app: Faults
             for name, reason in BAD.items():
                 for model in (name, f"{name}@v1"):
                     r = complete(app.url, model, "hello")
-                    assert r.status_code == 422, (model, r.text)
+                    assert r.status_code == 400, (model, r.text)
                     err = error_of(r)
                     assert err["code"] == "invalid_adapter" and reason in err["message"] and name in err["message"], (model, err)
         status, _, events = stream_text(app.url, "bad-nan", "hello")
-        assert status == 422 and events[0]["error"]["code"] == "invalid_adapter"  # refused before the stream starts
+        assert status == 400 and events[0]["error"]["code"] == "invalid_adapter"  # refused before the stream starts
     finally:
         stop.set()
         thread.join()

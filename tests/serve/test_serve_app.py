@@ -94,7 +94,7 @@ def test_streaming_sse_matches_the_plain_answer(app):
         events = sse_events(r)
     assert events[-1] == "[DONE]"
     chunks = events[:-1]
-    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant"}
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
     assert text == plain["choices"][0]["message"]["content"]
     assert chunks[-2]["choices"][0]["finish_reason"] == plain["choices"][0]["finish_reason"]
@@ -119,8 +119,8 @@ def test_errors_have_openai_bodies_and_the_service_keeps_serving(app):
     cases = [
         ({"model": "no-such-adapter", "prompt": "x"}, 404, "model_not_found"),
         ({"model": "../etc", "prompt": "x"}, 400, "invalid_model_id"),
-        ({"model": "toolarge", "prompt": "x", "max_tokens": 2}, 422, "invalid_adapter"),
-        ({"model": BASE, "prompt": "x", "n": 2}, 400, "invalid_request"),
+        ({"model": "toolarge", "prompt": "x", "max_tokens": 2}, 400, "invalid_adapter"),
+        ({"model": BASE, "prompt": "x", "logprobs": 2}, 400, "unsupported_parameter"),
         ({"model": BASE, "prompt": "x", "max_tokens": 1000}, 400, "invalid_request"),
         ({"model": BASE}, 400, "invalid_request"),
     ]

@@ -1,0 +1,288 @@
+"""The OpenAI API as real clients send it: the official SDK, LangChain and LiteLLM over HTTP.
+
+One local application (auth off, as ``make run`` serves it) on a real local Ray cluster: content
+parts and every role, ``n`` with seeds, prompt lists, streaming with an ``index`` on every chunk,
+the endpoints SDKs and tools probe, refusals that name the field, and 48 concurrent streams.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import requests
+
+from peft_helpers import save_peft_adapter
+
+pytestmark = pytest.mark.timeout(240)
+
+BASE = "tiny"
+CHAT = [{"role": "user", "content": "Tell me a story"}]
+
+
+@pytest.fixture(scope="module")
+def store(tiny_chat_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from openlora_ray.store.settings import StoreSettings
+    from openlora_ray.store.store import AdapterStore
+
+    root = tmp_path_factory.mktemp("client-store")
+    (root / "adapters").mkdir()
+    store = AdapterStore(StoreSettings(uri=str(root / "adapters"), cache_dir=root / "push-cache"))
+    work = tmp_path_factory.mktemp("client-adapters")
+    for name, r, seed in (("alpha", 4, 71), ("beta", 8, 72), ("toolarge", 16, 73)):  # toolarge: above max_rank
+        store.push(save_peft_adapter(tiny_chat_model_dir, work / name, r, 8.0, ("q_proj", "v_proj"), seed), f"{name}@v1")
+    return root / "adapters"
+
+
+@pytest.fixture(scope="module")
+def url(serve_url: str, tiny_chat_model_dir: Path, store: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
+    from ray import serve
+
+    from openlora_ray.serve.app import build
+    from openlora_ray.serve.config import AppConfig
+
+    cfg = AppConfig(
+        model=str(tiny_chat_model_dir),
+        served_model_name=BASE,
+        engine={"num_slots": 2, "max_rank": 8, "max_running": 8, "max_seq_len": 192, "torch_threads": 1},
+        store={"uri": str(store), "cache_dir": str(tmp_path_factory.mktemp("node-cache"))},
+        replicas={"num_replicas": 1, "num_cpus": 0, "num_gpus": 0, "stats_period_s": 0.5, "graceful_shutdown_timeout_s": 1},
+        ingress_num_cpus=0,
+        auth={"enabled": False},
+    )
+    serve.run(build(cfg), name="clients", route_prefix="/")
+    return serve_url
+
+
+@pytest.fixture(scope="module")
+def client(url: str):
+    from openai import OpenAI
+
+    return OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+
+
+def post(url: str, path: str, body: dict) -> requests.Response:
+    return requests.post(url + path, json=body, timeout=60)
+
+
+# ------------------------------------------------------------------------------ official SDK
+def test_content_parts_every_role_and_names(client):
+    messages = [
+        {"role": "developer", "content": [{"type": "text", "text": "Be brief."}]},
+        {"role": "user", "name": "ann", "content": [{"type": "text", "text": "What is"}, {"type": "text", "text": "the weather?"}]},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Oslo"}'}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "rain"},
+        {"role": "assistant", "content": "It rains."},
+        {"role": "system", "content": "Answer in English."},
+        {"role": "user", "content": "And tomorrow?"},
+    ]
+    for model in (BASE, "alpha"):
+        r = client.chat.completions.create(model=model, messages=messages, max_tokens=4, temperature=0)
+        assert r.choices[0].message.role == "assistant" and r.usage.completion_tokens >= 1
+    # Parts equal the same text sent as a string (joined by newlines); developer equals system.
+    as_parts = client.chat.completions.create(model=BASE, messages=[{"role": "developer", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}], max_tokens=6, temperature=0)
+    as_text = client.chat.completions.create(model=BASE, messages=[{"role": "system", "content": "a\nb"}], max_tokens=6, temperature=0)
+    assert as_parts.choices[0].message.content == as_text.choices[0].message.content
+    assert as_parts.usage.prompt_tokens == as_text.usage.prompt_tokens
+
+
+def test_non_text_parts_and_bad_messages_are_400_naming_them(client):
+    import openai
+
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+    with pytest.raises(openai.BadRequestError, match="image_url"):
+        client.chat.completions.create(model=BASE, messages=[{"role": "user", "content": [{"type": "text", "text": "see"}, image]}], max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="tool_call_id"):
+        client.chat.completions.create(model=BASE, messages=[{"role": "tool", "content": "rain"}], max_tokens=2)
+
+
+def test_n_choices_with_a_seed_are_reproducible(client):
+    kw = dict(model="alpha", messages=CHAT, max_tokens=12, temperature=1.0, seed=1234)
+    first = client.chat.completions.create(n=3, **kw)
+    again = client.chat.completions.create(n=3, **kw)
+    texts = [c.message.content for c in first.choices]
+    assert [c.index for c in first.choices] == [0, 1, 2]
+    assert texts == [c.message.content for c in again.choices]
+    assert len(set(texts)) > 1  # each choice samples with its own seed
+    assert client.chat.completions.create(**kw).choices[0].message.content == texts[0]  # choice 0 uses the seed itself
+    assert first.usage.prompt_tokens == client.chat.completions.create(**kw).usage.prompt_tokens  # the prompt counts once
+
+    stream = client.chat.completions.create(n=3, stream=True, stream_options={"include_usage": True}, **kw)
+    pieces: dict[int, str] = {0: "", 1: "", 2: ""}
+    finished, usage = set(), None
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for c in chunk.choices:
+            pieces[c.index] += c.delta.content or ""
+            if c.finish_reason:
+                finished.add(c.index)
+    assert [pieces[i] for i in range(3)] == texts and finished == {0, 1, 2}
+    assert usage.completion_tokens == first.usage.completion_tokens and usage.prompt_tokens == first.usage.prompt_tokens
+
+
+def test_completions_prompt_lists_index_as_openai_does(url, client):
+    prompts = ["The sky is", "Once upon a time", "1 2 3"]
+    single = [client.completions.create(model="beta", prompt=p, max_tokens=6, temperature=0).choices[0].text for p in prompts]
+    r = client.completions.create(model="beta", prompt=prompts, max_tokens=6, temperature=0, n=2)
+    assert [c.index for c in r.choices] == list(range(6))
+    assert [c.text for c in r.choices] == [t for t in single for _ in range(2)]  # prompt p's j-th choice is p*n+j
+    tokenized = [post(url, "/tokenize", {"prompt": p}).json()["tokens"] for p in prompts]
+    as_ids = client.completions.create(model="beta", prompt=tokenized, max_tokens=6, temperature=0)
+    assert [c.text for c in as_ids.choices] == single
+    one = client.completions.create(model="beta", prompt=tokenized[0], max_tokens=6, temperature=0)  # a single list[int]
+    assert [c.text for c in one.choices] == single[:1]
+
+    texts = {i: "" for i in range(3)}
+    for chunk in client.completions.create(model="beta", prompt=prompts, max_tokens=6, temperature=0, stream=True):
+        for c in chunk.choices:
+            texts[c.index] += c.text
+    assert [texts[i] for i in range(3)] == single
+
+
+def test_unimplemented_fields_are_400_naming_them(url, client):
+    import openai
+
+    chat = {"model": BASE, "messages": CHAT, "max_tokens": 2}
+    refused = {
+        "logprobs": True, "top_logprobs": 2, "logit_bias": {"42": -100}, "presence_penalty": 0.5,
+        "frequency_penalty": 1.0, "response_format": {"type": "json_object"}, "tool_choice": "required",
+        "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}], "audio": {"voice": "alloy"},
+        "modalities": ["text", "audio"], "prediction": {"type": "content", "content": "x"}, "min_tokens": 3,
+    }
+    for field, value in refused.items():
+        r = post(url, "/v1/chat/completions", {**chat, field: value})
+        err = r.json()["error"]
+        assert r.status_code == 400 and err["param"] == field and err["code"] == "unsupported_parameter" and field in err["message"], (field, r.text)
+    for field, value in {"echo": True, "best_of": 3, "logprobs": 2, "suffix": "end"}.items():
+        r = post(url, "/v1/completions", {"model": BASE, "prompt": "x", "max_tokens": 2, field: value})
+        assert r.status_code == 400 and r.json()["error"]["param"] == field, (field, r.text)
+    # The no-op values of those fields, and vendor fields nobody knows, are accepted.
+    noop = {"logprobs": False, "logit_bias": {}, "presence_penalty": 0, "frequency_penalty": 0, "response_format": {"type": "text"}, "tool_choice": "none", "some_vendor_flag": {"x": 1}}
+    assert post(url, "/v1/chat/completions", {**chat, **noop}).status_code == 200
+    r = post(url, "/v1/chat/completions", {**chat, "stream_options": {"include_usage": True}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "stream_options"
+    with pytest.raises(openai.BadRequestError, match="logit_bias"):
+        client.chat.completions.create(model=BASE, messages=CHAT, max_tokens=2, logit_bias={"1": 5})
+
+
+def test_engine_extras_pass_through(url):
+    body = {"model": BASE, "prompt": "Count:", "max_tokens": 24, "temperature": 0, "ignore_eos": True}
+    r = post(url, "/v1/completions", body).json()
+    assert r["usage"]["completion_tokens"] == 24 and r["choices"][0]["finish_reason"] == "length"
+    first = post(url, "/v1/completions", {**body, "max_tokens": 4}).json()["choices"][0]["text"]
+    ids = post(url, "/tokenize", {"model": BASE, "prompt": first}).json()["tokens"]
+    stopped = post(url, "/v1/completions", {**body, "stop_token_ids": ids}).json()
+    assert stopped["choices"][0]["finish_reason"] == "stop" and stopped["usage"]["completion_tokens"] < 24
+
+
+def test_model_retrieval_health_and_openai_error_bodies(url, client):
+    import openai
+
+    assert client.models.retrieve(BASE).id == BASE
+    alpha = client.models.retrieve("alpha")
+    assert alpha.id == "alpha" and alpha.model_extra["parent"] == BASE
+    assert client.models.retrieve("alpha@v1").id == "alpha@v1"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("no-such-adapter")
+    assert requests.get(url + "/health", timeout=10).status_code == 200
+    assert requests.get(url + "/healthz", timeout=10).status_code == 200
+    missing = requests.get(url + "/v1/no-such-route", timeout=10)
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found" and "detail" not in missing.json()
+    wrong = requests.get(url + "/v1/chat/completions", timeout=10)
+    assert wrong.status_code == 405 and wrong.json()["error"]["code"] == "method_not_allowed" and "POST" in wrong.headers["allow"]
+    bad_json = requests.post(url + "/v1/completions", data=b"{", headers={"content-type": "application/json"}, timeout=10)
+    assert bad_json.status_code == 400 and bad_json.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_an_adapter_that_cannot_be_served_is_a_bad_request(client):
+    import openai
+
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(model="toolarge", prompt="x", max_tokens=2)
+    assert caught.value.status_code == 400 and caught.value.code == "invalid_adapter" and "rank 16" in caught.value.message
+
+
+def test_tokenize_and_detokenize(url):
+    r = post(url, "/tokenize", {"model": "alpha", "prompt": "Hello world", "return_token_strs": True}).json()
+    assert r["count"] == len(r["tokens"]) > 0 and r["max_model_len"] == 192 and len(r["token_strs"]) == r["count"]
+    assert post(url, "/detokenize", {"model": "alpha", "tokens": r["tokens"]}).json() == {"prompt": "Hello world"}
+    chat = post(url, "/tokenize", {"model": BASE, "messages": CHAT}).json()
+    completion = post(url, "/v1/chat/completions", {"model": BASE, "messages": CHAT, "max_tokens": 1}).json()
+    assert chat["count"] == completion["usage"]["prompt_tokens"]  # what the engine saw
+    text = post(url, "/detokenize", {"tokens": chat["tokens"]}).json()["prompt"]
+    assert text.endswith("<|im_start|>assistant\n") and "Tell me a story" in text
+    tools = [{"type": "function", "function": {"name": "weather", "description": "w", "parameters": {"type": "object", "properties": {}}}}]
+    assert post(url, "/tokenize", {"messages": CHAT, "tools": tools}).status_code == 200
+    assert post(url, "/tokenize", {"model": "no-such-adapter", "prompt": "x"}).status_code == 404
+    assert post(url, "/detokenize", {"tokens": [10**9]}).status_code == 400
+    assert post(url, "/tokenize", {"prompt": "x", "messages": CHAT}).status_code == 400
+
+
+def test_48_concurrent_streams_are_all_answered_in_local_mode(client):
+    def stream(i: int) -> str:
+        chunks = client.chat.completions.create(model=("alpha", "beta", BASE)[i % 3], messages=CHAT, max_tokens=6, temperature=0, stream=True)
+        return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+    with ThreadPoolExecutor(48) as pool:
+        texts = list(pool.map(stream, range(48)))
+    assert len(texts) == 48 and all(isinstance(t, str) for t in texts)
+    assert len({texts[i] for i in range(0, 48, 3)}) == 1  # the same request got the same greedy answer each time
+
+
+# ------------------------------------------------------------------------------- LangChain
+def test_langchain_chat_openai_invoke_stream_batch(url, client):
+    from langchain_core.messages import HumanMessage, SystemMessage
+    from langchain_openai import ChatOpenAI
+
+    llm = ChatOpenAI(base_url=url + "/v1", api_key="unused", model="alpha", temperature=0, max_tokens=8, max_retries=0)
+    plain = client.chat.completions.create(model="alpha", messages=CHAT, max_tokens=8, temperature=0).choices[0].message.content
+    assert llm.invoke("Tell me a story").content == plain
+    assert "".join(chunk.content for chunk in llm.stream("Tell me a story")) == plain
+    answers = llm.batch(["Tell me a story", "Tell me a joke", [SystemMessage("Be brief."), HumanMessage("Hi")]])
+    assert len(answers) == 3 and answers[0].content == plain
+    two = ChatOpenAI(base_url=url + "/v1", api_key="unused", model=BASE, n=2, temperature=1.0, seed=5, max_tokens=6, max_retries=0)
+    result = two.generate([[HumanMessage("Hi")]])
+    assert len(result.generations[0]) == 2
+
+
+def test_langchain_completions_llm_sends_prompt_lists(url, client):
+    from langchain_openai import OpenAI
+
+    llm = OpenAI(base_url=url + "/v1", api_key="unused", model="beta", temperature=0, max_tokens=6, max_retries=0)
+    prompts = ["The sky is", "Once upon a time"]
+    single = [client.completions.create(model="beta", prompt=p, max_tokens=6, temperature=0).choices[0].text for p in prompts]
+    assert [g[0].text for g in llm.generate(prompts).generations] == single
+    assert llm.invoke(prompts[0]) == single[0]
+    assert llm.batch(prompts) == single
+
+
+# --------------------------------------------------------------------------------- LiteLLM
+@pytest.fixture(scope="module")
+def litellm():
+    os.environ["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"  # no download of the price list at import
+    import litellm
+
+    litellm.telemetry = False
+    return litellm
+
+
+def test_litellm_completion_streaming_and_async(url, client, litellm):
+    kw = dict(model="openai/alpha", api_base=url + "/v1", api_key="unused", messages=CHAT, max_tokens=8, temperature=0)
+    plain = client.chat.completions.create(model="alpha", messages=CHAT, max_tokens=8, temperature=0).choices[0].message.content
+    assert litellm.completion(**kw).choices[0].message.content == plain
+    streamed = "".join(chunk.choices[0].delta.content or "" for chunk in litellm.completion(stream=True, **kw))
+    assert streamed == plain
+
+    async def both() -> list[str]:
+        answers = await asyncio.gather(litellm.acompletion(**kw), litellm.acompletion(**{**kw, "model": "openai/" + BASE}))
+        return [a.choices[0].message.content for a in answers]
+
+    assert asyncio.run(both())[0] == plain
+    r = litellm.text_completion(model="openai/beta", api_base=url + "/v1", api_key="unused", prompt="The sky is", max_tokens=6, temperature=0)
+    assert r.choices[0].text == client.completions.create(model="beta", prompt="The sky is", max_tokens=6, temperature=0).choices[0].text
+    assert json.loads(r.model_dump_json())["choices"][0]["index"] == 0

@@ -1,0 +1,147 @@
+"""OpenAI request and response shapes as pure functions (no Ray, no HTTP)."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from openlora_ray.engine.prompts import ChatPrompt
+from openlora_ray.errors import InvalidRequestError
+from openlora_ray.serve.openai_api import (
+    MAX_CHOICES,
+    UNSUPPORTED,
+    ChatCompletionRequest,
+    CompletionRequest,
+    TokenizeRequest,
+    choice_seed,
+)
+from openlora_ray.serve.openai_responses import ChoiceResult, ChunkWriter, completion_response, total_usage
+
+USER = [{"role": "user", "content": "hi"}]
+
+
+def chat(**kw) -> ChatCompletionRequest:
+    return ChatCompletionRequest.model_validate({"model": "m", "messages": USER, **kw})
+
+
+def error_of(exc: ValidationError) -> tuple[str, dict]:
+    first = exc.errors()[0]
+    return first["type"], first.get("ctx") or {}
+
+
+def test_messages_take_content_parts_every_role_and_tool_calls():
+    req = chat(messages=[
+        {"role": "developer", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+        {"role": "user", "content": "q", "name": "ann"},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+        {"role": "tool", "content": [{"type": "text", "text": "r"}], "tool_call_id": "1"},
+    ])
+    prompt = req.chat_prompt()
+    assert isinstance(prompt, ChatPrompt) and prompt.add_generation_prompt and not prompt.continue_final_message
+    system, user, assistant, tool = prompt.messages
+    assert system == {"role": "system", "content": "a\nb"}
+    assert user == {"role": "user", "content": "q", "name": "ann"}
+    assert assistant["content"] == "" and assistant["tool_calls"][0]["function"]["name"] == "f"
+    assert tool == {"role": "tool", "content": "r", "tool_call_id": "1"}
+    assert req.prompt_chars() == len("a\nb") + 1 + 0 + 1
+
+
+@pytest.mark.parametrize(
+    "message, says",
+    [
+        ({"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}, {"type": "input_audio"}]}, "image_url, input_audio"),
+        ({"role": "tool", "content": "r"}, "tool_call_id"),
+        ({"role": "user"}, "needs 'content'"),
+        ({"role": "user", "content": "x", "tool_calls": [{"id": "1", "function": {"name": "f"}}]}, "only 'assistant'"),
+        ({"role": "function", "content": "x"}, "developer"),
+    ],
+)
+def test_bad_messages_name_what_is_wrong(message, says):
+    with pytest.raises(ValidationError, match=says):
+        chat(messages=[message])
+
+
+@pytest.mark.parametrize("field, value", [
+    ("logprobs", True), ("top_logprobs", 5), ("logit_bias", {"1": 2}), ("presence_penalty", 0.1),
+    ("frequency_penalty", -1), ("response_format", {"type": "json_schema"}), ("tools", [{"type": "function"}]),
+    ("tool_choice", "auto"), ("functions", [{}]), ("audio", {"voice": "alloy"}), ("modalities", ["audio"]), ("prediction", {"x": 1}),
+    ("web_search_options", {"a": 1}), ("reasoning_effort", "low"), ("store", True), ("min_tokens", 2),
+    ("skip_special_tokens", False), ("include_stop_str_in_output", True),
+])
+def test_known_but_unimplemented_chat_fields_are_refused_by_name(field, value):
+    with pytest.raises(ValidationError) as caught:
+        chat(**{field: value})
+    kind, ctx = error_of(caught.value)
+    assert kind == "unsupported_parameter" and ctx["param"] == field
+
+
+@pytest.mark.parametrize("field, value", [("echo", True), ("logprobs", 3), ("suffix", "x"), ("best_of", 2), ("min_p", 0.1)])
+def test_known_but_unimplemented_completion_fields_are_refused_by_name(field, value):
+    with pytest.raises(ValidationError) as caught:
+        CompletionRequest(model="m", prompt="x", **{field: value})
+    assert error_of(caught.value) == ("unsupported_parameter", {"param": field, "value": repr(value)})
+
+
+def test_no_op_values_and_unknown_vendor_fields_are_accepted():
+    chat(logprobs=False, top_logprobs=0, logit_bias={}, presence_penalty=0, frequency_penalty=0.0, tools=[], tool_choice="none",
+         response_format={"type": "text"}, modalities=["text"], store=False, skip_special_tokens=True, my_vendor_field=1)
+    CompletionRequest(model="m", prompt="x", echo=False, logprobs=None, best_of=2, n=2, suffix="")
+    assert set(UNSUPPORTED) >= {"logprobs", "logit_bias", "response_format", "tools", "audio", "modalities", "prediction", "echo"}
+
+
+def test_stream_options_need_stream():
+    with pytest.raises(ValidationError) as caught:
+        chat(stream_options={"include_usage": True})
+    assert error_of(caught.value) == ("invalid_value", {"param": "stream_options"})
+    assert chat(stream=True, stream_options={"include_usage": True}).include_usage
+
+
+def test_engine_extras_reach_the_sampling_params():
+    params = chat(ignore_eos=True, stop_token_ids=[5, 6], stop="x", top_k=-1, max_completion_tokens=7).sampling(99)
+    assert params.ignore_eos and params.stop_token_ids == [5, 6] and params.stop == ["x"] and params.top_k == 0
+    assert params.max_tokens == 7 and chat(max_tokens=3, max_completion_tokens=7).sampling(99).max_tokens == 3
+    with pytest.raises(InvalidRequestError, match="stop"):
+        chat(stop=[str(i) for i in range(17)]).sampling(16)  # above the engine's own bound: a 400, not a 500
+
+
+def test_prompt_lists_fan_out_with_openai_indexing_and_derived_seeds():
+    req = CompletionRequest(model="m", prompt=["a", "b"], n=3, seed=9)
+    choices = req.choices(16)
+    assert [(c.index, c.prompt_index, c.prompt) for c in choices] == [(i, i // 3, "ab"[i // 3]) for i in range(6)]
+    assert [c.params.seed for c in choices] == [9, choice_seed(9, 1), choice_seed(9, 2)] * 2
+    assert len({choice_seed(9, j) for j in range(50)}) == 50 and all(0 <= choice_seed(-3, j) < 2**63 for j in range(1, 5))
+    assert CompletionRequest(model="m", prompt="x", n=2).choices(4)[1].params.seed is None  # unseeded stays random
+    assert CompletionRequest(model="m", prompt=[1, 2, 3]).prompts() == [[1, 2, 3]]
+    assert CompletionRequest(model="m", prompt=[[1, 2], [3]]).prompts() == [[1, 2], [3]]
+    for bad in ("", [], ["a", ""], [[1], []]):
+        with pytest.raises(ValidationError, match="empty"):
+            CompletionRequest(model="m", prompt=bad)
+    with pytest.raises(ValidationError, match=str(MAX_CHOICES)):
+        CompletionRequest(model="m", prompt=["a"] * 65, n=2)
+
+
+def test_tokenize_takes_a_prompt_or_messages():
+    assert TokenizeRequest(prompt="x").to_prompt() == "x"
+    chat_prompt = TokenizeRequest(messages=USER, tools=[{"type": "function"}], add_generation_prompt=False).to_prompt()
+    assert chat_prompt.tools == ({"type": "function"},) and not chat_prompt.add_generation_prompt
+    for kw in ({}, {"prompt": "x", "messages": USER}):
+        with pytest.raises(ValidationError, match="either"):
+            TokenizeRequest(**kw)
+
+
+def test_responses_and_chunks_carry_each_choices_index():
+    results = [
+        ChoiceResult(index=1, prompt_index=0, text="b", finish_reason="length", prompt_tokens=4, completion_tokens=2),
+        ChoiceResult(index=0, prompt_index=0, text="a", finish_reason="abort", prompt_tokens=4, completion_tokens=1),
+        ChoiceResult(index=2, prompt_index=1, text="c", finish_reason="stop", prompt_tokens=6, completion_tokens=3),
+    ]
+    assert total_usage(results) == {"prompt_tokens": 10, "completion_tokens": 6, "total_tokens": 16}
+    body = completion_response("id", "m", results, chat=True)
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2] and body["choices"][0]["finish_reason"] == "length"
+    assert body["choices"][2]["message"] == {"role": "assistant", "content": "c", "refusal": None}
+    assert [c["text"] for c in completion_response("id", "m", results, chat=False)["choices"]] == ["a", "b", "c"]
+    w = ChunkWriter(rid="id", model="m", chat=True, created=1)
+    assert w.role(2)["choices"][0] == {"index": 2, "delta": {"role": "assistant", "content": ""}, "finish_reason": None, "logprobs": None}
+    assert w.text(1, "", "stop")["choices"][0]["delta"] == {} and w.usage({"x": 1})["choices"] == []
+    text = ChunkWriter(rid="id", model="m", chat=False, created=1).text(3, "t", None)
+    assert text["object"] == "text_completion" and text["choices"][0]["index"] == 3

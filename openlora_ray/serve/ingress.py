@@ -17,7 +17,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from typing import Any
 
 from fastapi import FastAPI, Header, Query, Request
@@ -316,12 +316,16 @@ class Ingress:
         self._record(model, lasts)
         return JSONResponse(completion_response(rid, model, results(choices, lasts), chat), headers=headers)
 
-    async def _released(self, events: AsyncIterator[str], principal: Principal) -> AsyncIterator[str]:
+    async def _released(self, events: AsyncGenerator[str, None], principal: Principal) -> AsyncIterator[str]:
+        """The events, then the key's slot back; closing early (a client gone) cancels the choices."""
         try:
             async for event in events:
                 yield event
         finally:
-            self._release(principal)
+            try:
+                await events.aclose()
+            finally:
+                self._release(principal)
 
     def _stream_error(self, model: str, exc: BaseException) -> dict[str, Any]:
         """The error event that ends a stream which already answered 200."""

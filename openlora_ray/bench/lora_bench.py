@@ -75,8 +75,9 @@ def run(model_dir: Path, dtype: torch.dtype, rows: int, context: int, iters: int
     bs = 16
     per_row = -(-(context + 1) // bs)
     tables = [list(range(r * per_row, (r + 1) * per_row)) for r in range(rows)]
-    step_slots = torch.tensor([t[context // bs] * bs + context % bs for t in tables])
-    decode_batch = PagedBatch(step_slots, build_decode_layout(tables, [context + 1] * rows, bs, torch.device("cpu")))
+    step_blocks = torch.tensor([t[context // bs] for t in tables])
+    step_offsets = torch.full((rows,), context % bs)
+    decode_batch = PagedBatch(step_blocks, step_offsets, build_decode_layout(tables, [context + 1] * rows, bs, torch.device("cpu")))
     results = []
     for shape in SHAPES:
         hf = load_hf_model(model_dir, dtype)
@@ -93,8 +94,8 @@ def run(model_dir: Path, dtype: torch.dtype, rows: int, context: int, iters: int
         cache = ours.new_kv_cache(rows * per_row, bs)
         with torch.inference_mode():
             for r in range(rows):  # the engine prefills one sequence per forward
-                slots = torch.tensor([tables[r][p // bs] * bs + p % bs for p in range(context)])
-                paged = PagedBatch(slots, PrefillLayout(torch.tensor(tables[r]), 0))
+                where = torch.tensor([tables[r][p // bs] for p in range(context)])
+                paged = PagedBatch(where, torch.arange(context) % bs, PrefillLayout(torch.tensor(tables[r]), 0))
                 ours(prompt[r : r + 1], positions[:1], ours.lora_batch([r]), cache, paged, logits_at=last[:1])
             hf_past = DynamicCache()
             plain_hf(input_ids=prompt, past_key_values=hf_past, use_cache=True)

@@ -33,8 +33,9 @@ from openlora_ray.engine.config import EngineConfig
 from openlora_ray.engine.detokenize import IncrementalText
 from openlora_ray.engine.memory import MemoryPlan, plan_memory
 from openlora_ray.engine.prompts import Prompt, encode_prompt
-from openlora_ray.engine.request import FinishReason, GenerationRequest, SamplingParams, StreamOutput
-from openlora_ray.engine.runner import DecodeRow, ModelRunner, SampleRow, SamplingError
+from openlora_ray.engine.request import FinishReason, GenerationRequest, SamplingParams, StreamOutput, TokenLogprobs
+from openlora_ray.engine.runner import DecodeRow, ModelRunner, SamplingError
+from openlora_ray.engine.sampling import RowContext
 from openlora_ray.engine.scheduler import Scheduler, Seq, StepPlan
 from openlora_ray.errors import CapacityError, InvalidRequestError
 from openlora_ray.lora.slots import SlotManager
@@ -99,6 +100,11 @@ class _Request:
     first_token_at: float | None = None
     last_token_at: float | None = None
     gone: bool = False  # the caller's event loop closed: nobody reads this stream any more
+    logprobs: list[TokenLogprobs] = field(default_factory=list)  # of tokens not streamed yet
+
+    def take_logprobs(self) -> tuple[TokenLogprobs, ...]:
+        out, self.logprobs = tuple(self.logprobs), []
+        return out
 
     @property
     def generated(self) -> list[int]:
@@ -314,7 +320,7 @@ class Engine:
                 self._accept(self._requests[seq], token)
         self.adapters.park(s.adapter_id for s in self.scheduler.waiting)
 
-    def _compute(self, plan: StepPlan) -> list[tuple[Seq, int | SamplingError]]:
+    def _compute(self, plan: StepPlan) -> list[tuple[Seq, tuple[int, TokenLogprobs] | SamplingError]]:
         """Run the plan's forwards; the token sampled for each sequence that reached its end."""
         slot = self.adapters.slot
         done: list[tuple[Seq, torch.Tensor]] = []
@@ -339,7 +345,7 @@ class Engine:
         records = [self._requests[s] for s in seqs]
         tokens = self.runner.sample(
             torch.cat([lg for _, lg in done]),
-            [SampleRow(r.req.params, self._generator(r), r.seq.tokens) for r in records],
+            [RowContext(r.req.params, self._generator(r), r.req.prompt_ids, r.generated, self.eos_ids) for r in records],
         )
         return list(zip(seqs, tokens))
 
@@ -373,11 +379,14 @@ class Engine:
         except queue.Empty:
             return
 
-    def _accept(self, record: _Request, token: int | SamplingError) -> None:
+    def _accept(self, record: _Request, sampled: tuple[int, TokenLogprobs] | SamplingError) -> None:
         """Record a sampled token, stream it, and finish the sequence if it should stop."""
-        if isinstance(token, SamplingError):
-            self._finish(record, "error", InvalidRequestError(str(token)))
+        if isinstance(sampled, SamplingError):
+            self._finish(record, "error", InvalidRequestError(str(sampled)))
             return
+        token, logprobs = sampled
+        if record.req.params.logprobs is not None:
+            record.logprobs.append(logprobs)
         now = time.monotonic()
         record.first_token_at = record.first_token_at or now
         record.last_token_at = now
@@ -392,7 +401,7 @@ class Engine:
         elif len(record.generated) >= p.max_tokens:
             self._finish(record, "length", text=text + record.text.flush())
         else:
-            record.send(StreamOutput(record.req.request_id, text, (token,)))
+            record.send(StreamOutput(record.req.request_id, text, (token,), logprobs=record.take_logprobs()))
             if record.gone:
                 self._finish(record, "abort")
 
@@ -409,7 +418,12 @@ class Engine:
         ttft = record.first_token_at - record.submitted if record.first_token_at else None
         per_token = (record.last_token_at - record.first_token_at) / (n - 1) if n > 1 else None
         last = tuple(generated[-1:]) if reason in ("stop", "length") else ()
-        record.send(StreamOutput(record.req.request_id, text, last, reason, record.seq.num_prompt, n, ttft, per_token, error))
+        record.send(
+            StreamOutput(
+                record.req.request_id, text, last, reason, record.seq.num_prompt, n, ttft, per_token, error,
+                logprobs=record.take_logprobs() if last else (),
+            )
+        )
 
     def _publish_stats(self) -> None:
         self._steps += 1
@@ -450,6 +464,10 @@ class Engine:
                 f"prompt ({n} tokens) + max_tokens ({request.params.max_tokens}) exceeds this server's "
                 f"context of {limit} tokens; shorten the prompt or lower max_tokens"
             )
+        vocab = self.model.config.vocab_size
+        outside = [t for t in (*request.params.logit_bias, *request.params.stop_token_ids) if not 0 <= t < vocab]
+        if outside:
+            raise InvalidRequestError(f"token ids {outside[:5]} in logit_bias / stop_token_ids are outside the vocabulary [0, {vocab})")
         if self._draining or self._stop.is_set():
             raise CapacityError("this replica is shutting down; retry on another")
 

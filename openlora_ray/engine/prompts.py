@@ -22,7 +22,9 @@ from jinja2 import TemplateError
 from openlora_ray.errors import InvalidRequestError
 
 # Template variables a caller's chat_template_kwargs may not override.
-_RESERVED = frozenset({"messages", "tools", "add_generation_prompt", "continue_final_message", "tokenize", "return_dict"})
+_RESERVED = frozenset(
+    {"messages", "tools", "add_generation_prompt", "continue_final_message", "tokenize", "return_dict"}
+)
 
 
 @dataclass(frozen=True)
@@ -106,4 +108,3 @@ def _arguments(call: Mapping[str, Any]) -> Any:
 
 def _with_dict_arguments(call: Mapping[str, Any]) -> dict[str, Any]:
     return {**call, "function": {**call["function"], "arguments": _arguments(call)}}
-

@@ -7,6 +7,14 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """A sampled token's log probability and the most likely alternatives (see engine/sampling.py)."""
+
+    token_logprob: float
+    top: tuple[tuple[int, float], ...]  # (token id, log probability), most likely first
+
 FinishReason = Literal["stop", "length", "abort", "error"]
 # A stop string longer than this is refused (400): held-back text and matching state grow with it,
 # and no real stop sequence (an end-of-turn marker, a closing tag) comes near it.
@@ -27,6 +35,11 @@ class SamplingParams(BaseModel):
     stop: list[StopString] = Field(default_factory=list, max_length=16)
     stop_token_ids: list[int] = Field(default_factory=list, max_length=64)
     repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[int, Annotated[float, Field(ge=-100.0, le=100.0)]] = Field(default_factory=dict, max_length=300)
+    min_tokens: int = Field(0, ge=0)
+    logprobs: int | None = Field(None, ge=0, le=20, description="None = none; k = the sampled token's and the k most likely")
     ignore_eos: bool = False
 
     @property
@@ -61,3 +74,4 @@ class StreamOutput:
     time_to_first_token_s: float | None = None
     mean_token_latency_s: float | None = None
     error: Exception | None = None  # set when finish_reason == "error"
+    logprobs: tuple[TokenLogprobs, ...] = ()  # one per token in ``token_ids`` when the request asked

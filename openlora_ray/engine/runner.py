@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from openlora_ray.engine.request import SamplingParams
-from openlora_ray.engine.sampling import sample_next
+from openlora_ray.engine.request import TokenLogprobs
+from openlora_ray.engine.sampling import RowContext, sample
 from openlora_ray.model.llama import MultiLoraLlama, PagedBatch
 from openlora_ray.model.paged_attention import PrefillLayout, build_decode_layout
 
@@ -24,13 +24,6 @@ class DecodeRow:
     position: int
     blocks: Sequence[int]  # the sequence's block table
     slot: int  # LoRA slot, or NO_ADAPTER
-
-
-@dataclass(frozen=True)
-class SampleRow:
-    params: SamplingParams
-    generator: torch.Generator | None
-    history: Sequence[int]  # prompt + generated tokens (for the repetition penalty)
 
 
 class SamplingError(Exception):
@@ -44,9 +37,10 @@ class ModelRunner:
         self.block_size = block_size
         self.cache = model.new_kv_cache(num_blocks, block_size)
 
-    def _slots(self, blocks: Sequence[int], positions: range) -> list[int]:
+    def _where(self, blocks: Sequence[int], positions: range) -> tuple[list[int], list[int]]:
+        """(block, offset) of each position's key and value."""
         bs = self.block_size
-        return [blocks[p // bs] * bs + p % bs for p in positions]
+        return [blocks[p // bs] for p in positions], [p % bs for p in positions]
 
     @torch.inference_mode()
     def prefill(self, tokens: Sequence[int], *, start: int, blocks: Sequence[int], slot: int) -> torch.Tensor:
@@ -54,10 +48,9 @@ class ModelRunner:
         dev, n = self.device, len(tokens)
         positions = range(start, start + n)
         used = -(-(start + n) // self.block_size)
-        paged = PagedBatch(
-            torch.tensor(self._slots(blocks, positions), device=dev),
-            PrefillLayout(torch.tensor(blocks[:used], device=dev), start),
-        )
+        where, offsets = self._where(blocks, positions)
+        layout = PrefillLayout(torch.tensor(blocks[:used], device=dev), start)
+        paged = PagedBatch(torch.tensor(where, device=dev), torch.tensor(offsets, device=dev), layout)
         ids = torch.tensor([list(tokens)], device=dev)  # (1, L)
         pos = torch.arange(start, start + n, device=dev)[None]  # (1, L)
         last = torch.tensor([n - 1], device=dev)
@@ -67,9 +60,11 @@ class ModelRunner:
     def decode(self, rows: Sequence[DecodeRow]) -> torch.Tensor:
         """One token for each row, all in one forward; logits (B, V)."""
         dev = self.device
-        slots = [s for r in rows for s in self._slots(r.blocks, range(r.position, r.position + 1))]
-        layout = build_decode_layout([r.blocks for r in rows], [r.position + 1 for r in rows], self.block_size, dev)
-        paged = PagedBatch(torch.tensor(slots, device=dev), layout)
+        bs = self.block_size
+        where = torch.tensor([r.blocks[r.position // bs] for r in rows], device=dev)
+        offsets = torch.tensor([r.position % bs for r in rows], device=dev)
+        layout = build_decode_layout([r.blocks for r in rows], [r.position + 1 for r in rows], bs, dev)
+        paged = PagedBatch(where, offsets, layout)
         ids = torch.tensor([[r.token] for r in rows], device=dev)  # (B, 1)
         pos = torch.tensor([[r.position] for r in rows], device=dev)  # (B, 1)
         first = torch.zeros(len(rows), dtype=torch.long, device=dev)
@@ -79,21 +74,16 @@ class ModelRunner:
         return torch.Generator(device=self.device).manual_seed(seed)
 
     @torch.inference_mode()
-    def sample(self, logits: torch.Tensor, rows: Sequence[SampleRow]) -> list[int | SamplingError]:
-        """The next token of each row (``logits`` (B, V)); a row whose sampling fails gets its error."""
-        seen = [self._seen(r) for r in rows]
+    def sample(self, logits: torch.Tensor, rows: Sequence[RowContext]) -> list[tuple[int, TokenLogprobs] | SamplingError]:
+        """The next token of each row (``logits`` (B, V)), read back in one copy; a row whose
+        sampling fails (its settings, its generator) gets its error and only it fails."""
         try:
-            return list(sample_next(logits, [r.params for r in rows], [r.generator for r in rows], seen))
+            return sample(logits, rows).to_host()
         except Exception:  # some row is at fault: sample one by one, so that only it fails
-            return [self._sample_one(logits[i : i + 1], r, seen[i]) for i, r in enumerate(rows)]
+            return [self._sample_one(logits[i : i + 1], row) for i, row in enumerate(rows)]
 
-    def _sample_one(self, logits: torch.Tensor, row: SampleRow, seen: torch.Tensor) -> int | SamplingError:
+    def _sample_one(self, logits: torch.Tensor, row: RowContext) -> tuple[int, TokenLogprobs] | SamplingError:
         try:
-            return sample_next(logits, [row.params], [row.generator], [seen])[0]
+            return sample(logits, [row]).to_host()[0]
         except Exception as e:  # handed to the row's request, which fails alone
             return SamplingError(f"sampling failed: {e}")
-
-    def _seen(self, row: SampleRow) -> torch.Tensor:
-        if row.params.repetition_penalty == 1.0:
-            return torch.empty(0, dtype=torch.long, device=self.device)
-        return torch.tensor(row.history, dtype=torch.long, device=self.device)

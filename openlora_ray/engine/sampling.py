@@ -1,60 +1,166 @@
-"""Choosing the next token of each row from its logits (pure functions over tensors).
+"""Choosing the next token of every row of a step at once, on the logits' device.
 
-Semantics follow Hugging Face's logits processors so that greedy decoding here equals
-``generate(do_sample=False)``: repetition penalty divides positive and multiplies negative logits
-of tokens already seen (Keskar et al., 2019); top-k keeps the k largest; top-p keeps the smallest
-set whose probability reaches p; then softmax at the temperature and one draw from the row's own
-generator, so a seeded request reproduces its tokens whatever else shares its batch.
+Reference semantics, one row at a time (``reference_logprobs`` is exactly this, for tests):
+
+    l = logits[row].float()                                              # (V,)
+    l[seen] = where(l[seen] > 0, l[seen] / rep, l[seen] * rep)           # repetition penalty (HF;
+                                                                         #  Keskar et al., 2019)
+    l -= frequency * count(output) + presence * (count(output) > 0)     # OpenAI's penalties
+    l[token] += bias for token, bias in logit_bias                       # OpenAI's logit_bias
+    if generated < min_tokens: l[eos and stop_token_ids] = -inf          # vLLM's min_tokens
+    logprobs = log_softmax(l / (temperature or 1))                       # what is reported
+    greedy: argmax(l); else keep top_k, then the top_p nucleus of softmax(l / temperature), and
+    draw from it with the row's own generator
+
+Greedy rows equal ``generate(do_sample=False)`` (same repetition-penalty rule). The draw is the
+exponential race ``argmax(p / E)``, ``E ~ Exp(1)`` per token, which samples exactly from ``p``:
+each row's noise comes from its own seeded generator when it has one, so a seeded request repeats
+its tokens whatever else shares its batch, and every row is decided by one batched ``argmax``.
+Everything stays on the device; the step copies to the host once (``SampledBatch.to_host``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
-from openlora_ray.engine.request import SamplingParams
+from openlora_ray.engine.request import SamplingParams, TokenLogprobs
 
 
-def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """``logits`` (V,), ``seen`` (N,) token ids -> penalised copy."""
-    scores = logits.gather(0, seen)
-    logits = logits.clone()
-    logits.scatter_(0, seen, torch.where(scores > 0, scores / penalty, scores * penalty))
+@dataclass(frozen=True)
+class RowContext:
+    """What one row's sampling needs besides its logits."""
+
+    params: SamplingParams
+    generator: torch.Generator | None
+    prompt: Sequence[int]
+    output: Sequence[int]  # tokens generated so far
+    eos_ids: frozenset[int]  # ids that end the row (masked until min_tokens)
+
+
+def _seen_mask(rows: Sequence[RowContext], which: Sequence[int], vocab: int, device: torch.device, output_only: bool) -> torch.Tensor:
+    """(len(which), V) float counts of each token in each row's output (or prompt + output)."""
+    seqs = [list(rows[i].output) if output_only else [*rows[i].prompt, *rows[i].output] for i in which]
+    width = max(1, max(len(s) for s in seqs))
+    ids = torch.tensor([s + [0] * (width - len(s)) for s in seqs], device=device)  # (R, W)
+    ones = torch.tensor([[1.0] * len(s) + [0.0] * (width - len(s)) for s in seqs], device=device)
+    return torch.zeros(len(which), vocab, device=device).scatter_add_(1, ids, ones)
+
+
+def process_logits(logits: torch.Tensor, rows: Sequence[RowContext]) -> torch.Tensor:
+    """Penalties, bias and min_tokens applied to a float32 copy of ``logits`` (B, V)."""
+    logits = logits.to(torch.float32, copy=True)
+    device, vocab = logits.device, logits.shape[1]
+    rep = [i for i, r in enumerate(rows) if r.params.repetition_penalty != 1.0]
+    if rep:
+        seen = _seen_mask(rows, rep, vocab, device, output_only=False) > 0  # (R, V)
+        penalty = torch.tensor([rows[i].params.repetition_penalty for i in rep], device=device)[:, None]
+        sub = logits[rep]
+        logits[rep] = torch.where(seen, torch.where(sub > 0, sub / penalty, sub * penalty), sub)
+    pen = [i for i, r in enumerate(rows) if r.params.frequency_penalty or r.params.presence_penalty]
+    if pen:
+        counts = _seen_mask(rows, pen, vocab, device, output_only=True)  # (R, V)
+        freq = torch.tensor([rows[i].params.frequency_penalty for i in pen], device=device)[:, None]
+        pres = torch.tensor([rows[i].params.presence_penalty for i in pen], device=device)[:, None]
+        logits[pen] -= freq * counts + pres * (counts > 0)
+    bias = [(i, t, b) for i, r in enumerate(rows) for t, b in r.params.logit_bias.items()]
+    if bias:
+        idx = torch.tensor([[i, t] for i, t, _ in bias], device=device)
+        logits.index_put_((idx[:, 0], idx[:, 1]), torch.tensor([b for *_, b in bias], device=device), accumulate=True)
+    banned = [
+        (i, t)
+        for i, r in enumerate(rows)
+        if len(r.output) < r.params.min_tokens
+        for t in r.eos_ids | set(r.params.stop_token_ids)
+    ]
+    if banned:
+        idx = torch.tensor(banned, device=device)
+        logits[idx[:, 0], idx[:, 1]] = float("-inf")
     return logits
 
 
-def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """``logits`` (V,) with everything outside top-k / the top-p nucleus set to -inf."""
-    if top_k and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) >= top_p  # keep the token that crosses p
-        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
-    return logits
+@dataclass(frozen=True)
+class SampledBatch:
+    """The step's choices, still on the device: one copy to the host reads them all."""
+
+    packed: torch.Tensor  # (B, 2 + 2k) float64: token, its logprob, then k top ids and k top logprobs
+    top_k: int
+
+    def to_host(self) -> list[tuple[int, TokenLogprobs]]:
+        rows = self.packed.tolist()  # the step's one device-to-host copy
+        k = self.top_k
+        out = []
+        for r in rows:
+            top = tuple((int(t), lp) for t, lp in zip(r[2 : 2 + k], r[2 + k :]))
+            out.append((int(r[0]), TokenLogprobs(r[1], top)))
+        return out
 
 
-def sample_next(
-    logits: torch.Tensor,  # (B, V) float
-    params: Sequence[SamplingParams],
-    generators: Sequence[torch.Generator | None],
-    seen: Sequence[torch.Tensor],  # per row (N_i,) token ids for the repetition penalty
-) -> list[int]:
-    """One token per row. Greedy rows of a batch are decided with a single argmax."""
-    logits = logits.float()
-    out = logits.argmax(-1).tolist()  # right for every greedy row without a penalty
-    for i, p in enumerate(params):
-        if p.greedy and p.repetition_penalty == 1.0:
-            continue
-        row = logits[i]
-        if p.repetition_penalty != 1.0:
-            row = apply_repetition_penalty(row, seen[i], p.repetition_penalty)
-        if p.greedy:
-            out[i] = int(row.argmax())
-            continue
-        row = filter_top_k_top_p(row / p.temperature, p.top_k, p.top_p)
-        out[i] = int(torch.multinomial(row.softmax(-1), 1, generator=generators[i]))
-    return out
+def sample(logits: torch.Tensor, rows: Sequence[RowContext]) -> SampledBatch:
+    """One token per row of ``logits`` (B, V), with its log probability and the top alternatives."""
+    processed = process_logits(logits, rows)
+    device = processed.device
+    temps = torch.tensor([r.params.temperature or 1.0 for r in rows], device=device)[:, None]
+    scaled = processed / temps  # (B, V)
+    logprobs = scaled.log_softmax(-1)
+    chosen = processed.argmax(-1)  # greedy rows
+    sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
+    if sampled:
+        filtered = _top_k_top_p(scaled[sampled], [rows[i].params for i in sampled])
+        noise = torch.empty_like(filtered)
+        for j, i in enumerate(sampled):
+            noise[j].exponential_(generator=rows[i].generator)
+        chosen[sampled] = (filtered.softmax(-1) / noise).argmax(-1)
+    k = max(r.params.logprobs or 0 for r in rows)
+    parts = [chosen[:, None].double(), logprobs.gather(1, chosen[:, None]).double()]
+    if k:
+        top = logprobs.topk(k, dim=-1)
+        parts += [top.indices.double(), top.values.double()]
+    return SampledBatch(torch.cat(parts, dim=1), k)
+
+
+def _top_k_top_p(scaled: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """``scaled`` (R, V) with everything outside each row's top-k and top-p nucleus set to -inf."""
+    top_k = [p.top_k for p in params]
+    top_p = [p.top_p for p in params]
+    if not any(top_k) and all(p >= 1.0 for p in top_p):
+        return scaled
+    vocab = scaled.shape[1]
+    sorted_logits, order = scaled.sort(dim=-1, descending=True)  # (R, V)
+    ks = torch.tensor([k if 0 < k < vocab else vocab for k in top_k], device=scaled.device)[:, None]
+    drop = sorted_logits < sorted_logits.gather(1, ks - 1)  # below the k-th largest (ties kept)
+    probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(-1)
+    before = probs.cumsum(-1) - probs  # mass of the tokens ranked above each one
+    drop |= before >= torch.tensor(top_p, device=scaled.device)[:, None]  # keep the token that crosses p
+    return scaled.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), float("-inf"))
+
+
+def reference_logprobs(logits: torch.Tensor, row: RowContext) -> tuple[torch.Tensor, torch.Tensor]:
+    """One row (V,): (log probabilities reported, the distribution sampled from). Tests only."""
+    p = row.params
+    lg = logits.double().clone()
+    if p.repetition_penalty != 1.0:
+        for t in set(row.prompt) | set(row.output):
+            lg[t] = lg[t] / p.repetition_penalty if lg[t] > 0 else lg[t] * p.repetition_penalty
+    for t in set(row.output):
+        c = list(row.output).count(t)
+        lg[t] -= p.frequency_penalty * c + p.presence_penalty
+    for t, b in p.logit_bias.items():
+        lg[t] += b
+    if len(row.output) < p.min_tokens:
+        for t in row.eos_ids | set(p.stop_token_ids):
+            lg[t] = float("-inf")
+    scaled = lg / (p.temperature or 1.0)
+    if p.greedy:
+        return scaled.log_softmax(0), torch.nn.functional.one_hot(lg.argmax(), lg.shape[0]).double()
+    keep = torch.ones_like(scaled, dtype=torch.bool)
+    if p.top_k and p.top_k < lg.shape[0]:
+        keep &= scaled >= scaled.topk(p.top_k).values[-1]
+    if p.top_p < 1.0:
+        probs = scaled.masked_fill(~keep, float("-inf")).softmax(0)
+        ranked, order = probs.sort(descending=True)
+        inside = (ranked.cumsum(0) - ranked) < p.top_p
+        keep &= torch.zeros_like(keep).scatter(0, order, inside)
+    return scaled.log_softmax(0), scaled.masked_fill(~keep, float("-inf")).softmax(0)

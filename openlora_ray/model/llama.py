@@ -78,7 +78,8 @@ class PagedKVCache:
 class PagedBatch:
     """Where a forward's new keys and values go and how its queries read the cache."""
 
-    slots: torch.Tensor  # (B*L,) long, flat slot (block * block_size + offset) of each new token
+    blocks: torch.Tensor  # (B*L,) long, the block each new token's key and value go to
+    offsets: torch.Tensor  # (B*L,) long, their position within it
     layout: PrefillLayout | DecodeLayout  # prefill: B == 1; decode: L == 1
 
 
@@ -123,7 +124,7 @@ class DecoderLayer(nn.Module):
             k_pool, v_pool = kv
             new_k = k.transpose(1, 2).reshape(bsz * seq, self.num_kv_heads, self.head_dim)  # (B*L, KVH, hd)
             new_v = v.transpose(1, 2).reshape(bsz * seq, self.num_kv_heads, self.head_dim)
-            write_kv(k_pool, v_pool, paged.slots, new_k, new_v)
+            write_kv(k_pool, v_pool, paged.blocks, paged.offsets, new_k, new_v)
             if isinstance(paged.layout, PrefillLayout):
                 att = prefill_attention(q[0], k_pool, v_pool, paged.layout, self.scaling).transpose(0, 1)[None]
             else:

@@ -95,12 +95,11 @@ def build_decode_layout(
 def write_kv(
     k_pool: torch.Tensor,  # (NB, KVH, hd, bs)
     v_pool: torch.Tensor,  # (NB, KVH, bs, hd)
-    slots: torch.Tensor,  # (N,) long, flat token slot block * bs + offset of each new token
+    blocks: torch.Tensor,  # (N,) long, the block of each new token
+    offsets: torch.Tensor,  # (N,) long, its position within the block
     k: torch.Tensor,  # (N, KVH, hd)
     v: torch.Tensor,
 ) -> None:
-    bs = v_pool.shape[2]
-    blocks, offsets = slots // bs, slots % bs
     k_pool[blocks, :, :, offsets] = k
     v_pool[blocks, :, offsets] = v
 

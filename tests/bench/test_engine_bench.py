@@ -24,7 +24,9 @@ def test_bench_engine_writes_every_run_and_target(tiny_model_dir, tmp_path):
         assert metrics["tokens_per_s"] > 0 and metrics["ttft_p99_s"] >= metrics["ttft_p50_s"] > 0, name
         assert metrics["token_latency_p50_s"] > 0, name
     assert report["runs"]["peft_grouped"]["batches"] >= 2  # one adapter per batch
-    assert set(report["targets"]) == {"lora_throughput_vs_best_peft", "lora_ttft_p99_below_best_peft", "base_throughput_vs_hf_generate"}
+    assert set(report["targets"]) == {
+        "lora_throughput_vs_best_peft", "lora_ttft_p99_below_best_peft", "lora_throughput_vs_own_base", "base_throughput_vs_hf_generate",
+    }
     assert all(isinstance(t["met"], bool) for t in report["targets"].values())
     assert report["best"]["engine_lora"] in report["runs"] and report["best"]["peft"] in ("peft_grouped", "peft_mixed")
     assert 16 <= report["prompt_tokens"]["min"] <= report["prompt_tokens"]["max"] <= 24

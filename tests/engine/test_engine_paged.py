@@ -167,3 +167,21 @@ async def test_seeded_soak_with_cancellations_preemptions_and_failures_leaks_no_
     assert engine.stats.preemptions > 0
     await settled(engine)
     assert all(engine.slots.pins(a) == 0 for a in ("a", "b"))
+
+
+async def test_logprobs_are_the_models_own_log_softmax(engine_factory, tiny_model_dir, tiny_hf):
+    engine = engine_factory(EngineConfig(model_path=tiny_model_dir, max_seq_len=64))
+    prompt = tokens(11, seed=9)
+    params = SamplingParams(max_tokens=6, logprobs=3, **GREEDY)
+    got, logprobs = [], []
+    async for out in engine.generate(engine.make_request(prompt, params=params)):
+        got += out.token_ids
+        logprobs += out.logprobs
+    assert len(logprobs) == len(got) == 6
+    with torch.no_grad():
+        ref = tiny_hf(torch.tensor([prompt + got])).logits[0, len(prompt) - 1 : -1].log_softmax(-1)  # (6, V)
+    for i, (token, lp) in enumerate(zip(got, logprobs)):
+        assert lp.top[0][0] == token  # greedy: the top-1
+        assert lp.token_logprob == pytest.approx(float(ref[i, token]), abs=1e-4)
+        assert [t for t, _ in lp.top] == ref[i].topk(3).indices.tolist()
+        assert [v for _, v in lp.top] == pytest.approx(ref[i].topk(3).values.tolist(), abs=1e-4)

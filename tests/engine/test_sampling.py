@@ -1,45 +1,82 @@
-"""Sampling filters and the incremental detokenizer, as pure functions."""
+"""The batched sampler against its one-row reference, and seeded draws in any batch."""
 
 from __future__ import annotations
 
+import random
+
+import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from openlora_ray.engine.detokenize import IncrementalText
 from openlora_ray.engine.request import SamplingParams
-from openlora_ray.engine.sampling import apply_repetition_penalty, filter_top_k_top_p, sample_next
+from openlora_ray.engine.sampling import RowContext, process_logits, reference_logprobs, sample
+
+V = 50
+EOS = frozenset({2})
 
 
-def test_top_k_and_top_p_keep_the_expected_tokens():
-    logits = torch.log(torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05]))
-    assert torch.isfinite(filter_top_k_top_p(logits, 2, 1.0)).tolist() == [True, True, False, False, False]
-    assert torch.isfinite(filter_top_k_top_p(logits, 0, 0.6)).tolist() == [True, True, False, False, False]
-    assert torch.isfinite(filter_top_k_top_p(logits, 0, 0.5)).tolist() == [True, False, False, False, False]
-    assert torch.isfinite(filter_top_k_top_p(logits, 0, 1.0)).all()
+def random_row(rng: random.Random) -> RowContext:
+    greedy = rng.random() < 0.3
+    params = SamplingParams(
+        temperature=0.0 if greedy else rng.choice([0.5, 1.0, 1.7]),
+        top_k=rng.choice([0, 0, 1, 5, 30]),
+        top_p=rng.choice([1.0, 1.0, 0.9, 0.5]),
+        repetition_penalty=rng.choice([1.0, 1.0, 1.3, 0.8]),
+        frequency_penalty=rng.choice([0.0, 0.5, -0.3]),
+        presence_penalty=rng.choice([0.0, 0.7]),
+        logit_bias={rng.randrange(V): rng.choice([-100.0, 5.0, 0.5]) for _ in range(rng.randint(0, 3))},
+        min_tokens=rng.choice([0, 0, 3]),
+        logprobs=rng.choice([None, 0, 3]),
+    )
+    prompt = [rng.randrange(V) for _ in range(rng.randint(1, 8))]
+    output = [rng.randrange(V) for _ in range(rng.randint(0, 6))]
+    return RowContext(params, torch.Generator().manual_seed(rng.randrange(1000)), prompt, output, EOS)
 
 
-def test_repetition_penalty_follows_hf_semantics():
-    logits = torch.tensor([2.0, -2.0, 1.0])
-    out = apply_repetition_penalty(logits, torch.tensor([0, 1]), 2.0)
-    assert out.tolist() == [1.0, -4.0, 1.0]
+@settings(max_examples=100, deadline=None)
+@given(st.integers(0, 10**6))
+def test_batched_logits_and_logprobs_equal_the_one_row_reference(seed):
+    rng = random.Random(seed)
+    rows = [random_row(rng) for _ in range(rng.randint(1, 6))]
+    logits = torch.randn(len(rows), V, generator=torch.Generator().manual_seed(seed))
+    processed = process_logits(logits, rows)
+    batch = sample(logits, rows).to_host()
+    for i, row in enumerate(rows):
+        want_logprobs, want_dist = reference_logprobs(logits[i], row)
+        got = (processed[i] / (row.params.temperature or 1.0)).log_softmax(0)
+        torch.testing.assert_close(got.double(), want_logprobs, rtol=1e-5, atol=1e-5, equal_nan=True)
+        token, lp = batch[i]
+        assert want_dist[token] > 0  # drawn from the filtered distribution (greedy: its argmax)
+        assert lp.token_logprob == pytest.approx(float(want_logprobs[token]), abs=1e-5)
+        k = row.params.logprobs or 0
+        assert [t for t, _ in lp.top[:k]] == want_logprobs.topk(k).indices.tolist() if k else True
 
 
-def test_sample_next_greedy_and_seeded_rows():
-    logits = torch.tensor([[0.0, 3.0, 1.0], [1.0, 1.0, 1.01]])
-    params = [SamplingParams(temperature=0), SamplingParams(temperature=1.0, seed=7)]
-    draws = {tuple(sample_next(logits, params, [None, torch.Generator().manual_seed(7)], [torch.empty(0)] * 2)) for _ in range(5)}
-    assert len(draws) == 1 and next(iter(draws))[0] == 1
+def test_draws_follow_the_filtered_distribution():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    row = RowContext(SamplingParams(temperature=1.0, top_p=0.8), None, [0], [], EOS)
+    counts = torch.zeros(4)
+    for _ in range(4000):
+        counts[sample(logits, [row]).to_host()[0][0]] += 1
+    assert counts[2] == counts[3] == 0  # outside the 0.8 nucleus
+    assert counts[0] / counts[:2].sum() == pytest.approx(0.5 / 0.8, abs=0.03)
 
 
-def test_incremental_text_holds_back_a_possible_stop_string(smollm2_dir):
-    from transformers import AutoTokenizer
+def test_a_seeded_row_draws_the_same_tokens_in_any_batch():
+    logits = torch.randn(4, V, generator=torch.Generator().manual_seed(1))
 
-    tok = AutoTokenizer.from_pretrained(smollm2_dir)
-    ids = tok("Hello world, this is the end. More text.").input_ids
-    inc = IncrementalText(tok, stop=("the end",))
-    streamed, stopped = "", False
-    for i in ids:
-        delta, stopped = inc.add(i)
-        streamed += delta
-        if stopped:
-            break
-    assert stopped and streamed == "Hello world, this is "
+    def row(seed):
+        return RowContext(SamplingParams(temperature=1.0, seed=seed), torch.Generator().manual_seed(seed), [1], [], EOS)
+
+    alone = [sample(logits[2:3], [row(7)]).to_host()[0][0] for _ in range(3)]
+    mixed = [sample(logits, [row(1), row(2), row(7), row(3)]).to_host()[2][0] for _ in range(3)]
+    assert len(set(alone)) == 1 and alone == mixed
+
+
+def test_min_tokens_masks_eos_and_greedy_follows_hf_repetition_penalty():
+    logits = torch.tensor([[1.0, 0.0, 9.0, 1.0, 2.0]])
+    early = RowContext(SamplingParams(temperature=0.0, min_tokens=2), None, [0], [4], EOS)
+    assert sample(logits, [early]).to_host()[0][0] == 4
+    late = RowContext(SamplingParams(temperature=0.0, min_tokens=2, repetition_penalty=10.0), None, [2], [4, 3], EOS)
+    assert sample(logits, [late]).to_host()[0][0] == 0  # 9/10 < 1: the penalised EOS loses to an unseen token

@@ -28,21 +28,22 @@ def test_chunked_prefill_then_decode_through_the_paged_cache_matches_full_forwar
     order = torch.randperm(16, generator=torch.Generator().manual_seed(9)).tolist() if scattered else list(range(16))
     tables = [order[0:3], order[3:6], order[6:9]]  # 3 blocks of 4 = 12 tokens per row
 
-    def slot_of(row: int, pos: torch.Tensor) -> torch.Tensor:
-        return torch.tensor(tables[row])[pos // bs] * bs + pos % bs
+    def where(row: int, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.tensor(tables[row])[pos // bs], pos % bs
 
     # Prefill each row alone in chunks of 4 (different lengths), then decode all rows together.
     for i, n in enumerate(lengths):
         for start in range(0, n, 4):
             pos = torch.arange(start, min(n, start + 4))
-            paged = PagedBatch(slot_of(i, pos), PrefillLayout(torch.tensor(tables[i][: -(-(pos[-1] + 1) // bs)]), start))
+            paged = PagedBatch(*where(i, pos), PrefillLayout(torch.tensor(tables[i][: -(-(pos[-1] + 1) // bs)]), start))
             logits = model(seqs[i : i + 1, pos], pos[None], model.lora_batch([slots[i]]), cache, paged)
             torch.testing.assert_close(logits[0], full[i, pos], rtol=1e-4, atol=1e-4)
     pos = torch.tensor(lengths)
     lora = model.lora_batch(slots)
     for _ in range(total - max(lengths)):
         layout = build_decode_layout(tables, (pos + 1).tolist(), bs, torch.device("cpu"))
-        paged = PagedBatch(torch.cat([slot_of(r, pos[r : r + 1]) for r in range(3)]), layout)
+        blocks, offsets = zip(*(where(r, pos[r : r + 1]) for r in range(3)))
+        paged = PagedBatch(torch.cat(blocks), torch.cat(offsets), layout)
         step = model(seqs[torch.arange(3), pos][:, None], pos[:, None], lora, cache, paged, logits_at=torch.zeros(3, dtype=torch.long))
         torch.testing.assert_close(step, full[torch.arange(3), pos], rtol=1e-4, atol=1e-4)
         pos = pos + 1

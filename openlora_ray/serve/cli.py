@@ -55,7 +55,9 @@ def local_config(args: argparse.Namespace):
     from openlora_ray.serve.config import AppConfig
 
     data: dict = {
-        "engine": {"num_slots": 8, "max_rank": 16, "max_running": 8, "max_seq_len": 1024, "torch_threads": 1},
+        "engine": {
+            "num_slots": 8, "max_rank": 16, "max_running": 8, "max_seq_len": 1024, "memory_budget_bytes": 2 << 30, "torch_threads": 1,
+        },
         "store": {"uri": str(DEFAULT_STORE)},
         "replicas": {"num_replicas": 2, "num_cpus": 0.5, "num_gpus": 0},
         # A loopback-only demo: no API keys. A config file for anything reachable must set auth.

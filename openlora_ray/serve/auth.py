@@ -63,6 +63,10 @@ class Principal:
             return True
         return owner_of(adapter_name, shared_owner) in (self.tenant, shared_owner)
 
+    def owners(self, shared_owner: str) -> frozenset[str] | None:
+        """The name prefixes this key sees besides undotted names (None: every adapter)."""
+        return None if self.tenant is None else frozenset({self.tenant, shared_owner})
+
     def check_may_manage(self, adapter_name: str, shared_owner: str) -> None:
         """Raise PermissionDeniedError unless this key may prefetch, pin, unpin or evict the adapter.
 

@@ -152,7 +152,8 @@ class Ingress:
         if self.store is not None:
             try:
                 principal = self.keys.authenticate(authorization)
-                page = await asyncio.to_thread(self.store.page, after, limit, lambda name: self._visible(principal, name))
+                owners = principal.owners(self.cfg.auth.shared_owner)  # other tenants' adapters are skipped unread
+                page = await asyncio.to_thread(self.store.page, after, limit, lambda name: self._visible(principal, name), owners)
             except Exception as e:  # noqa: BLE001 - mapped to an HTTP answer, never swallowed
                 return self._error(e)
             data += [model_card(a.name, now, parent=self.cfg.served_model_name) for a in page.adapters]
@@ -201,15 +202,18 @@ class Ingress:
 
     # -------------------------------------------------------------- adapter management
     @api.get("/v1/adapters")
-    async def list_adapters(self, authorization: str | None = Header(None)) -> Any:
+    async def list_adapters(self, after: str | None = None, limit: int = Query(MAX_PAGE, ge=1, le=MAX_PAGE), authorization: str | None = Header(None)) -> Any:
+        """Every version of up to ``limit`` adapters after ``after`` (paged as ``/v1/models``)."""
         try:
             principal = self.keys.authenticate(authorization)
-            versions = await asyncio.to_thread(self.store.list) if self.store else []
+            keep, owners = (lambda name: self._visible(principal, name)), principal.owners(self.cfg.auth.shared_owner)
+            page = await asyncio.to_thread(self.store.page, after, limit, keep, owners) if self.store else Page((), has_more=False)
             states = await self._replica_states()
         except Exception as e:  # noqa: BLE001
             return self._error(e)
-        visible = [v for v in versions if self._visible(principal, v.id.name)]
-        return {"data": [{"id": str(v.id), "size": v.size, "pushed_at": v.pushed_at.isoformat(), **_residency(str(v.id), states)} for v in visible]}
+        visible = [v for a in page.adapters for v in a.versions]
+        data = [{"id": str(v.id), "size": v.size, "pushed_at": v.pushed_at.isoformat(), **_residency(str(v.id), states)} for v in visible]
+        return {"data": data, "last_id": page.last, "has_more": page.has_more}
 
     @api.get("/v1/replicas")
     async def list_replicas(self, authorization: str | None = Header(None)) -> Any:

@@ -9,6 +9,11 @@ objects, however many adapters the store holds.
 Adapters are ordered by key, i.e. by ``name + "/"``: the order S3 lists them in, in which ``a-b``
 comes before ``a`` (``-`` sorts before ``/``). A page continues *after* a name, OpenAI-style
 (``after=<last name of the previous page>``).
+
+A tenant's listing (``owners``: its own name prefix and the shared one) skips other tenants'
+adapters without reading them: names ``owner.x`` sort together, and every key of them sorts
+before ``owner/``, so on meeting a foreign owner the listing starts again after ``owner/`` (one
+request per foreign tenant met, instead of reading all of its adapters' objects).
 """
 
 from __future__ import annotations
@@ -96,9 +101,31 @@ def group_versions(objects: Iterable[ObjectInfo], where: str) -> Iterator[Adapte
         yield from flush()
 
 
-def iter_adapters(backend: ObjectStore, after: str | None = None, prefix: str = "") -> Iterator[AdapterVersions]:
-    """Every adapter (whose name starts with ``prefix``) after ``after``, in key order, lazily."""
-    return group_versions(backend.list(prefix, start_after(after)), backend.describe())
+def iter_adapters(
+    backend: ObjectStore, after: str | None = None, prefix: str = "", owners: frozenset[str] | None = None
+) -> Iterator[AdapterVersions]:
+    """Every adapter (whose name starts with ``prefix``) after ``after``, in key order, lazily.
+
+    With ``owners``, only names without a '.' and names whose part before the first '.' is one of
+    ``owners`` (the tenancy convention of ``serve.auth``), skipping the others as the module says.
+    """
+    if owners is None:
+        objects = backend.list(prefix, start_after(after))
+    else:
+        objects = _owned_objects(backend, prefix, start_after(after), owners)
+    return group_versions(objects, backend.describe())
+
+
+def _owned_objects(backend: ObjectStore, prefix: str, start: str, owners: frozenset[str]) -> Iterator[ObjectInfo]:
+    while True:
+        for obj in backend.list(prefix, start):
+            owner, dot, _ = obj.key.split("/", 1)[0].partition(".")
+            if dot and owner not in owners:
+                start = f"{owner}/"  # past every key of every 'owner.*' name: list again from there
+                break
+            yield obj
+        else:
+            return
 
 
 def page(

@@ -136,14 +136,21 @@ class AdapterStore:
         prefix = f"{parse_adapter_id(name).name}/" if name is not None else ""
         return [v for a in iter_adapters(self.backend, prefix=prefix) for v in a.versions]
 
-    def adapters(self, after: str | None = None) -> Iterator[AdapterVersions]:
-        """Adapters after ``after`` in key order (see :mod:`listing`), read from the store lazily."""
+    def adapters(self, after: str | None = None, owners: frozenset[str] | None = None) -> Iterator[AdapterVersions]:
+        """Adapters after ``after`` in key order (see :mod:`listing`), read from the store lazily;
+        with ``owners``, only undotted names and those of these owners (a tenant's view)."""
         # A name from a client: checked before it reaches the store.
-        return iter_adapters(self.backend, after=parse_adapter_id(after).name if after else None)
+        return iter_adapters(self.backend, after=parse_adapter_id(after).name if after else None, owners=owners)
 
-    def page(self, after: str | None = None, limit: int = 100, keep: Callable[[str], bool] | None = None) -> Page:
+    def page(
+        self,
+        after: str | None = None,
+        limit: int = 100,
+        keep: Callable[[str], bool] | None = None,
+        owners: frozenset[str] | None = None,
+    ) -> Page:
         """One page of adapters (those ``keep`` accepts), reading only as much of the store as it needs."""
-        return page(self.adapters(after), limit, keep)
+        return page(self.adapters(after, owners), limit, keep)
 
     def latest(self, name: str) -> AdapterId:
         """The newest version of ``name`` (asks the store; see the module docstring)."""

@@ -137,6 +137,25 @@ def test_every_endpoint_but_the_health_probes_needs_a_key(dep):
     assert page.status_code == 200 and "/openapi.json" in page.text
 
 
+def test_models_page_through_a_tenants_view(dep):
+    def page(key: str, **params) -> dict:
+        r = requests.get(dep.url + "/v1/models", params=params, headers=bearer(key), timeout=30)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    assert [m["id"] for m in page(ACME)["data"]] == [BASE, "acme.tone", "alpha"]  # not globex.tone
+    first = page(ACME, limit=1)
+    assert [m["id"] for m in first["data"]] == [BASE, "acme.tone"] and first["has_more"] and first["last_id"] == "acme.tone"
+    rest = page(ACME, limit=1, after=first["last_id"])
+    assert [m["id"] for m in rest["data"]] == ["alpha"] and not rest["has_more"]
+    assert [m["id"] for m in page(GLOBEX_ADMIN)["data"]] == [BASE, "alpha", "globex.tone"]
+    versions = requests.get(dep.url + "/v1/adapters", params={"limit": 1}, headers=bearer(ACME), timeout=30).json()
+    assert [v["id"] for v in versions["data"]] == ["acme.tone@v1"] and versions["has_more"] and versions["last_id"] == "acme.tone"
+    for bad in ({"limit": 0}, {"limit": 5000}, {"after": "../x"}):
+        r = requests.get(dep.url + "/v1/models", params=bad, headers=bearer(ACME), timeout=30)
+        assert r.status_code == 400, (bad, r.text)
+
+
 def test_an_admin_key_manages_only_its_own_tenants_adapters(dep):
     own = dep.post("/v1/adapters/acme.tone/pin", {"replicas": 1}, key=ACME_ADMIN)
     assert own.status_code == 200 and own.json()["pinned"], own.text

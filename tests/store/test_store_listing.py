@@ -78,3 +78,18 @@ def test_pages_follow_after_and_read_only_what_they_need(make_store, s3, adapter
     s3.log.clear()
     stores[0].page(None, 2)
     assert sum(1 for m, p in s3.log if m == "GET" and p.rstrip("/").endswith(s3.bucket)) == 1  # one ListObjectsV2
+
+
+def test_a_tenants_page_skips_other_tenants_adapters_unread(make_store, s3, adapters):
+    store = make_store()
+    names = [f"{owner}.a{i}" for owner in ("acme", "globex", "initech", "shared") for i in range(3)] + ["plain", "zed"]
+    for name in names:
+        store.push(adapters[0], f"{name}@v1")
+    owners = frozenset({"globex", "shared"})
+    seen = [a.name for a in store.adapters(owners=owners)]
+    assert seen == sorted((n for n in names if n.split(".")[0] in owners or "." not in n), key=lambda n: n + "/")
+    assert [a.name for a in store.page("globex.a2", 3, owners=owners).adapters] == ["plain", "shared.a0", "shared.a1"]
+    s3.log.clear()
+    assert [a.name for a in store.page(None, 1, owners=frozenset({"initech"})).adapters] == ["initech.a0"]
+    listings = [p for m, p in s3.log if m == "GET" and p.rstrip("/").endswith(s3.bucket)]
+    assert len(listings) == 3  # from the start, after 'acme/', after 'globex/': acme's and globex's objects skipped

@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test bench-lora prepare clean
+.PHONY: run test cluster-test bench-lora prepare clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,14 @@ prepare: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# `ray up` + `serve deploy` of cluster/onprem-gpu.yaml for real, on two loopback nodes, one of them
+# lost (tests/cluster/, about 3 minutes; see README). Needs root, sshd and rsync: installed from
+# Debian's packages when missing. SIGINT at the time limit lets pytest stop the nodes it started.
+cluster-test: $(STAMP)
+	test -x /usr/sbin/sshd && command -v rsync >/dev/null || { apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends openssh-server rsync; }
+	timeout -s INT -k 60 900 $(PY) -m pytest -q -m cluster tests/cluster
 
 bench-lora: prepare
 	$(VENV)/bin/openlora-ray bench lora

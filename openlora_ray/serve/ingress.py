@@ -56,6 +56,7 @@ from openlora_ray.store.store import AdapterStore
 log = logging.getLogger(__name__)
 
 REPLICA_HEADER = "x-openlora-replica"
+Generation = CompletionRequest | ChatCompletionRequest
 DEFAULT_MAX_TOKENS = 256
 
 api = FastAPI(title="openlora-ray", description="OpenAI-compatible multi-LoRA serving", docs_url=None, redoc_url=None, openapi_url=None)
@@ -100,7 +101,8 @@ def _own_serve_request_id() -> Iterator[None]:
     keys its claims and in-flight counts by that id.
     """
     ctx = serve_context._get_serve_request_context()
-    token = serve_context._serve_request_context.set(dataclasses.replace(ctx, _internal_request_id=generate_request_id()))
+    own = dataclasses.replace(ctx, _internal_request_id=generate_request_id())
+    token = serve_context._serve_request_context.set(own)
     try:
         yield
     finally:
@@ -261,11 +263,11 @@ class Ingress:
         return await self._on_holders(authorization, adapter, "evict", lambda s, aid: aid in s.resident or aid in s.host)
 
     # ------------------------------------------------------------------------ internals
-    async def _serve(self, authorization: str | None, body: CompletionRequest | ChatCompletionRequest, chat: bool) -> Any:
+    async def _serve(self, authorization: str | None, body: Generation, chat: bool) -> Any:
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         try:
             principal = self.keys.authenticate(authorization)
-            choices = body.choices(DEFAULT_MAX_TOKENS)
+            choices = body.choices(min(DEFAULT_MAX_TOKENS, self.cfg.limits.max_tokens))
             self._check_limits(choices[0].params, body.prompt_chars())
             self._admit(principal)
         except Exception as e:  # noqa: BLE001
@@ -291,7 +293,9 @@ class Ingress:
         if self.cfg.auth.enabled:
             self.limiter.done(principal.key_id)
 
-    async def _generate(self, principal: Principal, body: CompletionRequest | ChatCompletionRequest, rid: str, choices: list[Choice], chat: bool) -> Any:
+    async def _generate(
+        self, principal: Principal, body: Generation, rid: str, choices: list[Choice], chat: bool
+    ) -> Any:
         model = body.model
         try:
             adapter = await self._resolve_model(model, principal)
@@ -300,7 +304,12 @@ class Ingress:
             def start(c: Choice) -> Any:
                 request_id = rid if len(choices) == 1 else f"{rid}-{c.index}"
                 with _own_serve_request_id():
-                    return handle.remote({"prompt": c.prompt, "params": c.params.model_dump(), "request_id": request_id})
+                    return handle.remote({
+                        "prompt": c.prompt,
+                        "params": c.params.model_dump(),
+                        "request_id": request_id,
+                        "fit_max_tokens": body.max_tokens_omitted,
+                    })
 
             running = await start_choices(choices, start)  # errors before the first token become statuses
         except Exception as e:  # noqa: BLE001
@@ -309,7 +318,10 @@ class Ingress:
         headers = {REPLICA_HEADER: running.replica}
         if body.stream:
             events = running.events(
-                chunk_writer(rid, model, chat), body.include_usage, lambda lasts: self._record(model, lasts), lambda e: self._stream_error(model, e)
+                chunk_writer(rid, model, chat),
+                body.include_usage,
+                on_done=lambda lasts: self._record(model, lasts),
+                on_error=lambda e: self._stream_error(model, e),
             )
             return StreamingResponse(self._released(events, principal), media_type="text/event-stream", headers=headers)
         try:

@@ -121,7 +121,9 @@ class ChatMessage(BaseModel):
         if isinstance(content, list):
             kinds = sorted({str(p.get("type")) for p in content if isinstance(p, dict)} - {"text"})
             if kinds:
-                raise ValueError(f"content part type(s) {', '.join(kinds)} not supported: this model takes 'text' parts only")
+                raise ValueError(
+                    f"content part type(s) {', '.join(kinds)} not supported: this model takes 'text' parts only"
+                )
         return content
 
     @model_validator(mode="after")
@@ -241,6 +243,11 @@ class _Common(BaseModel):
     def _max_tokens(self) -> int | None:
         return self.max_tokens
 
+    @property
+    def max_tokens_omitted(self) -> bool:
+        """Then the engine generates as many tokens as fit the context, up to the default."""
+        return self._max_tokens() is None
+
     def prompts(self) -> list[Any]:
         raise NotImplementedError
 
@@ -250,7 +257,11 @@ class _Common(BaseModel):
         out = []
         for p, prompt in enumerate(self.prompts()):
             for j in range(n):
-                seeded = params if params.seed is None or j == 0 else params.model_copy(update={"seed": choice_seed(params.seed, j)})
+                seeded = (
+                    params
+                    if params.seed is None or j == 0
+                    else params.model_copy(update={"seed": choice_seed(params.seed, j)})
+                )
                 out.append(Choice(index=p * n + j, prompt_index=p, prompt=prompt, params=seeded))
         return out
 
@@ -264,7 +275,9 @@ class CompletionRequest(_Common):
     @field_validator("prompt")
     @classmethod
     def _not_empty(cls, prompt: Any) -> Any:
-        if len(prompt) == 0 or (isinstance(prompt, list) and any(len(p) == 0 for p in prompt if not isinstance(p, int))):
+        if len(prompt) == 0 or (
+            isinstance(prompt, list) and any(len(p) == 0 for p in prompt if not isinstance(p, int))
+        ):
             raise ValueError("the prompt must not be empty")
         return prompt
 

@@ -25,7 +25,11 @@ def sse(payload: dict[str, Any]) -> str:
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
 
 
 @dataclass(frozen=True)
@@ -93,7 +97,9 @@ class ChunkWriter:
 
     def role(self, index: int) -> dict[str, Any]:
         """Chat only: the first chunk of a choice names the speaker."""
-        return self._chunk([{"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None, "logprobs": None}])
+        return self._chunk(
+            [{"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None, "logprobs": None}]
+        )
 
     def text(self, index: int, text: str, finish_reason: str | None) -> dict[str, Any]:
         if self.chat:

@@ -8,6 +8,7 @@ answering while it computes.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -66,7 +67,12 @@ class LoraReplica:
     async def generate(self, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """Stream one request. The adapter id arrives as Serve's multiplexed model id."""
         adapter = serve.get_multiplexed_model_id() or None
-        request = self.engine.make_request(payload["prompt"], adapter, SamplingParams.model_validate(payload["params"]), payload["request_id"])
+        params = SamplingParams.model_validate(payload["params"])
+        request = self.engine.make_request(payload["prompt"], adapter, params, payload["request_id"])
+        if payload.get("fit_max_tokens"):  # the caller left max_tokens out: as many as fit, up to the default
+            room = self.engine.config.max_seq_len - len(request.prompt_ids)
+            if 0 < room < params.max_tokens:
+                request = dataclasses.replace(request, params=params.model_copy(update={"max_tokens": room}))
         async for out in self.engine.generate(request):
             yield {
                 "text": out.text,

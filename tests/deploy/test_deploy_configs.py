@@ -44,6 +44,8 @@ BUILTIN_KINDS = {"Namespace", "Secret", "PersistentVolumeClaim", "Deployment", "
 
 SERVE_FILES = sorted(DEPLOYMENTS.glob("*.yaml"))
 CLUSTER_FILES = sorted(CLUSTER.glob("*.yaml"))
+ONPREM_FILES = [p for p in CLUSTER_FILES if yaml.safe_load(p.read_text())["provider"]["type"] == "local"]
+CLOUD_FILES = [p for p in CLUSTER_FILES if p not in ONPREM_FILES]
 K8S_FILES = sorted(p for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
 
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
@@ -237,10 +239,11 @@ def ray_up_check(config: dict) -> dict:
 
 
 def test_cluster_files_exist() -> None:
-    assert "aws-gpu.yaml" in {p.name for p in CLUSTER_FILES}
+    assert {"aws-gpu.yaml", "gcp-gpu.yaml"} <= {p.name for p in CLOUD_FILES}
+    assert [p.name for p in ONPREM_FILES] == ["onprem-gpu.yaml"]
 
 
-@pytest.mark.parametrize("path", CLUSTER_FILES, ids=ids(CLUSTER_FILES))
+@pytest.mark.parametrize("path", CLOUD_FILES, ids=ids(CLOUD_FILES))
 def test_ray_up_config_validates(path: Path) -> None:
     config = load(path)
     prepared = ray_up_check(config)
@@ -248,7 +251,7 @@ def test_ray_up_config_validates(path: Path) -> None:
     assert set(prepared["available_node_types"]) == set(config["available_node_types"])
 
 
-@pytest.mark.parametrize("path", CLUSTER_FILES, ids=ids(CLUSTER_FILES))
+@pytest.mark.parametrize("path", CLOUD_FILES, ids=ids(CLOUD_FILES))
 def test_ray_up_config_shape(path: Path) -> None:
     from openlora_ray.serve.config import AppConfig
 
@@ -288,6 +291,65 @@ def test_ray_up_validation_rejects_mistakes(mutate) -> None:
     config = load(CLUSTER / "aws-gpu.yaml")
     mutate(config)
     with pytest.raises((jsonschema.ValidationError, ValueError)):
+        ray_up_check(config)
+
+
+# The on-premise file (provider `local`): no node types (Ray's local provider makes one from
+# head_ip/worker_ips and refuses its own), no docker; the servers' Python runs the commands.
+@pytest.mark.parametrize("path", ONPREM_FILES, ids=ids(ONPREM_FILES))
+def test_onprem_config_validates(path: Path) -> None:
+    config = load(path)
+    prepared = ray_up_check(config)
+    workers = len(config["provider"]["worker_ips"])
+    # Every listed server is kept in the cluster: min = max = the number of worker_ips.
+    assert prepared["available_node_types"] == {
+        "local.cluster.node": {"node_config": {}, "resources": {}, "min_workers": workers, "max_workers": workers}
+    }
+    assert prepared["max_workers"] == workers
+
+
+@pytest.mark.parametrize("path", ONPREM_FILES, ids=ids(ONPREM_FILES))
+def test_onprem_config_shape(path: Path) -> None:
+    from openlora_ray.serve.config import AppConfig
+
+    config = load(path)
+    assert "available_node_types" not in config and "docker" not in config
+    assert config["provider"]["head_ip"] not in config["provider"]["worker_ips"]
+    head, worker = config["head_start_ray_commands"], config["worker_start_ray_commands"]
+    for commands in (head, worker):
+        assert commands[0] == "ray stop" and "--metrics-export-port=8080" in commands[-1]
+        assert "AWS_ENDPOINT_URL_S3=" in commands[-1]  # the store's endpoint reaches the replicas
+    # `ray up` turns autoscaler v2 on, which cannot set up local-provider workers (ray#57153):
+    # the head command must switch it off after ray up's own exports, i.e. in the command itself.
+    assert 0 <= head[-1].find("RAY_enable_autoscaler_v2=0") < head[-1].index("ray start")
+    assert "--address=$RAY_HEAD_IP:6379" in worker[-1]
+    assert any("openlora_ray-*.whl" in c for c in config["setup_commands"]), "the package must be installed"
+    # The wheel and the API keys file reach every server, where the GPU Serve config looks for them.
+    home = Path("/home") / config["auth"]["ssh_user"]
+    mounts = {Path(remote.replace("~", str(home), 1)) for remote in config["file_mounts"]}
+    args = AppConfig.model_validate(_gpu_config()["applications"][0]["args"])
+    assert Path(args.auth.keys_file) in mounts
+    setup = " ".join(config["setup_commands"])
+    assert any(f"{remote}/openlora_ray-*.whl" in setup for remote in config["file_mounts"])
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda c: c.update(available_node_types={"gpu": {"resources": {}, "node_config": {}}}),
+        lambda c: c["provider"].pop("head_ip"),
+        lambda c: c["auth"].update(ssh_usr="ray"),
+    ],
+    ids=["node-types-on-local", "missing-head-ip", "auth-typo"],
+)
+def test_onprem_validation_rejects_mistakes(mutate) -> None:
+    import click
+    import jsonschema
+
+    config = load(CLUSTER / "onprem-gpu.yaml")
+    mutate(config)
+    # prepare_config aborts (cli_logger.abort: a ClickException) on a bad local-provider section.
+    with pytest.raises((jsonschema.ValidationError, click.ClickException)):
         ray_up_check(config)
 
 

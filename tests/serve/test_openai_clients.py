@@ -34,7 +34,9 @@ def store(tiny_chat_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
     store = AdapterStore(StoreSettings(uri=str(root / "adapters"), cache_dir=root / "push-cache"))
     work = tmp_path_factory.mktemp("client-adapters")
     for name, r, seed in (("alpha", 4, 71), ("beta", 8, 72), ("toolarge", 16, 73)):  # toolarge: above max_rank
-        store.push(save_peft_adapter(tiny_chat_model_dir, work / name, r, 8.0, ("q_proj", "v_proj"), seed), f"{name}@v1")
+        store.push(
+            save_peft_adapter(tiny_chat_model_dir, work / name, r, 8.0, ("q_proj", "v_proj"), seed), f"{name}@v1"
+        )
     return root / "adapters"
 
 
@@ -50,7 +52,13 @@ def url(serve_url: str, tiny_chat_model_dir: Path, store: Path, tmp_path_factory
         served_model_name=BASE,
         engine={"num_slots": 2, "max_rank": 8, "max_running": 8, "max_seq_len": 192, "torch_threads": 1},
         store={"uri": str(store), "cache_dir": str(tmp_path_factory.mktemp("node-cache"))},
-        replicas={"num_replicas": 1, "num_cpus": 0, "num_gpus": 0, "stats_period_s": 0.5, "graceful_shutdown_timeout_s": 1},
+        replicas={
+            "num_replicas": 1,
+            "num_cpus": 0,
+            "num_gpus": 0,
+            "stats_period_s": 0.5,
+            "graceful_shutdown_timeout_s": 1,
+        },
         ingress_num_cpus=0,
         auth={"enabled": False},
     )
@@ -73,8 +81,18 @@ def post(url: str, path: str, body: dict) -> requests.Response:
 def test_content_parts_every_role_and_names(client):
     messages = [
         {"role": "developer", "content": [{"type": "text", "text": "Be brief."}]},
-        {"role": "user", "name": "ann", "content": [{"type": "text", "text": "What is"}, {"type": "text", "text": "the weather?"}]},
-        {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Oslo"}'}}]},
+        {
+            "role": "user",
+            "name": "ann",
+            "content": [{"type": "text", "text": "What is"}, {"type": "text", "text": "the weather?"}],
+        },
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Oslo"}'}}
+            ],
+        },
         {"role": "tool", "tool_call_id": "c1", "content": "rain"},
         {"role": "assistant", "content": "It rains."},
         {"role": "system", "content": "Answer in English."},
@@ -84,8 +102,15 @@ def test_content_parts_every_role_and_names(client):
         r = client.chat.completions.create(model=model, messages=messages, max_tokens=4, temperature=0)
         assert r.choices[0].message.role == "assistant" and r.usage.completion_tokens >= 1
     # Parts equal the same text sent as a string (joined by newlines); developer equals system.
-    as_parts = client.chat.completions.create(model=BASE, messages=[{"role": "developer", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}], max_tokens=6, temperature=0)
-    as_text = client.chat.completions.create(model=BASE, messages=[{"role": "system", "content": "a\nb"}], max_tokens=6, temperature=0)
+    as_parts = client.chat.completions.create(
+        model=BASE,
+        messages=[{"role": "developer", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}],
+        max_tokens=6,
+        temperature=0,
+    )
+    as_text = client.chat.completions.create(
+        model=BASE, messages=[{"role": "system", "content": "a\nb"}], max_tokens=6, temperature=0
+    )
     assert as_parts.choices[0].message.content == as_text.choices[0].message.content
     assert as_parts.usage.prompt_tokens == as_text.usage.prompt_tokens
 
@@ -95,7 +120,9 @@ def test_non_text_parts_and_bad_messages_are_400_naming_them(client):
 
     image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
     with pytest.raises(openai.BadRequestError, match="image_url"):
-        client.chat.completions.create(model=BASE, messages=[{"role": "user", "content": [{"type": "text", "text": "see"}, image]}], max_tokens=2)
+        client.chat.completions.create(
+            model=BASE, messages=[{"role": "user", "content": [{"type": "text", "text": "see"}, image]}], max_tokens=2
+        )
     with pytest.raises(openai.BadRequestError, match="tool_call_id"):
         client.chat.completions.create(model=BASE, messages=[{"role": "tool", "content": "rain"}], max_tokens=2)
 
@@ -109,7 +136,9 @@ def test_n_choices_with_a_seed_are_reproducible(client):
     assert texts == [c.message.content for c in again.choices]
     assert len(set(texts)) > 1  # each choice samples with its own seed
     assert client.chat.completions.create(**kw).choices[0].message.content == texts[0]  # choice 0 uses the seed itself
-    assert first.usage.prompt_tokens == client.chat.completions.create(**kw).usage.prompt_tokens  # the prompt counts once
+    assert (
+        first.usage.prompt_tokens == client.chat.completions.create(**kw).usage.prompt_tokens
+    )  # the prompt counts once
 
     stream = client.chat.completions.create(n=3, stream=True, stream_options={"include_usage": True}, **kw)
     pieces: dict[int, str] = {0: "", 1: "", 2: ""}
@@ -122,19 +151,25 @@ def test_n_choices_with_a_seed_are_reproducible(client):
             if c.finish_reason:
                 finished.add(c.index)
     assert [pieces[i] for i in range(3)] == texts and finished == {0, 1, 2}
-    assert usage.completion_tokens == first.usage.completion_tokens and usage.prompt_tokens == first.usage.prompt_tokens
+    assert (
+        usage.completion_tokens == first.usage.completion_tokens and usage.prompt_tokens == first.usage.prompt_tokens
+    )
 
 
 def test_completions_prompt_lists_index_as_openai_does(url, client):
     prompts = ["The sky is", "Once upon a time", "1 2 3"]
-    single = [client.completions.create(model="beta", prompt=p, max_tokens=6, temperature=0).choices[0].text for p in prompts]
+    single = [
+        client.completions.create(model="beta", prompt=p, max_tokens=6, temperature=0).choices[0].text for p in prompts
+    ]
     r = client.completions.create(model="beta", prompt=prompts, max_tokens=6, temperature=0, n=2)
     assert [c.index for c in r.choices] == list(range(6))
     assert [c.text for c in r.choices] == [t for t in single for _ in range(2)]  # prompt p's j-th choice is p*n+j
     tokenized = [post(url, "/tokenize", {"prompt": p}).json()["tokens"] for p in prompts]
     as_ids = client.completions.create(model="beta", prompt=tokenized, max_tokens=6, temperature=0)
     assert [c.text for c in as_ids.choices] == single
-    one = client.completions.create(model="beta", prompt=tokenized[0], max_tokens=6, temperature=0)  # a single list[int]
+    one = client.completions.create(
+        model="beta", prompt=tokenized[0], max_tokens=6, temperature=0
+    )  # a single list[int]
     assert [c.text for c in one.choices] == single[:1]
 
     texts = {i: "" for i in range(3)}
@@ -149,20 +184,41 @@ def test_unimplemented_fields_are_400_naming_them(url, client):
 
     chat = {"model": BASE, "messages": CHAT, "max_tokens": 2}
     refused = {
-        "logprobs": True, "top_logprobs": 2, "logit_bias": {"42": -100}, "presence_penalty": 0.5,
-        "frequency_penalty": 1.0, "response_format": {"type": "json_object"}, "tool_choice": "required",
-        "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}], "audio": {"voice": "alloy"},
-        "modalities": ["text", "audio"], "prediction": {"type": "content", "content": "x"}, "min_tokens": 3,
+        "logprobs": True,
+        "top_logprobs": 2,
+        "logit_bias": {"42": -100},
+        "presence_penalty": 0.5,
+        "frequency_penalty": 1.0,
+        "response_format": {"type": "json_object"},
+        "tool_choice": "required",
+        "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
+        "audio": {"voice": "alloy"},
+        "modalities": ["text", "audio"],
+        "prediction": {"type": "content", "content": "x"},
+        "min_tokens": 3,
     }
     for field, value in refused.items():
         r = post(url, "/v1/chat/completions", {**chat, field: value})
         err = r.json()["error"]
-        assert r.status_code == 400 and err["param"] == field and err["code"] == "unsupported_parameter" and field in err["message"], (field, r.text)
+        assert (
+            r.status_code == 400
+            and err["param"] == field
+            and err["code"] == "unsupported_parameter"
+            and field in err["message"]
+        ), (field, r.text)
     for field, value in {"echo": True, "best_of": 3, "logprobs": 2, "suffix": "end"}.items():
         r = post(url, "/v1/completions", {"model": BASE, "prompt": "x", "max_tokens": 2, field: value})
         assert r.status_code == 400 and r.json()["error"]["param"] == field, (field, r.text)
     # The no-op values of those fields, and vendor fields nobody knows, are accepted.
-    noop = {"logprobs": False, "logit_bias": {}, "presence_penalty": 0, "frequency_penalty": 0, "response_format": {"type": "text"}, "tool_choice": "none", "some_vendor_flag": {"x": 1}}
+    noop = {
+        "logprobs": False,
+        "logit_bias": {},
+        "presence_penalty": 0,
+        "frequency_penalty": 0,
+        "response_format": {"type": "text"},
+        "tool_choice": "none",
+        "some_vendor_flag": {"x": 1},
+    }
     assert post(url, "/v1/chat/completions", {**chat, **noop}).status_code == 200
     r = post(url, "/v1/chat/completions", {**chat, "stream_options": {"include_usage": True}})
     assert r.status_code == 400 and r.json()["error"]["param"] == "stream_options"
@@ -180,6 +236,16 @@ def test_engine_extras_pass_through(url):
     assert stopped["choices"][0]["finish_reason"] == "stop" and stopped["usage"]["completion_tokens"] < 24
 
 
+def test_max_tokens_left_out_means_as_many_as_fit_the_context(client):
+    import openai
+
+    long = [{"role": "user", "content": "Tell me a story about " + "a river and a stone, " * 20}]
+    r = client.chat.completions.create(model="alpha", messages=long, temperature=0)  # the default 256 would not fit
+    assert r.usage.prompt_tokens > 100 and r.usage.total_tokens <= 192  # the test app's context: 192 tokens
+    with pytest.raises(openai.BadRequestError, match="context"):  # asked for explicitly, it is refused
+        client.chat.completions.create(model="alpha", messages=long, max_tokens=256)
+
+
 def test_model_retrieval_health_and_openai_error_bodies(url, client):
     import openai
 
@@ -192,10 +258,20 @@ def test_model_retrieval_health_and_openai_error_bodies(url, client):
     assert requests.get(url + "/health", timeout=10).status_code == 200
     assert requests.get(url + "/healthz", timeout=10).status_code == 200
     missing = requests.get(url + "/v1/no-such-route", timeout=10)
-    assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found" and "detail" not in missing.json()
+    assert (
+        missing.status_code == 404
+        and missing.json()["error"]["code"] == "not_found"
+        and "detail" not in missing.json()
+    )
     wrong = requests.get(url + "/v1/chat/completions", timeout=10)
-    assert wrong.status_code == 405 and wrong.json()["error"]["code"] == "method_not_allowed" and "POST" in wrong.headers["allow"]
-    bad_json = requests.post(url + "/v1/completions", data=b"{", headers={"content-type": "application/json"}, timeout=10)
+    assert (
+        wrong.status_code == 405
+        and wrong.json()["error"]["code"] == "method_not_allowed"
+        and "POST" in wrong.headers["allow"]
+    )
+    bad_json = requests.post(
+        url + "/v1/completions", data=b"{", headers={"content-type": "application/json"}, timeout=10
+    )
     assert bad_json.status_code == 400 and bad_json.json()["error"]["type"] == "invalid_request_error"
 
 
@@ -204,7 +280,11 @@ def test_an_adapter_that_cannot_be_served_is_a_bad_request(client):
 
     with pytest.raises(openai.BadRequestError) as caught:
         client.completions.create(model="toolarge", prompt="x", max_tokens=2)
-    assert caught.value.status_code == 400 and caught.value.code == "invalid_adapter" and "rank 16" in caught.value.message
+    assert (
+        caught.value.status_code == 400
+        and caught.value.code == "invalid_adapter"
+        and "rank 16" in caught.value.message
+    )
 
 
 def test_tokenize_and_detokenize(url):
@@ -216,7 +296,12 @@ def test_tokenize_and_detokenize(url):
     assert chat["count"] == completion["usage"]["prompt_tokens"]  # what the engine saw
     text = post(url, "/detokenize", {"tokens": chat["tokens"]}).json()["prompt"]
     assert text.endswith("<|im_start|>assistant\n") and "Tell me a story" in text
-    tools = [{"type": "function", "function": {"name": "weather", "description": "w", "parameters": {"type": "object", "properties": {}}}}]
+    tools = [
+        {
+            "type": "function",
+            "function": {"name": "weather", "description": "w", "parameters": {"type": "object", "properties": {}}},
+        }
+    ]
     assert post(url, "/tokenize", {"messages": CHAT, "tools": tools}).status_code == 200
     assert post(url, "/tokenize", {"model": "no-such-adapter", "prompt": "x"}).status_code == 404
     assert post(url, "/detokenize", {"tokens": [10**9]}).status_code == 400
@@ -225,7 +310,9 @@ def test_tokenize_and_detokenize(url):
 
 def test_48_concurrent_streams_are_all_answered_in_local_mode(client):
     def stream(i: int) -> str:
-        chunks = client.chat.completions.create(model=("alpha", "beta", BASE)[i % 3], messages=CHAT, max_tokens=6, temperature=0, stream=True)
+        chunks = client.chat.completions.create(
+            model=("alpha", "beta", BASE)[i % 3], messages=CHAT, max_tokens=6, temperature=0, stream=True
+        )
         return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
 
     with ThreadPoolExecutor(48) as pool:
@@ -240,12 +327,18 @@ def test_langchain_chat_openai_invoke_stream_batch(url, client):
     from langchain_openai import ChatOpenAI
 
     llm = ChatOpenAI(base_url=url + "/v1", api_key="unused", model="alpha", temperature=0, max_tokens=8, max_retries=0)
-    plain = client.chat.completions.create(model="alpha", messages=CHAT, max_tokens=8, temperature=0).choices[0].message.content
+    plain = (
+        client.chat.completions.create(model="alpha", messages=CHAT, max_tokens=8, temperature=0)
+        .choices[0]
+        .message.content
+    )
     assert llm.invoke("Tell me a story").content == plain
     assert "".join(chunk.content for chunk in llm.stream("Tell me a story")) == plain
     answers = llm.batch(["Tell me a story", "Tell me a joke", [SystemMessage("Be brief."), HumanMessage("Hi")]])
     assert len(answers) == 3 and answers[0].content == plain
-    two = ChatOpenAI(base_url=url + "/v1", api_key="unused", model=BASE, n=2, temperature=1.0, seed=5, max_tokens=6, max_retries=0)
+    two = ChatOpenAI(
+        base_url=url + "/v1", api_key="unused", model=BASE, n=2, temperature=1.0, seed=5, max_tokens=6, max_retries=0
+    )
     result = two.generate([[HumanMessage("Hi")]])
     assert len(result.generations[0]) == 2
 
@@ -255,7 +348,9 @@ def test_langchain_completions_llm_sends_prompt_lists(url, client):
 
     llm = OpenAI(base_url=url + "/v1", api_key="unused", model="beta", temperature=0, max_tokens=6, max_retries=0)
     prompts = ["The sky is", "Once upon a time"]
-    single = [client.completions.create(model="beta", prompt=p, max_tokens=6, temperature=0).choices[0].text for p in prompts]
+    single = [
+        client.completions.create(model="beta", prompt=p, max_tokens=6, temperature=0).choices[0].text for p in prompts
+    ]
     assert [g[0].text for g in llm.generate(prompts).generations] == single
     assert llm.invoke(prompts[0]) == single[0]
     assert llm.batch(prompts) == single
@@ -273,16 +368,27 @@ def litellm():
 
 def test_litellm_completion_streaming_and_async(url, client, litellm):
     kw = dict(model="openai/alpha", api_base=url + "/v1", api_key="unused", messages=CHAT, max_tokens=8, temperature=0)
-    plain = client.chat.completions.create(model="alpha", messages=CHAT, max_tokens=8, temperature=0).choices[0].message.content
+    plain = (
+        client.chat.completions.create(model="alpha", messages=CHAT, max_tokens=8, temperature=0)
+        .choices[0]
+        .message.content
+    )
     assert litellm.completion(**kw).choices[0].message.content == plain
     streamed = "".join(chunk.choices[0].delta.content or "" for chunk in litellm.completion(stream=True, **kw))
     assert streamed == plain
 
     async def both() -> list[str]:
-        answers = await asyncio.gather(litellm.acompletion(**kw), litellm.acompletion(**{**kw, "model": "openai/" + BASE}))
+        answers = await asyncio.gather(
+            litellm.acompletion(**kw), litellm.acompletion(**{**kw, "model": "openai/" + BASE})
+        )
         return [a.choices[0].message.content for a in answers]
 
     assert asyncio.run(both())[0] == plain
-    r = litellm.text_completion(model="openai/beta", api_base=url + "/v1", api_key="unused", prompt="The sky is", max_tokens=6, temperature=0)
-    assert r.choices[0].text == client.completions.create(model="beta", prompt="The sky is", max_tokens=6, temperature=0).choices[0].text
+    r = litellm.text_completion(
+        model="openai/beta", api_base=url + "/v1", api_key="unused", prompt="The sky is", max_tokens=6, temperature=0
+    )
+    assert (
+        r.choices[0].text
+        == client.completions.create(model="beta", prompt="The sky is", max_tokens=6, temperature=0).choices[0].text
+    )
     assert json.loads(r.model_dump_json())["choices"][0]["index"] == 0

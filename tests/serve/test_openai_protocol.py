@@ -30,12 +30,18 @@ def error_of(exc: ValidationError) -> tuple[str, dict]:
 
 
 def test_messages_take_content_parts_every_role_and_tool_calls():
-    req = chat(messages=[
-        {"role": "developer", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
-        {"role": "user", "content": "q", "name": "ann"},
-        {"role": "assistant", "content": None, "tool_calls": [{"id": "1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
-        {"role": "tool", "content": [{"type": "text", "text": "r"}], "tool_call_id": "1"},
-    ])
+    req = chat(
+        messages=[
+            {"role": "developer", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+            {"role": "user", "content": "q", "name": "ann"},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [{"id": "1", "type": "function", "function": {"name": "f", "arguments": "{}"}}],
+            },
+            {"role": "tool", "content": [{"type": "text", "text": "r"}], "tool_call_id": "1"},
+        ]
+    )
     prompt = req.chat_prompt()
     assert isinstance(prompt, ChatPrompt) and prompt.add_generation_prompt and not prompt.continue_final_message
     system, user, assistant, tool = prompt.messages
@@ -49,7 +55,10 @@ def test_messages_take_content_parts_every_role_and_tool_calls():
 @pytest.mark.parametrize(
     "message, says",
     [
-        ({"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}, {"type": "input_audio"}]}, "image_url, input_audio"),
+        (
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}, {"type": "input_audio"}]},
+            "image_url, input_audio",
+        ),
         ({"role": "tool", "content": "r"}, "tool_call_id"),
         ({"role": "user"}, "needs 'content'"),
         ({"role": "user", "content": "x", "tool_calls": [{"id": "1", "function": {"name": "f"}}]}, "only 'assistant'"),
@@ -61,13 +70,29 @@ def test_bad_messages_name_what_is_wrong(message, says):
         chat(messages=[message])
 
 
-@pytest.mark.parametrize("field, value", [
-    ("logprobs", True), ("top_logprobs", 5), ("logit_bias", {"1": 2}), ("presence_penalty", 0.1),
-    ("frequency_penalty", -1), ("response_format", {"type": "json_schema"}), ("tools", [{"type": "function"}]),
-    ("tool_choice", "auto"), ("functions", [{}]), ("audio", {"voice": "alloy"}), ("modalities", ["audio"]), ("prediction", {"x": 1}),
-    ("web_search_options", {"a": 1}), ("reasoning_effort", "low"), ("store", True), ("min_tokens", 2),
-    ("skip_special_tokens", False), ("include_stop_str_in_output", True),
-])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("logprobs", True),
+        ("top_logprobs", 5),
+        ("logit_bias", {"1": 2}),
+        ("presence_penalty", 0.1),
+        ("frequency_penalty", -1),
+        ("response_format", {"type": "json_schema"}),
+        ("tools", [{"type": "function"}]),
+        ("tool_choice", "auto"),
+        ("functions", [{}]),
+        ("audio", {"voice": "alloy"}),
+        ("modalities", ["audio"]),
+        ("prediction", {"x": 1}),
+        ("web_search_options", {"a": 1}),
+        ("reasoning_effort", "low"),
+        ("store", True),
+        ("min_tokens", 2),
+        ("skip_special_tokens", False),
+        ("include_stop_str_in_output", True),
+    ],
+)
 def test_known_but_unimplemented_chat_fields_are_refused_by_name(field, value):
     with pytest.raises(ValidationError) as caught:
         chat(**{field: value})
@@ -75,7 +100,9 @@ def test_known_but_unimplemented_chat_fields_are_refused_by_name(field, value):
     assert kind == "unsupported_parameter" and ctx["param"] == field
 
 
-@pytest.mark.parametrize("field, value", [("echo", True), ("logprobs", 3), ("suffix", "x"), ("best_of", 2), ("min_p", 0.1)])
+@pytest.mark.parametrize(
+    "field, value", [("echo", True), ("logprobs", 3), ("suffix", "x"), ("best_of", 2), ("min_p", 0.1)]
+)
 def test_known_but_unimplemented_completion_fields_are_refused_by_name(field, value):
     with pytest.raises(ValidationError) as caught:
         CompletionRequest(model="m", prompt="x", **{field: value})
@@ -83,10 +110,31 @@ def test_known_but_unimplemented_completion_fields_are_refused_by_name(field, va
 
 
 def test_no_op_values_and_unknown_vendor_fields_are_accepted():
-    chat(logprobs=False, top_logprobs=0, logit_bias={}, presence_penalty=0, frequency_penalty=0.0, tools=[], tool_choice="none",
-         response_format={"type": "text"}, modalities=["text"], store=False, skip_special_tokens=True, my_vendor_field=1)
+    chat(
+        logprobs=False,
+        top_logprobs=0,
+        logit_bias={},
+        presence_penalty=0,
+        frequency_penalty=0.0,
+        tools=[],
+        tool_choice="none",
+        response_format={"type": "text"},
+        modalities=["text"],
+        store=False,
+        skip_special_tokens=True,
+        my_vendor_field=1,
+    )
     CompletionRequest(model="m", prompt="x", echo=False, logprobs=None, best_of=2, n=2, suffix="")
-    assert set(UNSUPPORTED) >= {"logprobs", "logit_bias", "response_format", "tools", "audio", "modalities", "prediction", "echo"}
+    assert set(UNSUPPORTED) >= {
+        "logprobs",
+        "logit_bias",
+        "response_format",
+        "tools",
+        "audio",
+        "modalities",
+        "prediction",
+        "echo",
+    }
 
 
 def test_stream_options_need_stream():
@@ -109,7 +157,9 @@ def test_prompt_lists_fan_out_with_openai_indexing_and_derived_seeds():
     choices = req.choices(16)
     assert [(c.index, c.prompt_index, c.prompt) for c in choices] == [(i, i // 3, "ab"[i // 3]) for i in range(6)]
     assert [c.params.seed for c in choices] == [9, choice_seed(9, 1), choice_seed(9, 2)] * 2
-    assert len({choice_seed(9, j) for j in range(50)}) == 50 and all(0 <= choice_seed(-3, j) < 2**63 for j in range(1, 5))
+    assert len({choice_seed(9, j) for j in range(50)}) == 50 and all(
+        0 <= choice_seed(-3, j) < 2**63 for j in range(1, 5)
+    )
     assert CompletionRequest(model="m", prompt="x", n=2).choices(4)[1].params.seed is None  # unseeded stays random
     assert CompletionRequest(model="m", prompt=[1, 2, 3]).prompts() == [[1, 2, 3]]
     assert CompletionRequest(model="m", prompt=[[1, 2], [3]]).prompts() == [[1, 2], [3]]
@@ -141,7 +191,12 @@ def test_responses_and_chunks_carry_each_choices_index():
     assert body["choices"][2]["message"] == {"role": "assistant", "content": "c", "refusal": None}
     assert [c["text"] for c in completion_response("id", "m", results, chat=False)["choices"]] == ["a", "b", "c"]
     w = ChunkWriter(rid="id", model="m", chat=True, created=1)
-    assert w.role(2)["choices"][0] == {"index": 2, "delta": {"role": "assistant", "content": ""}, "finish_reason": None, "logprobs": None}
+    assert w.role(2)["choices"][0] == {
+        "index": 2,
+        "delta": {"role": "assistant", "content": ""},
+        "finish_reason": None,
+        "logprobs": None,
+    }
     assert w.text(1, "", "stop")["choices"][0]["delta"] == {} and w.usage({"x": 1})["choices"] == []
     text = ChunkWriter(rid="id", model="m", chat=False, created=1).text(3, "t", None)
     assert text["object"] == "text_completion" and text["choices"][0]["index"] == 3

@@ -293,6 +293,9 @@ def test_limits_give_clear_4xx(secure):
     assert big.status_code == 413 and big.json()["error"]["code"] == "body_too_large", big.text
     r = requests.post(secure + "/v1/completions", json={"model": BASE, "prompt": "x", "max_tokens": 64}, headers=h, timeout=30)
     assert r.status_code == 400 and "limit of 32" in r.json()["error"]["message"]
+    # max_tokens left out: the server's default, capped at its own limit, is no reason for a 400.
+    r = requests.post(secure + "/v1/completions", json={"model": BASE, "prompt": "x"}, headers=bearer(ADMIN_KEY), timeout=30)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 32, r.text
     codes = [requests.post(secure + "/v1/completions", json={"model": BASE, "prompt": "x", "max_tokens": 1}, headers=h, timeout=30) for _ in range(6)]
     limited = [c for c in codes if c.status_code == 429]
     assert limited and all(int(c.headers["Retry-After"]) >= 1 and c.json()["error"]["code"] == "rate_limited" for c in limited)

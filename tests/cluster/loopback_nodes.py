@@ -17,7 +17,10 @@ faked per node). What makes two nodes of one machine behave like two servers:
 - Its own Python: a venv that sees the test venv's packages (torch, ray) through a ``.pth`` line
   but not its editable install of this project, so the config's ``pip install`` of the wheel
   lands in the node and the replicas import the wheel, as on a server.
-- Its own Ray temp dir (``RAY_TMPDIR`` in the node's ``~/.bashrc``, which Ray sources).
+- Its own Ray temp dir (``RAY_TMPDIR`` in the node's ``~/.bashrc``, which Ray sources), for
+  what ``ray start``/``ray stop`` keep outside a session. The session folder (logs, sockets) of a
+  worker node is still the head's: Ray hands it out through the GCS, and ``--temp-dir`` on the
+  worker made its raylet wait in vain for the dashboard agent's port file there (Ray 2.60).
 
 Ports are the caller's business (two raylets on one host must not share any).
 """

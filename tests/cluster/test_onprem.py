@@ -163,8 +163,8 @@ class Cluster:
         return {d["replica_id"]: d for d in r.json()["data"]}
 
     def logs(self, lines: int = 40) -> str:
-        """The tails of the head's autoscaler logs and each node's raylet log, for failure messages."""
-        # Both nodes write there: a worker node takes its session folder from the head (GCS).
+        """The tails of the autoscaler's logs, the raylets' errors and the Serve controller's log, for
+        failure messages. Both nodes write there: a worker node takes its session folder from the head."""
         logs = self.nodes.nodes["head"].root / "t" / "ray" / "session_latest" / "logs"
         out = []
         for name in ("monitor.log", "monitor.out", "monitor.err", "raylet*.err", "serve/controller_*.log"):

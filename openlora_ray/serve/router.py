@@ -1,4 +1,4 @@
-"""``LoraAffinityRouter``: the Ray Serve ``RequestRouter`` that runs ``routing.rank_replicas``.
+"""``LoraAffinityRouter``: the Ray Serve ``RequestRouter`` that runs ``routing.RoutingIndex.rank``.
 
 Configure it on the replica deployment::
 
@@ -27,6 +27,12 @@ Which slots a replica has in use comes from this router's own requests in flight
 Serve reports a request routed, dropped when it reports it completed): a replica whose slots are
 all held by adapters of running requests ranks as busy for any other adapter (``waits_for_slot``).
 
+The replicas' states live in a ``RoutingIndex`` (adapter -> holders, a ring for the probes), so a
+decision touches the adapter's holders and a few probed replicas rather than every replica. The
+index is refreshed from Serve's replica objects at most every ``REFRESH_S`` (checking each
+replica's stats dict and model-id set by identity is itself a pass over every replica); stats
+change every stats period and model ids within ~0.1 s, so the delay this adds is small.
+
 ``RequestRouterConfig`` cloudpickles this class by value; the module imports only Ray and this
 package's ``serve.state``/``serve.routing`` (no torch), which are installed wherever Serve runs.
 """
@@ -36,13 +42,24 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from ray.serve.request_router import PendingRequest, ReplicaID, ReplicaResult, RequestRouter, RunningReplica
 
-from openlora_ray.serve.routing import InFlight, RecentSends, RouterSettings, Tier, holder_tier, rank_replicas
+from openlora_ray.serve.routing import (
+    InFlight,
+    Popularity,
+    RecentSends,
+    RouterSettings,
+    RoutingIndex,
+    RoutingInputs,
+    Tier,
+    holder_tier,
+)
 from openlora_ray.serve.state import ReplicaState
+
+REFRESH_S = 0.05  # how often the index re-reads the replicas' stats and model ids
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,8 +80,37 @@ class _Claim:
     at: float
 
 
+class _QueueLens(Mapping[str, int]):
+    """Serve's per-router queue-length cache, read by replica id string as ``routing`` wants it,
+    for the replicas this router sent to within ``trust_s`` (``RouterSettings.queue_len_trust_s``:
+    the cache never sees other routers' completions, so it drifts). Lookups only: the policy reads
+    the replicas it ranks, not all of them."""
+
+    def __init__(self, cache: Any, replica_ids: Mapping[str, ReplicaID], sent_at: Mapping[str, float], since: float) -> None:
+        self.cache, self.replica_ids, self.sent_at, self.since = cache, replica_ids, sent_at, since
+
+    def get(self, replica_id: str, default: int | None = None) -> int | None:  # type: ignore[override]
+        rid = self.replica_ids.get(replica_id)
+        if rid is None or self.sent_at.get(replica_id, -float("inf")) < self.since:
+            return default
+        q = self.cache.get(rid)
+        return default if q is None else q
+
+    def __getitem__(self, replica_id: str) -> int:
+        q = self.get(replica_id)
+        if q is None:
+            raise KeyError(replica_id)
+        return q
+
+    def __iter__(self) -> Iterator[str]:
+        return (r for r in self.replica_ids if self.get(r) is not None)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
 class LoraAffinityRouter(RequestRouter):
-    """Adapter affinity with spill, rendezvous tie-breaks and a local "recently sent" map."""
+    """Adapter affinity with spill, probe-order tie-breaks and a local "recently sent" map."""
 
     # The clock of the recently-sent map; a class attribute so tests can substitute a fake one.
     clock: Callable[[], float] = staticmethod(time.monotonic)
@@ -73,7 +119,13 @@ class LoraAffinityRouter(RequestRouter):
         """Called once by Serve with ``request_router_kwargs``: the fields of ``RouterSettings``."""
         self.settings = RouterSettings(**kwargs)
         self._recent = RecentSends(self.settings.recent_ttl_s)
+        self._popularity = Popularity(self.settings.popularity_half_life_s)
+        self._index = RoutingIndex()
         self._states: dict[str, _CachedState] = {}
+        self._by_id: dict[str, RunningReplica] = {}
+        self._replica_ids: dict[str, ReplicaID] = {}
+        self._sent_at: dict[str, float] = {}  # replica id -> this router's last send there
+        self._refreshed_at = -float("inf")
         self._claims: OrderedDict[str, _Claim] = OrderedDict()  # internal request id -> claim, oldest first
         self._in_flight = InFlight()
 
@@ -86,21 +138,42 @@ class LoraAffinityRouter(RequestRouter):
         if pending_request is not None:
             # Without this, Serve re-calls choose_replicas in a tight loop when every rank is full.
             pending_request.routing_context.should_backoff = True
-        by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
-        states = [self._state_of(r) for r in candidate_replicas]
+        now = self.clock()
+        self._refresh(candidate_replicas, now)
         if adapter_id:
-            now = self.clock()
-            recent = self._recent.replicas_for(adapter_id, now)
-            ranks = rank_replicas(
-                adapter_id, states, self.settings, recent, self._queue_lens(candidate_replicas), self._in_flight.adapters()
+            self._popularity.record(adapter_id, now)
+            inputs = RoutingInputs(
+                recent=self._recent.replicas_for(adapter_id, now),
+                queue_lens=_QueueLens(
+                    self.replica_queue_len_cache, self._replica_ids, self._sent_at, now - self.settings.queue_len_trust_s
+                ),
+                in_flight=self._in_flight.adapters(),
+                popularity=self._popularity,
+                now=now,
             )
+            ranks = self._index.rank(adapter_id, self.settings, inputs)
             if ranks and len(ranks[0]) == 1:
-                first = next(s for s in states if s.replica_id == ranks[0][0])
-                if holder_tier(adapter_id, first, recent) is Tier.NONE:
+                first = self._index.state(ranks[0][0])
+                if first is not None and holder_tier(adapter_id, first, inputs.recent) is Tier.NONE:
                     self._claim(pending_request.metadata.internal_request_id, _Claim(adapter_id, first.replica_id, now))
         else:
-            ranks = rank_replicas(None, states, self.settings)
-        return [[by_id[replica_id] for replica_id in rank] for rank in ranks]
+            ranks = self._index.rank(None, self.settings)
+        by_id = self._by_id
+        return [[by_id[replica_id] for replica_id in rank if replica_id in by_id] for rank in ranks]
+
+    def _refresh(self, replicas: list[RunningReplica], now: float) -> None:
+        """Re-read the replicas' states into the index when ``REFRESH_S`` has passed or the set of
+        replicas changed (see the module doc)."""
+        if now - self._refreshed_at < REFRESH_S and len(replicas) == len(self._by_id):
+            return
+        self._refreshed_at = now
+        by_id = {r.replica_id.unique_id: r for r in replicas}
+        if by_id.keys() != self._by_id.keys():
+            self._index.set_replicas(by_id.keys())
+        self._by_id = by_id
+        self._replica_ids = {k: r.replica_id for k, r in by_id.items()}
+        for replica in replicas:
+            self._update_index(replica)
 
     def _claim(self, request_id: str, claim: _Claim) -> None:
         """Count ``claim.replica_id`` as loading the adapter now (see the module doc)."""
@@ -123,6 +196,16 @@ class LoraAffinityRouter(RequestRouter):
             self._recent.record(adapter_id, replica_id.unique_id, self.clock())
             self._in_flight.add(pending_request.metadata.internal_request_id, replica_id.unique_id, adapter_id)
 
+    def on_send_request(self, replica_id: ReplicaID) -> None:
+        """Serve bumps its queue-length cache as it sends: the entry is one this router can trust."""
+        super().on_send_request(replica_id)
+        self._sent_at[replica_id.unique_id] = self.clock()
+
+    def on_new_queue_len_info(self, replica_id: ReplicaID, num_ongoing_requests: int) -> None:
+        """The replica's own count (in its answer to a send): the entry is exact again."""
+        super().on_new_queue_len_info(replica_id, num_ongoing_requests)
+        self._sent_at[replica_id.unique_id] = self.clock()
+
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
         super().on_request_completed(replica_id, internal_request_id)
         self._in_flight.remove(internal_request_id)
@@ -140,15 +223,11 @@ class LoraAffinityRouter(RequestRouter):
             del self._states[replica_id]
         self._recent.forget_replicas(live)
         self._in_flight.forget_replicas(live)
+        self._sent_at = {r: t for r, t in self._sent_at.items() if r in live}
+        self._refreshed_at = -float("inf")  # membership changed: re-read on the next decision
 
-    def _queue_lens(self, replicas: list[RunningReplica]) -> dict[str, int]:
-        """Serve's per-router queue lengths (ongoing requests), where fresh: bumped on every send
-        and corrected by every probe, so a fresher load figure than the replica's last stats."""
-        cache = self.replica_queue_len_cache
-        return {r.replica_id.unique_id: q for r in replicas if (q := cache.get(r.replica_id)) is not None}
-
-    def _state_of(self, replica: RunningReplica) -> ReplicaState:
-        """The replica's ``ReplicaState``, re-parsed only when Serve handed us new stats.
+    def _update_index(self, replica: RunningReplica) -> None:
+        """Put the replica's ``ReplicaState`` in the index, re-parsed only when Serve handed us new stats.
 
         Serve replaces both the stats dict and the model-id set when a replica's info changes, so
         an identity check avoids rebuilding thousands of frozensets on every request. Model ids
@@ -159,10 +238,10 @@ class LoraAffinityRouter(RequestRouter):
         stats, model_ids = replica.routing_stats, replica.multiplexed_model_ids
         cached = self._states.get(replica_id)
         if cached is not None and cached.stats is stats and cached.model_ids is model_ids:
-            return cached.state
+            return
         state = ReplicaState.from_stats(replica_id, stats)
         extra = frozenset(model_ids) - state.resident - state.loading
         if extra:
             state = dataclasses.replace(state, loading=state.loading | extra)
         self._states[replica_id] = _CachedState(stats, model_ids, state)
-        return state
+        self._index.update(state)

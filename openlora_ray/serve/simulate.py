@@ -4,13 +4,14 @@ Default scale (issue 5): 1,000 replicas with 16 adapter slots each, 100,000 adap
 Zipf(1.0) trace of 1,000,000 requests arriving as a Poisson stream at 70 % of the cluster's decode
 capacity. Two routing policies drive the *same* replica model:
 
-* ``lora-affinity``: ``routing.rank_replicas`` itself, fed what a real router sees: every
-  replica's ``ReplicaState`` as of its last stats report (each replica reports every
-  ``stats_period_s``, staggered), one ``RecentSends`` per ingress router (requests are spread over
-  ``routers`` of them), the router's queue lengths as ``queue_lens``, and Serve's walk over the
-  ranks (lowest queue length within a rank among replicas below ``max_ongoing``, next rank when
-  all are full). Queue lengths are modelled as exact, for Serve's pick in both policies alike;
-  real per-router caches lag a little where several routers share replicas.
+* ``lora-affinity``: ``routing.RoutingIndex.rank`` itself (what ``LoraAffinityRouter`` calls), fed
+  what a real router sees: every replica's ``ReplicaState`` as of its last stats report (each
+  replica reports every ``stats_period_s``, staggered), one ``RecentSends`` and one
+  ``Popularity`` per ingress router (requests are spread over ``routers`` of them), that
+  router's queue-length cache for the replicas it sent to within ``queue_len_trust_s``, and
+  Serve's walk over the ranks (lowest queue length within a rank among replicas below
+  ``max_ongoing``, next rank when all are full). ``SimConfig.exact`` ranks with the O(replicas)
+  reference ``rank_replicas`` instead; the tests check that both make the same choices.
 * ``serve-default``: Ray Serve 2.60's ``PowerOfTwoChoicesRequestRouter`` with multiplexing: two
   random replicas among those that hold the adapter (a fresh view: Serve pushes model ids within
   ~0.1 s), the shorter queue of the two; when there is no holder or both are full, two random
@@ -18,11 +19,19 @@ capacity. Two routing policies drive the *same* replica model:
 
 Replica model: ``max_running`` requests decode at once (FIFO queue behind them), service times are
 exponential with mean ``service_s``; a request whose adapter is not in the replica's slots loads
-it first (``load_s`` added to its service, one slot taken, the least recently used adapter evicted:
-each replica's slots are an LRU of ``slots`` adapters, as with ``@serve.multiplexed``). The time to
-start (queue wait + load) stands in for time to first token. Loads run concurrently on a replica
-for both policies, so the comparison is of routing only (Serve's one-load-at-a-time would only
-make its numbers worse).
+it first, one slot taken, the least recently used adapter evicted (each replica's slots are an
+LRU of ``slots`` adapters, as with ``@serve.multiplexed``). The load takes ``host_load_s`` when
+the adapter is in the replica's host-RAM tier (an LRU of ``host_slots`` adapters, fed by every
+load) and ``load_s`` from the store otherwise. The time to start (queue wait + load) stands in
+for time to first token. Loads run concurrently on a replica for both policies, so the comparison
+is of routing only (Serve's one-load-at-a-time would only make its numbers worse).
+
+Queue lengths as Serve keeps them, for both policies: each router has its own cache of each
+replica's ongoing requests, set to the replica's count when it accepts a request from that
+router, decremented when one of that router's requests completes, probed afresh once older than
+``queue_cache_s`` (Serve's 10 s default). Other routers' sends and completions are unseen until
+then, so with several ingress routers the caches drift; Serve's pick within a rank reads them,
+and a replica found full on sending rejects the request, which corrects the entry.
 
 "Best possible" hit rate for the same total slot count S = replicas x slots, two definitions:
 
@@ -35,11 +44,6 @@ make its numbers worse).
 * ``Belady``: clairvoyant MIN on one cache of S slots (evict, or do not admit, the adapter needed
   furthest in the future). No routing can beat it: the union of all replicas' slots is a demand
   cache of at most S adapters, and every slot hit of a request is a hit of that union.
-
-Speed: ranking 1,000 replicas in Python for each of a million requests would take an hour, so
-the fast path runs ``rank_replicas`` on the holders only (most requests stop there) and walks the
-non-holder ranks in numpy with the same keys as ``routing.placement_key``. ``SimConfig.exact``
-ranks every replica on every request instead; the tests check that both make the same choices.
 """
 
 from __future__ import annotations
@@ -50,19 +54,29 @@ import logging
 import random
 import time
 from collections import OrderedDict, deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-from openlora_ray.serve.routing import RecentSends, RouterSettings, rank_replicas, stable_hash
+from openlora_ray.serve.routing import (
+    Popularity,
+    RecentSends,
+    RouterSettings,
+    RoutingIndex,
+    RoutingInputs,
+    Tier,
+    holder_tier,
+    rank_replicas,
+)
 from openlora_ray.serve.state import ReplicaState
 
 log = logging.getLogger(__name__)
 
 STATS_GROUPS = 20  # replicas report in this many staggered groups per stats period
 DEFAULT_RETRIES = 3  # fewest-models power-of-two draws before Serve's default takes the least loaded
+QUEUE_CACHE_TIMEOUT_S = 10.0  # Serve 2.60's RAY_SERVE_QUEUE_LENGTH_CACHE_TIMEOUT_S default
 
 
 @dataclass(frozen=True)
@@ -77,11 +91,14 @@ class SimConfig:
     max_running: int = 8
     max_ongoing: int = 16  # Serve's max_ongoing_requests per replica
     service_s: float = 5.0
-    load_s: float = 0.3
+    load_s: float = 0.3  # a slot load from the store (through the node's disk cache)
+    host_slots: int = 64  # adapters each replica keeps in host RAM (0: no host tier)
+    host_load_s: float = 0.005  # a slot load from host RAM
     stats_period_s: float = 2.0
     routers: int = 4
+    queue_cache_s: float = QUEUE_CACHE_TIMEOUT_S  # 0: every router sees exact queue lengths
     slot_mb: int = 256  # free VRAM reported = free slots x slot_mb
-    exact: bool = False  # rank every replica on every request (slow; the tests' check of the fast path)
+    exact: bool = False  # rank with the O(replicas) reference instead of the index (the tests' check)
 
 
 @dataclass(frozen=True)
@@ -96,7 +113,8 @@ class Trace:
 class PolicyResult:
     policy: str
     hit_rate: float
-    loads: int
+    loads: int  # slot loads: host + store
+    store_loads: int  # slot loads the host tier could not serve
     affinity: float  # of requests whose adapter was in some slot, the share sent to a holder
     balance: float  # max / mean requests served per replica
     start_p50_s: float
@@ -105,6 +123,8 @@ class PolicyResult:
     top_copies: int  # replicas holding the most popular adapter at the end
     beyond_holders: int  # requests no holder took: cold, or spilled because the holders were busy/full
     overflows: int  # requests that found every candidate full (Serve would back off)
+    decision_us_mean: float  # time to rank one request (0 for serve-default: not our code)
+    decision_us_p99: float
     wall_s: float
 
 
@@ -119,57 +139,71 @@ def make_trace(cfg: SimConfig) -> Trace:
     return Trace(adapters, arrivals, service, routers)
 
 
-def mix64_np(x: np.ndarray) -> np.ndarray:
-    """``routing.mix64`` on a uint64 array (wrapping multiplication, like the masked Python ints)."""
-    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return x ^ (x >> np.uint64(31))
-
-
 def _tiebreak(replica: int | np.ndarray, request: int) -> int | np.ndarray:
     """Serve breaks equal queue lengths by whichever probe answers first: a per-request shuffle."""
     return ((replica + 1) * 0x9E3779B1 ^ (request + 1) * 0x85EBCA77) & 0xFFFFFFFF
 
 
 class Cluster:
-    """The true state of the replicas: slots (LRU), running and queued requests, completions."""
+    """The true state of the replicas (slots and host tier as LRUs, running and queued requests,
+    completions) and each router's cache of their queue lengths."""
 
     def __init__(self, cfg: SimConfig, trace: Trace) -> None:
         self.cfg = cfg
         self.trace = trace
         self.lru: list[OrderedDict[int, None]] = [OrderedDict() for _ in range(cfg.replicas)]
+        self.host: list[OrderedDict[int, None]] = [OrderedDict() for _ in range(cfg.replicas)]
         self.holders: dict[int, set[int]] = {}  # adapter -> replicas with it in a slot
         self.models = np.zeros(cfg.replicas, dtype=np.int64)  # adapters per replica
         self.running = [0] * cfg.replicas
         # running + queued: Serve's queue length. A list for scalar reads, an array for vector ones.
         self.ongoing = [0] * cfg.replicas
         self.ongoing_np = np.zeros(cfg.replicas, dtype=np.int64)
+        # Each router's queue-length cache (Serve's ReplicaQueueLengthCache): set to the replica's
+        # count when it accepts a request from that router, decremented when one of that router's
+        # requests completes, probed afresh once older than queue_cache_s. Other routers' sends
+        # and completions stay unseen until then.
+        self.cached_q = np.zeros((cfg.routers, cfg.replicas), dtype=np.int64)
+        self.cached_at = np.full((cfg.routers, cfg.replicas), -np.inf)
+        self.sent_at = np.full((cfg.routers, cfg.replicas), -np.inf)  # each router's last send
         self.waiting: list[deque[tuple[int, float]]] = [deque() for _ in range(cfg.replicas)]
-        self.completions: list[tuple[float, int]] = []
+        self.completions: list[tuple[float, int, int]] = []  # (time, replica, request)
         self.start_delay = np.zeros(cfg.requests)
         self.served = np.zeros(cfg.replicas, dtype=np.int64)
         self.hits = 0
         self.loads = 0
+        self.store_loads = 0
         self.resident_somewhere = 0
 
     def advance(self, now: float) -> None:
         """Finish every request that completes by ``now``; start queued ones in their place."""
         heap, trace = self.completions, self.trace
         while heap and heap[0][0] <= now:
-            done_at, r = heapq.heappop(heap)
+            done_at, r, i = heapq.heappop(heap)
             self.ongoing[r] -= 1
             self.ongoing_np[r] -= 1
+            k = trace.routers[i]
+            if done_at - self.cached_at[k, r] <= self.cfg.queue_cache_s:
+                self.cached_q[k, r] = max(0, self.cached_q[k, r] - 1)
+                self.cached_at[k, r] = done_at
             if self.waiting[r]:
                 j, busy_s = self.waiting[r].popleft()
                 self.start_delay[j] += done_at - trace.arrivals[j]
-                heapq.heappush(heap, (done_at + busy_s, r))
+                heapq.heappush(heap, (done_at + busy_s, r, j))
             else:
                 self.running[r] -= 1
 
+    def queue_len(self, router: int, r: int, now: float) -> int | None:
+        """Router ``router``'s cached queue length of replica ``r``, None once stale."""
+        if now - self.cached_at[router, r] <= self.cfg.queue_cache_s:
+            return int(self.cached_q[router, r])
+        return None
+
     def admit(self, i: int, r: int) -> None:
-        """Request ``i`` reaches replica ``r``: slot hit or load (LRU eviction), then run or queue."""
+        """Request ``i`` reaches replica ``r``: slot hit, or a load from host RAM or the store
+        (LRU eviction of a slot), then run or queue."""
         cfg, adapter, now = self.cfg, int(self.trace.adapters[i]), float(self.trace.arrivals[i])
-        lru = self.lru[r]
+        lru, host = self.lru[r], self.host[r]
         if self.holders.get(adapter):
             self.resident_somewhere += 1
         busy_s = float(self.trace.service[i])
@@ -178,8 +212,10 @@ class Cluster:
             self.hits += 1
         else:
             self.loads += 1
-            busy_s += cfg.load_s
-            self.start_delay[i] = cfg.load_s
+            load_s = cfg.host_load_s if adapter in host else cfg.load_s
+            self.store_loads += adapter not in host
+            busy_s += load_s
+            self.start_delay[i] = load_s
             if len(lru) >= cfg.slots:
                 victim, _ = lru.popitem(last=False)
                 self.holders[victim].discard(r)
@@ -187,46 +223,101 @@ class Cluster:
                 self.models[r] += 1
             lru[adapter] = None
             self.holders.setdefault(adapter, set()).add(r)
+        if cfg.host_slots:
+            host[adapter] = None
+            host.move_to_end(adapter)
+            if len(host) > cfg.host_slots:
+                host.popitem(last=False)
         self.served[r] += 1
         self.ongoing[r] += 1
         self.ongoing_np[r] += 1
+        k = self.trace.routers[i]
+        self.cached_q[k, r], self.cached_at[k, r] = self.ongoing[r], now  # the replica's accept reports it
+        self.sent_at[k, r] = now
         if self.running[r] < cfg.max_running:
             self.running[r] += 1
-            heapq.heappush(self.completions, (now + busy_s, r))
+            heapq.heappush(self.completions, (now + busy_s, r, i))
         else:
             self.waiting[r].append((i, busy_s))
 
     def pick(self, rank: Sequence[int], i: int) -> int:
-        """Serve within one rank: the lowest queue below ``max_ongoing``; -1 when all are full."""
-        best, best_key = -1, (0, 0)
-        ongoing, cap = self.ongoing, self.cfg.max_ongoing
-        for r in rank:
-            q = ongoing[r]
-            if q < cap:
-                key = (q, _tiebreak(r, i))
-                if best < 0 or key < best_key:
-                    best, best_key = r, key
-        return best
+        """Serve within one rank: the lowest queue length below ``max_ongoing`` as the request's
+        router sees it (a stale entry is probed: the true figure); a replica that turns out full
+        rejects, which corrects the cache, and the pick repeats. -1 when all are full."""
+        if len(rank) > 32:
+            return self.pick_np(np.array(rank, dtype=np.int64), i)
+        k, now, cap = self.trace.routers[i], float(self.trace.arrivals[i]), self.cfg.max_ongoing
+        seen = {r: self._seen(k, r, now) for r in rank}
+        while True:
+            best, best_key = -1, (0, 0)
+            for r, q in seen.items():
+                if q < cap:
+                    key = (q, _tiebreak(r, i))
+                    if best < 0 or key < best_key:
+                        best, best_key = r, key
+            if best < 0 or self.ongoing[best] < cap:
+                return best
+            seen[best] = self._probe(k, best, now)
+
+    def _seen(self, k: int, r: int, now: float) -> int:
+        q = self.queue_len(k, r, now)
+        return self._probe(k, r, now) if q is None else q
+
+    def _probe(self, k: int, r: int, now: float) -> int:
+        self.cached_q[k, r], self.cached_at[k, r] = self.ongoing[r], now
+        return self.ongoing[r]
 
     def pick_np(self, rank: np.ndarray, i: int) -> int:
         """``pick`` over an index array."""
-        q = self.ongoing_np[rank]
-        ok = rank[q < self.cfg.max_ongoing]
-        if ok.size == 0:
-            return -1
-        keys = (self.ongoing_np[ok] << 32) | _tiebreak(ok, i)
-        return int(ok[np.argmin(keys)])
+        k, now, cap = self.trace.routers[i], float(self.trace.arrivals[i]), self.cfg.max_ongoing
+        fresh = now - self.cached_at[k, rank] <= self.cfg.queue_cache_s
+        q = np.where(fresh, self.cached_q[k, rank], self.ongoing_np[rank])
+        self.cached_q[k, rank[~fresh]], self.cached_at[k, rank[~fresh]] = self.ongoing_np[rank[~fresh]], now
+        while True:
+            ok = np.flatnonzero(q < cap)
+            if ok.size == 0:
+                return -1
+            keys = (q[ok] << 32) | _tiebreak(rank[ok], i)
+            at = int(ok[np.argmin(keys)])
+            best = int(rank[at])
+            if self.ongoing[best] < cap:
+                return best
+            q[at] = self._probe(k, best, now)
 
     def least_loaded(self) -> int:
         return int(np.argmin(self.ongoing_np))
 
 
-class AffinityPolicy:
-    """``rank_replicas`` on a stale, staggered view, one ``RecentSends`` per ingress router.
+class RouterQueueLens(Mapping[str, int]):
+    """One router's cached queue lengths as ``routing.replica_load`` reads them: only those of
+    replicas it sent to within ``trust_s`` (as ``LoraAffinityRouter`` passes them)."""
 
-    Residency and free VRAM come from each replica's last stats report; load comes from the
-    router's queue lengths (modelled as exact, as Serve's pick within a rank is, for both policies).
-    """
+    def __init__(self, cluster: Cluster, index: dict[str, int], router: int, now: float, trust_s: float) -> None:
+        self.cluster, self.index, self.router, self.now, self.trust_s = cluster, index, router, now, trust_s
+
+    def get(self, replica_id: str, default: int | None = None) -> int | None:  # type: ignore[override]
+        r = self.index[replica_id]
+        if self.now - self.cluster.sent_at[self.router, r] > self.trust_s:
+            return default
+        q = self.cluster.queue_len(self.router, r, self.now)
+        return default if q is None else q
+
+    def __getitem__(self, replica_id: str) -> int:
+        q = self.get(replica_id)
+        if q is None:
+            raise KeyError(replica_id)
+        return q
+
+    def __iter__(self) -> Iterator[str]:
+        return (rid for rid in self.index if rid in self)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+class AffinityPolicy:
+    """The router's policy (``RoutingIndex.rank``) on a stale, staggered view, one ``RecentSends``
+    and one ``Popularity`` per ingress router, loads from that router's queue-length cache."""
 
     name = "lora-affinity"
 
@@ -234,13 +325,13 @@ class AffinityPolicy:
         self.cfg, self.settings, self.cluster = cfg, settings, cluster
         self.ids = [f"replica-{r:04d}" for r in range(cfg.replicas)]
         self.index = {rid: r for r, rid in enumerate(self.ids)}
-        self.replica_hash = np.array([stable_hash(rid) for rid in self.ids], dtype=np.uint64)
         self.recent = [RecentSends(settings.recent_ttl_s) for _ in range(cfg.routers)]
-        self.view: list[ReplicaState] = [ReplicaState(rid) for rid in self.ids]
-        self.view_holders: dict[str, set[int]] = {}
-        self.vram_bucket = np.zeros(cfg.replicas, dtype=np.int64)
+        self.popularity = [Popularity(settings.popularity_half_life_s) for _ in range(cfg.routers)]
+        self.view = RoutingIndex()
+        self.view.set_replicas(self.ids)
         self.beyond_holders = 0
         self.overflows = 0
+        self.decision_s: list[float] = []
         for r in range(cfg.replicas):
             self.report(r)
 
@@ -251,6 +342,7 @@ class AffinityPolicy:
         state = ReplicaState(
             self.ids[r],
             resident=frozenset(f"adapter-{a}" for a in c.lru[r]),
+            host=frozenset(f"adapter-{a}" for a in c.host[r]),
             num_slots=cfg.slots,
             free_slots=free_slots,
             free_vram_mb=free_slots * cfg.slot_mb,
@@ -258,84 +350,43 @@ class AffinityPolicy:
             running=c.running[r],
             max_running=cfg.max_running,
         )
-        state = ReplicaState.from_stats(self.ids[r], state.to_stats())
-        old = self.view[r].resident
-        for a in old - state.resident:
-            holders = self.view_holders[a]
-            holders.discard(r)
-            if not holders:
-                del self.view_holders[a]
-        for a in state.resident - old:
-            self.view_holders.setdefault(a, set()).add(r)
-        self.view[r] = state
-        self.vram_bucket[r] = state.free_vram_mb // self.settings.vram_bucket_mb
+        self.view.update(ReplicaState.from_stats(self.ids[r], state.to_stats()))
 
     def stats_group(self, group: int) -> None:
         for r in range(group, self.cfg.replicas, STATS_GROUPS):
             self.report(r)
 
     def choose(self, i: int) -> int:
-        trace = self.cluster.trace
+        trace, c = self.cluster.trace, self.cluster
         adapter = f"adapter-{trace.adapters[i]}"
         now = float(trace.arrivals[i])
-        recent_sends = self.recent[trace.routers[i]]
-        recent = recent_sends.replicas_for(adapter, now)
+        k = int(trace.routers[i])
+        self.popularity[k].record(adapter, now)
+        inputs = RoutingInputs(
+            recent=self.recent[k].replicas_for(adapter, now),
+            queue_lens=RouterQueueLens(c, self.index, k, now, self.settings.queue_len_trust_s),
+            popularity=self.popularity[k],
+            now=now,
+        )
+        started = time.perf_counter()
         if self.cfg.exact:
-            queue_lens = dict(zip(self.ids, self.cluster.ongoing))
-            r = self._walk(rank_replicas(adapter, self.view, self.settings, recent, queue_lens), i)
+            states = [self.view.state(rid) for rid in self.ids]
+            ranks = rank_replicas(adapter, states, self.settings, inputs)
         else:
-            r = self._choose_fast(adapter, recent, i)
+            ranks = self.view.rank(adapter, self.settings, inputs)
+        self.decision_s.append(time.perf_counter() - started)
+        r = self._walk(ranks, i)
         if r < 0:
             self.overflows += 1
-            r = self.cluster.least_loaded()
-        recent_sends.record(adapter, self.ids[r], now)
+            r = c.least_loaded()
+        self.beyond_holders += holder_tier(adapter, self.view.state(self.ids[r]), inputs.recent) is Tier.NONE
+        self.recent[k].record(adapter, self.ids[r], now)
         return r
 
     def _walk(self, ranks: list[list[str]], i: int) -> int:
         """Serve's walk: the first rank with a replica below ``max_ongoing`` picks its shortest queue."""
         for rank in ranks:
             r = self.cluster.pick([self.index[x] for x in rank], i)
-            if r >= 0:
-                return r
-        return -1
-
-    def _choose_fast(self, adapter: str, recent: frozenset[str], i: int) -> int:
-        """The same choice as ranking every replica, at the cost of ranking the holders only.
-
-        ``rank_replicas`` on the holders gives the holder ranks; the non-holder ranks (strict
-        singletons by ``placement_key``, then the rest, then busy holders, then busy non-holders)
-        are walked in numpy with the same keys.
-        """
-        c, settings = self.cluster, self.settings
-        holders = set(self.view_holders.get(adapter, ()))
-        holders.update(self.index[rid] for rid in recent)
-        ordered = sorted(holders)
-        queue_lens = {self.ids[r]: c.ongoing[r] for r in ordered}
-        ranks = rank_replicas(adapter, [self.view[r] for r in ordered], settings, recent, queue_lens)
-        busy_holders: list[int] = []
-        for rank in ranks:
-            idx = [self.index[x] for x in rank]
-            if c.ongoing[idx[0]] / self.cfg.max_running >= settings.spill_load:
-                busy_holders = idx  # the last holder rank; non-holders below the threshold go first
-                break
-            r = c.pick(idx, i)
-            if r >= 0:
-                return r
-        self.beyond_holders += 1
-        load = c.ongoing_np / self.cfg.max_running
-        busy = load >= settings.spill_load
-        non_holder = np.ones(self.cfg.replicas, dtype=bool)
-        non_holder[ordered] = False
-        free = np.flatnonzero(non_holder & ~busy)
-        hrw = mix64_np(np.uint64(stable_hash(adapter)) ^ self.replica_hash[free])
-        neg_load_bucket = -np.floor(load[free] / settings.load_bucket).astype(np.int64)
-        order = np.lexsort((hrw, neg_load_bucket, self.vram_bucket[free]))[::-1]
-        strict = free[order[: settings.strict_ranks]]
-        for r in strict.tolist():
-            if c.ongoing[r] < self.cfg.max_ongoing:
-                return r
-        for rank in (free[order[settings.strict_ranks :]], np.array(busy_holders, dtype=np.int64), np.flatnonzero(non_holder & busy)):
-            r = c.pick_np(rank, i)
             if r >= 0:
                 return r
         return -1
@@ -351,6 +402,7 @@ class ServeDefaultPolicy:
         self.rng = random.Random(cfg.seed + 1)
         self.beyond_holders = 0
         self.overflows = 0
+        self.decision_s: list[float] = []
 
     def _two(self, candidates: Sequence[int], i: int) -> int:
         pair = candidates if len(candidates) <= 2 else self.rng.sample(candidates, 2)
@@ -402,10 +454,12 @@ def simulate(cfg: SimConfig, trace: Trace, policy_name: str, settings: RouterSet
             log.info("%s: %d/%d requests, %.0f s", policy_name, i + 1, cfg.requests, time.perf_counter() - started)
     cluster.advance(float("inf"))
     distinct = sum(1 for h in cluster.holders.values() if h)
+    decisions = np.array(policy.decision_s) * 1e6 if policy.decision_s else np.zeros(1)
     result = PolicyResult(
         policy=policy_name,
         hit_rate=cluster.hits / cfg.requests,
         loads=cluster.loads,
+        store_loads=cluster.store_loads,
         affinity=cluster.hits / max(1, cluster.resident_somewhere),
         balance=float(cluster.served.max() / cluster.served.mean()),
         start_p50_s=float(np.percentile(cluster.start_delay, 50)),
@@ -414,6 +468,8 @@ def simulate(cfg: SimConfig, trace: Trace, policy_name: str, settings: RouterSet
         top_copies=len(cluster.holders.get(0, ())),
         beyond_holders=policy.beyond_holders,
         overflows=policy.overflows,
+        decision_us_mean=float(decisions.mean()),
+        decision_us_p99=float(np.percentile(decisions, 99)),
         wall_s=time.perf_counter() - started,
     )
     return result, chosen
@@ -452,15 +508,15 @@ def belady_hits(adapters: np.ndarray, slots: int) -> int:
     return hits
 
 
-def run(cfg: SimConfig, settings: RouterSettings) -> dict:
-    """Both policies and both bounds on one trace; returns the JSON payload."""
+def run(cfg: SimConfig, settings: RouterSettings, policies: Sequence[str] = (AffinityPolicy.name, ServeDefaultPolicy.name)) -> dict:
+    """The policies and both bounds on one trace; returns the JSON payload."""
     t0 = time.perf_counter()
     trace = make_trace(cfg)
     log.info("trace: %d requests over %.0f s simulated (%.1f s to build)", cfg.requests, trace.arrivals[-1], time.perf_counter() - t0)
     total_slots = cfg.replicas * cfg.slots
     static = static_optimum_hits(trace.adapters, total_slots)
     belady = belady_hits(trace.adapters, total_slots)
-    results = [simulate(cfg, trace, name, settings)[0] for name in (AffinityPolicy.name, ServeDefaultPolicy.name)]
+    results = [simulate(cfg, trace, name, settings)[0] for name in policies]
     return {
         "config": asdict(cfg),
         "router_settings": settings.model_dump(),
@@ -487,10 +543,15 @@ def register_bench(benches: argparse._SubParsersAction) -> None:
     p.add_argument("--max-running", type=int, default=d.max_running, help="requests decoding at once per replica")
     p.add_argument("--max-ongoing", type=int, default=d.max_ongoing, help="Serve's max_ongoing_requests")
     p.add_argument("--service-s", type=float, default=d.service_s, help="mean decode time of a request")
-    p.add_argument("--load-s", type=float, default=d.load_s, help="time to load an adapter into a slot")
+    p.add_argument("--load-s", type=float, default=d.load_s, help="time to load an adapter from the store into a slot")
+    p.add_argument("--host-slots", type=int, default=d.host_slots, help="adapters per replica in host RAM (0: none)")
+    p.add_argument("--host-load-s", type=float, default=d.host_load_s, help="time to load an adapter from host RAM")
     p.add_argument("--stats-period-s", type=float, default=d.stats_period_s)
     p.add_argument("--routers", type=int, default=d.routers, help="ingress replicas routing independently")
+    p.add_argument("--queue-cache-s", type=float, default=d.queue_cache_s, help="Serve's queue-length cache timeout")
     p.add_argument("--spill-load", type=float, default=s.spill_load)
+    p.add_argument("--policies", nargs="+", default=[AffinityPolicy.name, ServeDefaultPolicy.name],
+                   choices=[AffinityPolicy.name, ServeDefaultPolicy.name])
     p.add_argument("--out", type=Path, default=Path("bench-results/routing-sim.json"))
     p.set_defaults(func=run_routing_sim)
 
@@ -501,24 +562,24 @@ def run_routing_sim(args: argparse.Namespace) -> int:
     cfg = SimConfig(
         replicas=args.replicas, slots=args.slots, adapters=args.adapters, requests=args.requests, zipf=args.zipf,
         seed=args.seed, utilisation=args.utilisation, max_running=args.max_running, max_ongoing=args.max_ongoing,
-        service_s=args.service_s, load_s=args.load_s, stats_period_s=args.stats_period_s, routers=args.routers,
+        service_s=args.service_s, load_s=args.load_s, host_slots=args.host_slots, host_load_s=args.host_load_s,
+        stats_period_s=args.stats_period_s, routers=args.routers, queue_cache_s=args.queue_cache_s,
     )
     settings = RouterSettings(spill_load=args.spill_load, recent_ttl_s=2 * args.stats_period_s)
-    payload = run(cfg, settings)
+    payload = run(cfg, settings, args.policies)
     best = payload["static_optimum"]["hit_rate"]
-    default_loads = next(p["loads"] for p in payload["policies"] if p["policy"] == ServeDefaultPolicy.name)
     rows: list[list[object]] = [
-        [p["policy"], p["hit_rate"], p["hit_rate"] / best, p["loads"], p["loads"] / default_loads, p["affinity"],
-         p["balance"], p["start_p50_s"], p["start_p99_s"], p["distinct_share"], p["top_copies"]]
+        [p["policy"], p["hit_rate"], p["hit_rate"] / best, p["loads"], p["store_loads"], p["affinity"], p["balance"],
+         p["start_p50_s"], p["start_p99_s"], p["distinct_share"], p["top_copies"],
+         p["decision_us_mean"] or "", p["decision_us_p99"] or ""]
         for p in payload["policies"]
     ]
     for name in ("static_optimum", "belady"):
         b = payload[name]
-        rows.append([name.replace("_", " "), b["hit_rate"], b["hit_rate"] / best, b["loads"], b["loads"] / default_loads,
-                     "", "", "", "", "", ""])
+        rows.append([name.replace("_", " "), b["hit_rate"], b["hit_rate"] / best, b["loads"], *[""] * 9])
     print_table(
-        ["policy", "hit rate", "vs static opt", "loads", "vs default", "affinity", "max/mean", "start p50 s",
-         "start p99 s", "distinct", "top copies"],
+        ["policy", "hit rate", "vs static opt", "slot loads", "store loads", "affinity", "max/mean", "start p50 s",
+         "start p99 s", "distinct", "top copies", "decision us", "decision p99 us"],
         rows,
     )
     write_json(args.out, payload)

@@ -17,7 +17,7 @@ from ray.serve._private.common import DeploymentHandleSource, DeploymentID, Requ
 from ray.serve.config import RequestRouterConfig
 from ray.serve.request_router import PendingRequest, ReplicaID, RunningReplica
 
-from openlora_ray.serve.router import LoraAffinityRouter
+from openlora_ray.serve.router import REFRESH_S, LoraAffinityRouter
 from openlora_ray.serve.routing import RouterSettings
 from openlora_ray.serve.state import ReplicaState
 
@@ -79,7 +79,12 @@ class FakeClock:
 
 def make_router(**settings: Any) -> LoraAffinityRouter:
     """Must run inside the event loop: the base class binds to the running loop."""
-    router = LoraAffinityRouter(deployment_id=DeploymentID(name="LLM", app_name="lora"), handle_source=DeploymentHandleSource.REPLICA)
+    # Serve enables the queue-length cache outside Ray Client (default_impl: strict max_ongoing).
+    router = LoraAffinityRouter(
+        deployment_id=DeploymentID(name="LLM", app_name="lora"),
+        handle_source=DeploymentHandleSource.REPLICA,
+        use_replica_queue_len_cache=True,
+    )
     router.initialize_state(**RouterSettings(**settings).model_dump())
     router.clock = FakeClock()
     # Fake probes answer at once, but a loaded CI machine can take longer than Serve's 0.1 s
@@ -140,7 +145,7 @@ async def test_a_cold_placement_counts_as_loading_before_serve_reports_it_routed
     reps = [StatsReplica(n, stats(n)) for n in "ab"]
     router.update_replicas(reps)
     first = (await router.choose_replicas(reps, request("x")))[0][0]
-    router.replica_queue_len_cache.update(first.replica_id, 1)  # Serve's on_send_request: 1/4 busier
+    router.on_send_request(first.replica_id)  # Serve bumps its queue-length cache: 1/4 busier
     assert (await router.choose_replicas(reps, request("x")))[0] == [first]
     # Without the claim the busier replica loses the cold placement (another adapter shows it):
     other_first = next(r for r in reps if r is not first)
@@ -194,8 +199,10 @@ async def test_serves_queue_length_cache_is_the_load_that_decides_the_spill() ->
     b = StatsReplica("b", stats("b"))
     router.update_replicas([a, b])
     assert ids(await router.choose_replicas([a, b], request("x")))[0] == ["a"]
-    router.replica_queue_len_cache.update(a.replica_id, 4)  # this router knows a has 4 ongoing now
+    router.on_new_queue_len_info(a.replica_id, 4)  # a's answer to this router's send: 4 ongoing now
     assert ids(await router.choose_replicas([a, b], request("x"))) == [["b"], ["a"]]
+    router.clock.now += 1.5  # past queue_len_trust_s without a send: the cache may have drifted
+    assert ids(await router.choose_replicas([a, b], request("x")))[0] == ["a"]  # the stats decide again
 
 
 async def test_parsed_states_are_cached_until_serve_hands_over_new_stats() -> None:
@@ -208,18 +215,22 @@ async def test_parsed_states_are_cached_until_serve_hands_over_new_stats() -> No
     assert router._states["a"].state is cached
     a.stats = stats("a", resident=["y"])
     await router.choose_replicas([a], request("y"))
+    assert router._states["a"].state is cached  # read again at most every REFRESH_S
+    router.clock.now += 2 * REFRESH_S
+    await router.choose_replicas([a], request("y"))
     assert router._states["a"].state.resident == {"y"}
+    assert router._index.holders("y") == {"a"}
 
 
 async def test_dead_and_removed_replicas_are_forgotten() -> None:
     router = make_router()
     a, b = StatsReplica("a", stats("a")), StatsReplica("b", stats("b"))
     router.update_replicas([a, b])
-    await router.choose_replicas([a, b], request("x"))
-    router.on_request_routed(request("x"), a.replica_id, result=None)
-    router.on_request_routed(request("y"), b.replica_id, result=None)
-    router.on_replica_actor_died(a.replica_id)
-    assert set(router._states) == {"b"} and len(router._recent) == 1
+    first, other = (rank[0] for rank in await router.choose_replicas([a, b], request("x")))  # claims x on first
+    router.on_request_routed(request("x"), first.replica_id, result=None)
+    router.on_request_routed(request("y"), other.replica_id, result=None)
+    router.on_replica_actor_died(other.replica_id)
+    assert set(router._states) == {first.replica_id.unique_id} and len(router._recent) == 1
     router.update_replicas([])
     assert router._states == {} and len(router._recent) == 0
 

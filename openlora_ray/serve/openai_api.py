@@ -3,8 +3,8 @@
 Requests are pydantic models. Unknown fields are ignored, as clients send many vendor extras; but
 a *known* OpenAI field the server does not implement is refused with a 400 that names it (see
 ``UNSUPPORTED``) unless it carries its no-op default, so nobody gets plain text where they asked
-for log probabilities or JSON. What the engine supports passes through to ``SamplingParams``,
-including vLLM's ``ignore_eos`` and ``stop_token_ids``.
+for log probabilities or JSON. What the engine supports passes through to ``SamplingParams``:
+OpenAI's penalties and ``logit_bias``, vLLM's ``ignore_eos``, ``stop_token_ids`` and ``min_tokens``.
 
 One request fans out into ``Choice`` rows, one engine request each: ``n`` per prompt, and on
 completions one prompt per entry of a prompt list, indexed as OpenAI does (prompt ``p``'s
@@ -41,15 +41,12 @@ def _false(value: Any) -> bool:
     return value is None or value is False
 
 
-# Known fields the server does not implement yet -> "is this value a no-op?". The engine-side
-# sampling features (log probabilities, penalties, logit_bias, min_tokens, structured output,
-# tools) come with the paged engine; until then asking for them is an error, not a silent no-op.
+# Known fields the server does not implement yet -> "is this value a no-op?". Asking for one is
+# an error, not a silent no-op; an entry leaves this table when the engine and the response
+# formatting implement it.
 UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
     "logprobs": lambda v: v is None or v is False or v == 0,
     "top_logprobs": _zero,
-    "logit_bias": _empty,
-    "presence_penalty": _zero,
-    "frequency_penalty": _zero,
     "response_format": lambda v: v is None or (isinstance(v, dict) and v.get("type") == "text"),
     "tools": _empty,
     "tool_choice": lambda v: v is None or v == "none",
@@ -65,7 +62,6 @@ UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
     "echo": _false,
     "suffix": lambda v: v is None or v == "",
     # vLLM extras that benchmark and eval tools send
-    "min_tokens": _zero,
     "min_p": _zero,
     "skip_special_tokens": lambda v: v is None or v is True,
     "include_stop_str_in_output": _false,
@@ -190,13 +186,13 @@ class _Common(BaseModel):
     repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = Field(None, max_length=64)
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    logit_bias: dict[int, float] | None = Field(None, max_length=300, description="token id (a JSON string) -> bias")
+    min_tokens: int | None = Field(None, ge=0, description="vLLM extra: no end of sequence before this many tokens")
     # Known but not implemented: typed loosely so that any value reaches the check below.
     logprobs: Any = None
     top_logprobs: Any = None
-    logit_bias: Any = None
-    presence_penalty: Any = None
-    frequency_penalty: Any = None
-    min_tokens: Any = None
     min_p: Any = None
     skip_special_tokens: Any = None
     include_stop_str_in_output: Any = None
@@ -224,9 +220,12 @@ class _Common(BaseModel):
     def sampling(self, default_max_tokens: int) -> SamplingParams:
         """The engine's settings for the first choice (``choices`` derives the others' seeds)."""
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        max_tokens = self._max_tokens() or default_max_tokens
+        if (self.min_tokens or 0) > max_tokens:
+            raise InvalidRequestError(f"min_tokens ({self.min_tokens}) is above max_tokens ({max_tokens})")
         try:
             return SamplingParams(
-                max_tokens=self._max_tokens() or default_max_tokens,
+                max_tokens=max_tokens,
                 temperature=1.0 if self.temperature is None else self.temperature,
                 top_p=1.0 if self.top_p is None else self.top_p,
                 top_k=max(0, self.top_k or 0),
@@ -234,6 +233,10 @@ class _Common(BaseModel):
                 stop=stop,
                 stop_token_ids=list(self.stop_token_ids or []),
                 repetition_penalty=self.repetition_penalty or 1.0,
+                presence_penalty=self.presence_penalty or 0.0,
+                frequency_penalty=self.frequency_penalty or 0.0,
+                logit_bias=dict(self.logit_bias or {}),
+                min_tokens=self.min_tokens or 0,
                 ignore_eos=self.ignore_eos,
             )
         except ValidationError as e:

@@ -186,16 +186,13 @@ def test_unimplemented_fields_are_400_naming_them(url, client):
     refused = {
         "logprobs": True,
         "top_logprobs": 2,
-        "logit_bias": {"42": -100},
-        "presence_penalty": 0.5,
-        "frequency_penalty": 1.0,
         "response_format": {"type": "json_object"},
         "tool_choice": "required",
         "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
         "audio": {"voice": "alloy"},
         "modalities": ["text", "audio"],
         "prediction": {"type": "content", "content": "x"},
-        "min_tokens": 3,
+        "min_p": 0.1,
     }
     for field, value in refused.items():
         r = post(url, "/v1/chat/completions", {**chat, field: value})
@@ -222,8 +219,29 @@ def test_unimplemented_fields_are_400_naming_them(url, client):
     assert post(url, "/v1/chat/completions", {**chat, **noop}).status_code == 200
     r = post(url, "/v1/chat/completions", {**chat, "stream_options": {"include_usage": True}})
     assert r.status_code == 400 and r.json()["error"]["param"] == "stream_options"
-    with pytest.raises(openai.BadRequestError, match="logit_bias"):
-        client.chat.completions.create(model=BASE, messages=CHAT, max_tokens=2, logit_bias={"1": 5})
+    with pytest.raises(openai.BadRequestError, match="logprobs"):
+        client.chat.completions.create(model=BASE, messages=CHAT, max_tokens=2, logprobs=True, top_logprobs=3)
+
+
+def test_penalties_logit_bias_and_min_tokens(url, client):
+    """The tiny model's logits spread well under 1, so a bias of 5 decides every greedy token."""
+    import openai
+
+    (river,) = post(url, "/tokenize", {"prompt": " river"}).json()["tokens"]
+    kw = dict(model="alpha", prompt="Count:", max_tokens=8, temperature=0, logit_bias={str(river): 5})
+    assert client.completions.create(**kw).choices[0].text == " river" * 8
+    assert (
+        client.completions.create(presence_penalty=2.0, **kw).choices[0].text == " river" * 8
+    )  # -2 once: still ahead
+    penalised = client.completions.create(frequency_penalty=2.0, **kw).choices[0].text
+    assert 1 <= penalised.count(" river") < 8  # -2 per occurrence: overtaken after a few
+    (eos,) = post(url, "/tokenize", {"prompt": "<|im_end|>"}).json()["tokens"]
+    ends = dict(model="alpha", prompt="Count:", max_tokens=12, temperature=0, logit_bias={str(eos): 100})
+    assert client.completions.create(**ends).usage.completion_tokens <= 1
+    held = client.completions.create(extra_body={"min_tokens": 5}, **ends)
+    assert held.usage.completion_tokens >= 5 and held.choices[0].finish_reason == "stop"
+    with pytest.raises(openai.BadRequestError, match="vocabulary"):
+        client.completions.create(model=BASE, prompt="x", max_tokens=2, logit_bias={str(10**7): 1})
 
 
 def test_engine_extras_pass_through(url):

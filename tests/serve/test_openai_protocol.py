@@ -75,9 +75,6 @@ def test_bad_messages_name_what_is_wrong(message, says):
     [
         ("logprobs", True),
         ("top_logprobs", 5),
-        ("logit_bias", {"1": 2}),
-        ("presence_penalty", 0.1),
-        ("frequency_penalty", -1),
         ("response_format", {"type": "json_schema"}),
         ("tools", [{"type": "function"}]),
         ("tool_choice", "auto"),
@@ -88,7 +85,6 @@ def test_bad_messages_name_what_is_wrong(message, says):
         ("web_search_options", {"a": 1}),
         ("reasoning_effort", "low"),
         ("store", True),
-        ("min_tokens", 2),
         ("skip_special_tokens", False),
         ("include_stop_str_in_output", True),
     ],
@@ -127,7 +123,6 @@ def test_no_op_values_and_unknown_vendor_fields_are_accepted():
     CompletionRequest(model="m", prompt="x", echo=False, logprobs=None, best_of=2, n=2, suffix="")
     assert set(UNSUPPORTED) >= {
         "logprobs",
-        "logit_bias",
         "response_format",
         "tools",
         "audio",
@@ -142,6 +137,22 @@ def test_stream_options_need_stream():
         chat(stream_options={"include_usage": True})
     assert error_of(caught.value) == ("invalid_value", {"param": "stream_options"})
     assert chat(stream=True, stream_options={"include_usage": True}).include_usage
+
+
+def test_penalties_logit_bias_and_min_tokens_reach_the_sampling_params():
+    params = chat(
+        presence_penalty=0.5, frequency_penalty=-1, logit_bias={"42": -100, "7": 3.5}, min_tokens=4
+    ).sampling(16)
+    assert params.presence_penalty == 0.5 and params.frequency_penalty == -1.0 and params.min_tokens == 4
+    assert params.logit_bias == {42: -100.0, 7: 3.5}  # JSON's string keys become token ids
+    with pytest.raises(ValidationError, match="logit_bias"):
+        chat(logit_bias={"not-a-token": 1})
+    with pytest.raises(ValidationError, match="presence_penalty"):
+        chat(presence_penalty=3)
+    with pytest.raises(InvalidRequestError, match="logit_bias"):
+        chat(logit_bias={"1": 101}).sampling(16)
+    with pytest.raises(InvalidRequestError, match="min_tokens"):
+        chat(min_tokens=9, max_tokens=8).sampling(16)
 
 
 def test_engine_extras_reach_the_sampling_params():

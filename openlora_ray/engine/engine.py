@@ -12,6 +12,7 @@ decoding). The engine knows nothing of Ray.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import queue
@@ -201,6 +202,9 @@ class Engine:
     async def generate(self, request: GenerationRequest) -> AsyncIterator[StreamOutput]:
         """Stream the request's increments; raises the domain error if it fails.
 
+        Increments that arrived while the caller was busy come as one: a fast engine then sends
+        one item per read, not one per token (each is a Ray object when the caller is remote).
+
         Leaving the iteration early (a client disconnect, ``break``, cancellation) aborts the
         request: its KV blocks and slot pin are freed on the loop's next iteration.
         """
@@ -219,6 +223,8 @@ class Engine:
         try:
             while True:
                 item = await out.get()
+                while item.finish_reason is None and not out.empty():  # a slow reader gets one merged item
+                    item = _merge(item, out.get_nowait())
                 if item.finish_reason is not None:
                     finished = True
                 if item.finish_reason == "error":
@@ -470,6 +476,11 @@ class Engine:
             raise InvalidRequestError(f"token ids {outside[:5]} in logit_bias / stop_token_ids are outside the vocabulary [0, {vocab})")
         if self._draining or self._stop.is_set():
             raise CapacityError("this replica is shutting down; retry on another")
+
+
+def _merge(a: StreamOutput, b: StreamOutput) -> StreamOutput:
+    """Two consecutive increments of one request as one (``b``'s finish fields win)."""
+    return dataclasses.replace(b, text=a.text + b.text, token_ids=a.token_ids + b.token_ids, logprobs=a.logprobs + b.logprobs)
 
 
 def _load_tokenizer(path: Path) -> Any:

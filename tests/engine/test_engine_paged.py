@@ -185,3 +185,15 @@ async def test_logprobs_are_the_models_own_log_softmax(engine_factory, tiny_mode
         assert lp.token_logprob == pytest.approx(float(ref[i, token]), abs=1e-4)
         assert [t for t, _ in lp.top] == ref[i].topk(3).indices.tolist()
         assert [v for _, v in lp.top] == pytest.approx(ref[i].topk(3).values.tolist(), abs=1e-4)
+
+
+async def test_a_slow_reader_gets_increments_merged_and_nothing_lost(engine_factory, tiny_model_dir, tiny_hf):
+    engine = engine_factory(EngineConfig(model_path=tiny_model_dir, max_seq_len=64))
+    prompt = tokens(7, seed=11)
+    items, got = 0, []
+    async for out in engine.generate(engine.make_request(prompt, params=SamplingParams(max_tokens=30, **GREEDY))):
+        items += 1
+        got += out.token_ids
+        await asyncio.sleep(0.05)  # a busy caller: tokens pile up meanwhile
+    assert got == hf_greedy(tiny_hf, prompt, 30, eos=None)
+    assert items < 30

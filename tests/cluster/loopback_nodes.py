@@ -107,32 +107,32 @@ class LoopbackNodes:
         ssh.chmod(0o755)
         for node in self.nodes.values():
             self._provision(node)
-            node.process = subprocess.Popen(
-                [
-                    "unshare",
-                    "--pid",
-                    "--fork",
-                    "--mount-proc",
-                    "--kill-child",
-                    str(SSHD),
-                    "-D",
-                    "-E",
-                    str(node.root / "sshd.log"),
-                    "-f",
-                    str(node.root / "sshd_config"),
-                ],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                start_new_session=True,
-                preexec_fn=_die_with_parent,  # noqa: PLW1509 - one prctl call, before any test thread exists
-            )
+            # unshare's own errors (e.g. no CAP_SYS_ADMIN for the namespaces) go to unshare.log.
+            with (node.root / "unshare.log").open("wb") as errors:
+                node.process = subprocess.Popen(
+                    [
+                        "unshare",
+                        "--pid",
+                        "--fork",
+                        "--mount-proc",
+                        "--kill-child",
+                        str(SSHD),
+                        "-D",
+                        "-E",
+                        str(node.root / "sshd.log"),
+                        "-f",
+                        str(node.root / "sshd_config"),
+                    ],
+                    stdout=subprocess.DEVNULL,
+                    stderr=errors,
+                    start_new_session=True,
+                    preexec_fn=_die_with_parent,  # noqa: PLW1509 - one prctl call, before any test thread exists
+                )
         for node in self.nodes.values():
             deadline = time.monotonic() + 30
             while self.ssh(node.name, "true", timeout=10, check=False).returncode != 0:
-                assert node.process.poll() is None, (node.root / "sshd.log").read_text()
-                assert time.monotonic() < deadline, (
-                    f"sshd of {node.name} never answered: {(node.root / 'sshd.log').read_text()}"
-                )
+                assert node.process.poll() is None, f"sshd of {node.name} exited: {_logs(node)}"
+                assert time.monotonic() < deadline, f"sshd of {node.name} never answered: {_logs(node)}"
                 time.sleep(0.3)
 
     def _provision(self, node: Node) -> None:
@@ -231,6 +231,12 @@ class LoopbackNodes:
             deadline = time.monotonic() + timeout / 2
             while self.leftovers() and time.monotonic() < deadline:
                 time.sleep(0.2)
+
+
+def _logs(node: Node) -> str:
+    return " | ".join(
+        p.read_text(errors="replace") for p in (node.root / "unshare.log", node.root / "sshd.log") if p.exists()
+    )
 
 
 def _die_with_parent() -> None:

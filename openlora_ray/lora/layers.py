@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from openlora_ray.lora.ops import Segments, add_lora_delta
@@ -30,9 +31,11 @@ class LoraProjectionGroup(nn.Module):
     """``n`` projections ``in -> out_j`` sharing an input; returns their outputs as a tuple.
 
     Buffers (S slots, R = max rank):
-      weight  (in, sum_j out_j)   frozen base weights, concatenated and stored transposed: on
-                                  CPU ``x @ W^T`` from a pre-transposed W ran 1.6x faster than
-                                  ``F.linear`` for decode-sized batches (BENCHMARKS.md)
+      weight  (sum_j out_j, in)   frozen base weights, concatenated, read by ``F.linear`` (cuBLAS
+                                  and MKL take this layout without a copy); or (in, sum_j out_j)
+                                  when ``transposed``, read as ``x @ W``: on one Intel Xeon that ran
+                                  decode-sized batches 1.6x faster, on an AMD EPYC it lost, so the
+                                  loader measures both on the machine at hand (``model/layout.py``)
       bias    (sum_j out_j,)      base bias if the model has one (Qwen2's q/k/v), else None
       lora_a  (S, n, R, in)       A of each projection, rank zero-padded
       lora_b  (S, R, sum_j out_j) B^T of each projection concatenated along out, scale folded in
@@ -45,13 +48,17 @@ class LoraProjectionGroup(nn.Module):
         biases: list[torch.Tensor | None],
         num_slots: int,
         max_rank: int,
+        *,
+        transposed: bool,
     ) -> None:
         super().__init__()
         self.names = names
         self.out_splits = tuple(w.shape[0] for w in weights)
+        self.transposed = transposed
         in_features = weights[0].shape[1]
         dtype, device = weights[0].dtype, weights[0].device
-        self.register_buffer("weight", torch.cat(weights, dim=0).T.contiguous())
+        fused = torch.cat(weights, dim=0)  # (sum out, in)
+        self.register_buffer("weight", fused.T.contiguous() if transposed else fused)
         has_bias = any(b is not None for b in biases)
         bias = (
             torch.cat([b if b is not None else torch.zeros(w.shape[0], dtype=dtype, device=device) for w, b in zip(weights, biases)])
@@ -64,7 +71,7 @@ class LoraProjectionGroup(nn.Module):
         self.register_buffer("lora_b", torch.zeros(num_slots, max_rank, sum(self.out_splits), dtype=dtype, device=device))
 
     def forward(self, x: torch.Tensor, lora: GroupBatch | None) -> tuple[torch.Tensor, ...]:
-        y = x @ self.weight  # (B, L, sum out)
+        y = x @ self.weight if self.transposed else F.linear(x, self.weight)  # (B, L, sum out)
         if self.bias is not None:
             y += self.bias
         if lora is not None:

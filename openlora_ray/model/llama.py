@@ -53,10 +53,10 @@ class PagedKVCache:
 
     k: (num_layers, num_blocks, KVH, head_dim, block_size), keys transposed within a block, and
     v: (num_layers, num_blocks, KVH, block_size, head_dim); ``model/paged_attention.py`` says why.
-    Which block belongs to which
-    sequence is the scheduler's business (``engine/block_pool.py``); the cache only stores. Zeroed
-    at allocation: positions past a row's length are masked, and a masked weight of exactly 0
-    times a finite stale value stays 0 (uninitialised memory could hold NaN).
+    Which block belongs to which sequence is the scheduler's business (``engine/block_pool.py``);
+    the cache only stores. Zeroed at allocation: positions past a row's length are masked, and a
+    masked weight of exactly 0 times a finite stale value stays 0 (uninitialised memory could hold
+    NaN).
     """
 
     def __init__(self, dims: BaseModelDims, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device) -> None:
@@ -84,7 +84,7 @@ class PagedBatch:
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, hf_layer: nn.Module, act: nn.Module, num_slots: int, max_rank: int) -> None:
+    def __init__(self, hf_layer: nn.Module, act: nn.Module, num_slots: int, max_rank: int, *, transposed: bool) -> None:
         super().__init__()
         attn, mlp = hf_layer.self_attn, hf_layer.mlp
         self.input_norm = hf_layer.input_layernorm
@@ -97,9 +97,15 @@ class DecoderLayer(nn.Module):
 
         def group(names: tuple[str, ...], owner: nn.Module) -> LoraProjectionGroup:
             linears = [getattr(owner, n) for n in names]
-            return LoraProjectionGroup(names, [m.weight.data for m in linears], [m.bias.data if m.bias is not None else None for m in linears], num_slots, max_rank)
+            weights = [m.weight.data for m in linears]
+            biases = [m.bias.data if m.bias is not None else None for m in linears]
+            fused = LoraProjectionGroup(names, weights, biases, num_slots, max_rank, transposed=transposed)
+            for m in linears:  # the fused copy replaces them: free them now, not after every layer
+                m.weight, m.bias = None, None
+            return fused
 
-        self.groups = nn.ModuleDict({"qkv": group(GROUPS["qkv"], attn), "o": group(GROUPS["o"], attn), "gate_up": group(GROUPS["gate_up"], mlp), "down": group(GROUPS["down"], mlp)})
+        owners = {"qkv": attn, "o": attn, "gate_up": mlp, "down": mlp}
+        self.groups = nn.ModuleDict({name: group(GROUPS[name], owner) for name, owner in owners.items()})
 
     def forward(
         self,
@@ -137,7 +143,10 @@ class DecoderLayer(nn.Module):
 class MultiLoraLlama(nn.Module):
     """The base model plus ``num_slots`` LoRA slots of rank up to ``max_rank`` in every layer."""
 
-    def __init__(self, hf_model: nn.Module, num_slots: int, max_rank: int) -> None:
+    def __init__(self, hf_model: nn.Module, num_slots: int, max_rank: int, *, transposed: bool = False) -> None:
+        """Takes the HF model's weights over layer by layer: each layer's projections are fused
+        and the originals freed before the next layer, so loading never holds the weights twice
+        (a full second copy was ~28 GiB at peak for an 8B model in bfloat16)."""
         super().__init__()
         cfg = hf_model.config
         self.config = cfg
@@ -147,7 +156,7 @@ class MultiLoraLlama(nn.Module):
         self.embed = inner.embed_tokens
         self.rotary = inner.rotary_emb
         act = ACT2FN[cfg.hidden_act]
-        self.layers = nn.ModuleList(DecoderLayer(layer, act, num_slots, max_rank) for layer in inner.layers)
+        self.layers = nn.ModuleList(DecoderLayer(layer, act, num_slots, max_rank, transposed=transposed) for layer in inner.layers)
         self.norm = inner.norm
         self.lm_head = hf_model.lm_head
         # What each slot holds, for building per-group batches without touching the buffers.

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from openlora_ray.errors import OpenLoraError
+from openlora_ray.model.layout import choose_transposed
 from openlora_ray.model.llama import MultiLoraLlama
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,9 @@ def load_hf_model(path: str | Path, dtype: torch.dtype, device: torch.device | s
 def load_multi_lora_model(
     path: str | Path, num_slots: int, max_rank: int, dtype: torch.dtype, device: torch.device | str = "cpu"
 ) -> MultiLoraLlama:
-    model = MultiLoraLlama(load_hf_model(path, dtype, device), num_slots, max_rank)
+    hf = load_hf_model(path, dtype, device)
+    # gate_up, the largest fused projection, decides the layout of all of them
+    transposed = choose_transposed(torch.device(device), dtype, hf.config.hidden_size, 2 * hf.config.intermediate_size)
+    model = MultiLoraLlama(hf, num_slots, max_rank, transposed=transposed)
     log.info("loaded %s (%s, %s) with %d LoRA slots of rank <= %d (%.1f MiB of slots)", path, dtype, device, num_slots, max_rank, model.bytes_per_slot() * num_slots / 2**20)
     return model.eval().requires_grad_(False)

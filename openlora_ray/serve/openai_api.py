@@ -26,6 +26,7 @@ from openlora_ray.engine.request import SamplingParams
 from openlora_ray.errors import InvalidRequestError
 
 MAX_CHOICES = 128  # prompts x n per request; OpenAI's own ceiling on n
+MAX_TOP_LOGPROBS = 20  # alternatives per token: OpenAI's ceiling for chat, and the engine's
 SEED_BITS = 63
 
 
@@ -45,8 +46,6 @@ def _false(value: Any) -> bool:
 # an error, not a silent no-op; an entry leaves this table when the engine and the response
 # formatting implement it.
 UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
-    "logprobs": lambda v: v is None or v is False or v == 0,
-    "top_logprobs": _zero,
     "response_format": lambda v: v is None or (isinstance(v, dict) and v.get("type") == "text"),
     "tools": _empty,
     "tool_choice": lambda v: v is None or v == "none",
@@ -191,8 +190,6 @@ class _Common(BaseModel):
     logit_bias: dict[int, float] | None = Field(None, max_length=300, description="token id (a JSON string) -> bias")
     min_tokens: int | None = Field(None, ge=0, description="vLLM extra: no end of sequence before this many tokens")
     # Known but not implemented: typed loosely so that any value reaches the check below.
-    logprobs: Any = None
-    top_logprobs: Any = None
     min_p: Any = None
     skip_special_tokens: Any = None
     include_stop_str_in_output: Any = None
@@ -237,6 +234,7 @@ class _Common(BaseModel):
                 frequency_penalty=self.frequency_penalty or 0.0,
                 logit_bias=dict(self.logit_bias or {}),
                 min_tokens=self.min_tokens or 0,
+                logprobs=self.engine_logprobs(),
                 ignore_eos=self.ignore_eos,
             )
         except ValidationError as e:
@@ -245,6 +243,10 @@ class _Common(BaseModel):
 
     def _max_tokens(self) -> int | None:
         return self.max_tokens
+
+    def engine_logprobs(self) -> int | None:
+        """How many alternatives the engine reports per token; None: no log probabilities."""
+        raise NotImplementedError
 
     @property
     def max_tokens_omitted(self) -> bool:
@@ -272,6 +274,7 @@ class _Common(BaseModel):
 class CompletionRequest(_Common):
     prompt: str | list[str] | list[int] | list[list[int]]
     best_of: int | None = Field(None, ge=1)
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS, description="the k most likely tokens per token")
     echo: Any = None
     suffix: Any = None
 
@@ -292,6 +295,9 @@ class CompletionRequest(_Common):
             raise ValueError(f"at most {MAX_CHOICES} choices (prompts x n) per request")
         return self
 
+    def engine_logprobs(self) -> int | None:
+        return self.logprobs
+
     def prompts(self) -> list[str | list[int]]:
         """One entry per prompt: a string, or token ids (a single ``list[int]`` is one prompt)."""
         if isinstance(self.prompt, str) or (self.prompt and isinstance(self.prompt[0], int)):
@@ -305,6 +311,8 @@ class CompletionRequest(_Common):
 class ChatCompletionRequest(_Common):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     # vLLM's chat extras
     add_generation_prompt: bool = True
     continue_final_message: bool = False
@@ -325,6 +333,17 @@ class ChatCompletionRequest(_Common):
 
     def _max_tokens(self) -> int | None:
         return self.max_tokens or self.max_completion_tokens
+
+    @model_validator(mode="after")
+    def _top_logprobs_need_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs and not self.logprobs:
+            raise PydanticCustomError(
+                "invalid_value", "'top_logprobs' needs 'logprobs': true", {"param": "top_logprobs"}
+            )
+        return self
+
+    def engine_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def chat_prompt(self) -> ChatPrompt:
         return ChatPrompt(

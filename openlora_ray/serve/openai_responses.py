@@ -42,6 +42,35 @@ class ChoiceResult:
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
+    logprobs: Sequence[dict[str, Any]] | None = None  # the replica's entries, when asked for
+
+
+def logprobs_body(entries: Sequence[dict[str, Any]] | None, chat: bool, text_offset: int = 0) -> dict[str, Any] | None:
+    """OpenAI's log-probability shapes from the replica's entries (token text, log probability, top
+    alternatives). Chat: ``content[]`` with ``bytes`` (the token text's UTF-8). Completions:
+    parallel lists, ``text_offset`` counted in characters from ``text_offset`` (the completion's
+    start, or where the previous stream chunk ended)."""
+    if entries is None:
+        return None
+    if chat:
+        content = [
+            {**_token(e["token"], e["logprob"]), "top_logprobs": [_token(t, v) for t, v in e["top"]]} for e in entries
+        ]
+        return {"content": content, "refusal": None}
+    offsets, at = [], text_offset
+    for e in entries:
+        offsets.append(at)
+        at += len(e["token"])
+    return {
+        "tokens": [e["token"] for e in entries],
+        "token_logprobs": [e["logprob"] for e in entries],
+        "top_logprobs": [dict((t, v) for t, v in e["top"]) for e in entries],
+        "text_offset": offsets,
+    }
+
+
+def _token(token: str, logprob: float) -> dict[str, Any]:
+    return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
 
 
 def total_usage(results: Sequence[ChoiceResult]) -> dict[str, int]:
@@ -53,7 +82,11 @@ def total_usage(results: Sequence[ChoiceResult]) -> dict[str, int]:
 def completion_response(rid: str, model: str, results: Sequence[ChoiceResult], chat: bool) -> dict[str, Any]:
     choices = []
     for r in sorted(results, key=lambda r: r.index):
-        choice: dict[str, Any] = {"index": r.index, "finish_reason": _finish(r.finish_reason), "logprobs": None}
+        choice: dict[str, Any] = {
+            "index": r.index,
+            "finish_reason": _finish(r.finish_reason),
+            "logprobs": logprobs_body(r.logprobs, chat),
+        }
         if chat:
             choice["message"] = {"role": "assistant", "content": r.text, "refusal": None}
         else:
@@ -101,12 +134,14 @@ class ChunkWriter:
             [{"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None, "logprobs": None}]
         )
 
-    def text(self, index: int, text: str, finish_reason: str | None) -> dict[str, Any]:
+    def text(
+        self, index: int, text: str, finish_reason: str | None, logprobs: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
         if self.chat:
             delta = {"content": text} if text else {}
-            choice = {"index": index, "delta": delta, "finish_reason": _finish(finish_reason), "logprobs": None}
+            choice = {"index": index, "delta": delta, "finish_reason": _finish(finish_reason), "logprobs": logprobs}
         else:
-            choice = {"index": index, "text": text, "finish_reason": _finish(finish_reason), "logprobs": None}
+            choice = {"index": index, "text": text, "finish_reason": _finish(finish_reason), "logprobs": logprobs}
         return self._chunk([choice])
 
     def usage(self, u: dict[str, int]) -> dict[str, Any]:

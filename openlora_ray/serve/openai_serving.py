@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from openlora_ray.serve.openai_api import Choice
-from openlora_ray.serve.openai_responses import DONE, ChoiceResult, ChunkWriter, sse, total_usage
+from openlora_ray.serve.openai_responses import DONE, ChoiceResult, ChunkWriter, logprobs_body, sse, total_usage
 
 
 class ReplicaStream(Protocol):
@@ -53,11 +53,13 @@ class RunningChoices:
 
     async def _drain(self, i: int) -> dict[str, Any]:
         item = self.firsts[i]
-        text = item["text"]
+        text, logprobs = item["text"], item.get("logprobs")
         while not item["finish_reason"]:
             item = await self.streams[i].__anext__()
             text += item["text"]
-        return {**item, "text": text}
+            if logprobs is not None:
+                logprobs = logprobs + (item.get("logprobs") or [])
+        return {**item, "text": text, "logprobs": logprobs}
 
     async def events(
         self,
@@ -82,6 +84,7 @@ class RunningChoices:
 
         pumps = [asyncio.create_task(pump(i)) for i in range(len(self.choices))]
         lasts: dict[int, dict[str, Any]] = {}
+        offsets = [0] * len(self.choices)  # completions' text_offset, per choice
         try:
             if writer.chat:
                 for c in self.choices:
@@ -93,8 +96,11 @@ class RunningChoices:
                     yield DONE
                     return
                 assert item is not None
-                if item["text"] or item["finish_reason"]:
-                    yield sse(writer.text(self.choices[i].index, item["text"], item["finish_reason"]))
+                entries = item.get("logprobs")
+                if item["text"] or item["finish_reason"] or entries:
+                    logprobs = logprobs_body(entries, writer.chat, offsets[i])
+                    offsets[i] += sum(len(e["token"]) for e in entries or ())
+                    yield sse(writer.text(self.choices[i].index, item["text"], item["finish_reason"], logprobs))
                 if item["finish_reason"]:
                     lasts[i] = item
             ordered = [lasts[i] for i in range(len(self.choices))]
@@ -130,6 +136,7 @@ def results(choices: Sequence[Choice], lasts: Sequence[dict[str, Any]]) -> list[
             finish_reason=last["finish_reason"],
             prompt_tokens=last["prompt_tokens"],
             completion_tokens=last["completion_tokens"],
+            logprobs=last.get("logprobs"),
         )
         for c, last in zip(choices, lasts, strict=True)
     ]

@@ -21,7 +21,7 @@ from openlora_ray.adapter_format import BaseModelDims
 from openlora_ray.engine.adapters import ResolvedAdapter
 from openlora_ray.engine.config import EngineConfig
 from openlora_ray.engine.engine import Engine
-from openlora_ray.engine.request import SamplingParams
+from openlora_ray.engine.request import SamplingParams, StreamOutput
 from openlora_ray.errors import InvalidRequestError
 from openlora_ray.serve.config import AppConfig
 from openlora_ray.serve.state import ReplicaState
@@ -83,7 +83,21 @@ class LoraReplica:
                 "ttft_s": out.time_to_first_token_s,
                 "tpot_s": out.mean_token_latency_s,
                 "replica": self.replica_id,
+                "logprobs": self._logprobs(out) if params.logprobs is not None else None,
             }
+
+    def _logprobs(self, out: StreamOutput) -> list[dict[str, Any]]:
+        """Each token's text and log probability, with its top alternatives': the ingress has no
+        tokenizer, and OpenAI's shapes name tokens by their text."""
+        text = self._token_text
+        return [
+            {"token": text(t), "logprob": lp.token_logprob, "top": [[text(i), v] for i, v in lp.top]}
+            for t, lp in zip(out.token_ids, out.logprobs, strict=False)
+        ]
+
+    def _token_text(self, token_id: int) -> str:
+        tokenizer = self.engine.tokenizer
+        return tokenizer.decode([token_id]) if tokenizer is not None else f"token_id:{token_id}"
 
     def tokenize(self, prompt: Any, token_strs: bool = False) -> dict[str, Any]:
         """/tokenize: the ids the engine would see for this prompt (text or a ChatPrompt)."""

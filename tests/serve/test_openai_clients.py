@@ -184,8 +184,6 @@ def test_unimplemented_fields_are_400_naming_them(url, client):
 
     chat = {"model": BASE, "messages": CHAT, "max_tokens": 2}
     refused = {
-        "logprobs": True,
-        "top_logprobs": 2,
         "response_format": {"type": "json_object"},
         "tool_choice": "required",
         "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
@@ -203,7 +201,7 @@ def test_unimplemented_fields_are_400_naming_them(url, client):
             and err["code"] == "unsupported_parameter"
             and field in err["message"]
         ), (field, r.text)
-    for field, value in {"echo": True, "best_of": 3, "logprobs": 2, "suffix": "end"}.items():
+    for field, value in {"echo": True, "best_of": 3, "suffix": "end"}.items():
         r = post(url, "/v1/completions", {"model": BASE, "prompt": "x", "max_tokens": 2, field: value})
         assert r.status_code == 400 and r.json()["error"]["param"] == field, (field, r.text)
     # The no-op values of those fields, and vendor fields nobody knows, are accepted.
@@ -219,8 +217,10 @@ def test_unimplemented_fields_are_400_naming_them(url, client):
     assert post(url, "/v1/chat/completions", {**chat, **noop}).status_code == 200
     r = post(url, "/v1/chat/completions", {**chat, "stream_options": {"include_usage": True}})
     assert r.status_code == 400 and r.json()["error"]["param"] == "stream_options"
-    with pytest.raises(openai.BadRequestError, match="logprobs"):
-        client.chat.completions.create(model=BASE, messages=CHAT, max_tokens=2, logprobs=True, top_logprobs=3)
+    with pytest.raises(openai.BadRequestError, match="response_format"):
+        client.chat.completions.create(
+            model=BASE, messages=CHAT, max_tokens=2, response_format={"type": "json_object"}
+        )
 
 
 def test_penalties_logit_bias_and_min_tokens(url, client):
@@ -262,6 +262,42 @@ def test_max_tokens_left_out_means_as_many_as_fit_the_context(client):
     assert r.usage.prompt_tokens > 100 and r.usage.total_tokens <= 192  # the test app's context: 192 tokens
     with pytest.raises(openai.BadRequestError, match="context"):  # asked for explicitly, it is refused
         client.chat.completions.create(model="alpha", messages=long, max_tokens=256)
+
+
+def test_log_probabilities_are_the_models_own(client, tiny_chat_model_dir):
+    """Greedy tokens with their log probabilities and top 3, against the model's own log-softmax."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_chat_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_chat_model_dir, dtype=torch.float32).eval()
+    ids, want = list(tokenizer("The sky is").input_ids), []
+    with torch.no_grad():
+        for _ in range(6):
+            logp = torch.log_softmax(model(torch.tensor([ids])).logits[0, -1].float(), -1)
+            top = torch.topk(logp, 3)
+            want.append([(tokenizer.decode([int(i)]), float(v)) for i, v in zip(top.indices, top.values, strict=True)])
+            ids.append(int(top.indices[0]))
+    kw = dict(model=BASE, prompt="The sky is", max_tokens=6, temperature=0, extra_body={"ignore_eos": True})
+    got = client.completions.create(logprobs=3, **kw).choices[0].logprobs
+    assert got.tokens == [w[0][0] for w in want]
+    assert all(abs(a - w[0][1]) < 1e-4 for a, w in zip(got.token_logprobs, want, strict=True))
+    for top, w in zip(got.top_logprobs, want, strict=True):
+        assert sorted(top) == sorted(t for t, _ in w) and all(abs(top[t] - v) < 1e-4 for t, v in w)
+    assert got.text_offset == [sum(len(t) for t in got.tokens[:i]) for i in range(6)]
+    streamed = [c.choices[0].logprobs for c in client.completions.create(logprobs=3, stream=True, **kw) if c.choices]
+    assert [t for s in streamed if s for t in s.tokens] == got.tokens
+    assert [o for s in streamed if s for o in s.text_offset] == got.text_offset
+
+    chat = dict(model="alpha", messages=CHAT, max_tokens=5, temperature=0, logprobs=True, top_logprobs=2)
+    content = client.chat.completions.create(**chat).choices[0].logprobs.content
+    assert len(content) == 5 and all(len(c.top_logprobs) == 2 for c in content)
+    assert all(
+        c.token == c.top_logprobs[0].token and abs(c.logprob - c.top_logprobs[0].logprob) < 1e-6 for c in content
+    )
+    assert all(bytes(c.bytes) == c.token.encode() for c in content)
+    deltas = [c.choices[0].logprobs for c in client.chat.completions.create(stream=True, **chat) if c.choices]
+    assert [t.token for d in deltas if d for t in d.content] == [c.token for c in content]
 
 
 def test_model_retrieval_health_and_openai_error_bodies(url, client):

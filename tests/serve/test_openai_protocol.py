@@ -15,7 +15,13 @@ from openlora_ray.serve.openai_api import (
     TokenizeRequest,
     choice_seed,
 )
-from openlora_ray.serve.openai_responses import ChoiceResult, ChunkWriter, completion_response, total_usage
+from openlora_ray.serve.openai_responses import (
+    ChoiceResult,
+    ChunkWriter,
+    completion_response,
+    logprobs_body,
+    total_usage,
+)
 
 USER = [{"role": "user", "content": "hi"}]
 
@@ -73,8 +79,6 @@ def test_bad_messages_name_what_is_wrong(message, says):
 @pytest.mark.parametrize(
     "field, value",
     [
-        ("logprobs", True),
-        ("top_logprobs", 5),
         ("response_format", {"type": "json_schema"}),
         ("tools", [{"type": "function"}]),
         ("tool_choice", "auto"),
@@ -96,9 +100,7 @@ def test_known_but_unimplemented_chat_fields_are_refused_by_name(field, value):
     assert kind == "unsupported_parameter" and ctx["param"] == field
 
 
-@pytest.mark.parametrize(
-    "field, value", [("echo", True), ("logprobs", 3), ("suffix", "x"), ("best_of", 2), ("min_p", 0.1)]
-)
+@pytest.mark.parametrize("field, value", [("echo", True), ("suffix", "x"), ("best_of", 2), ("min_p", 0.1)])
 def test_known_but_unimplemented_completion_fields_are_refused_by_name(field, value):
     with pytest.raises(ValidationError) as caught:
         CompletionRequest(model="m", prompt="x", **{field: value})
@@ -122,7 +124,6 @@ def test_no_op_values_and_unknown_vendor_fields_are_accepted():
     )
     CompletionRequest(model="m", prompt="x", echo=False, logprobs=None, best_of=2, n=2, suffix="")
     assert set(UNSUPPORTED) >= {
-        "logprobs",
         "response_format",
         "tools",
         "audio",
@@ -211,3 +212,35 @@ def test_responses_and_chunks_carry_each_choices_index():
     assert w.text(1, "", "stop")["choices"][0]["delta"] == {} and w.usage({"x": 1})["choices"] == []
     text = ChunkWriter(rid="id", model="m", chat=False, created=1).text(3, "t", None)
     assert text["object"] == "text_completion" and text["choices"][0]["index"] == 3
+
+
+def test_log_probabilities_are_asked_of_the_engine_and_shaped_as_openai_does():
+    assert chat(logprobs=True, top_logprobs=3).sampling(4).logprobs == 3
+    assert chat(logprobs=True).sampling(4).logprobs == 0 and chat(logprobs=False).sampling(4).logprobs is None
+    assert CompletionRequest(model="m", prompt="x", logprobs=2).sampling(4).logprobs == 2
+    with pytest.raises(ValidationError) as caught:
+        chat(top_logprobs=2)
+    assert error_of(caught.value) == ("invalid_value", {"param": "top_logprobs"})
+    with pytest.raises(ValidationError, match="less than or equal to 20"):
+        CompletionRequest(model="m", prompt="x", logprobs=21)
+    entries = [
+        {"token": " a", "logprob": -0.5, "top": [[" a", -0.5], ["é", -1.5]]},
+        {"token": "bc", "logprob": -2.0, "top": []},
+    ]
+    body = logprobs_body(entries, chat=True)
+    assert body["content"][0] == {
+        "token": " a",
+        "logprob": -0.5,
+        "bytes": [32, 97],
+        "top_logprobs": [
+            {"token": " a", "logprob": -0.5, "bytes": [32, 97]},
+            {"token": "é", "logprob": -1.5, "bytes": [195, 169]},
+        ],
+    }
+    assert logprobs_body(entries, chat=False, text_offset=5) == {
+        "tokens": [" a", "bc"],
+        "token_logprobs": [-0.5, -2.0],
+        "top_logprobs": [{" a": -0.5, "é": -1.5}, {}],
+        "text_offset": [5, 7],
+    }
+    assert logprobs_body(None, chat=True) is None

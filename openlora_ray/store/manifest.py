@@ -9,12 +9,12 @@ an error instead of a silently wrong adapter.
 
 from __future__ import annotations
 
-import hashlib
 from datetime import datetime, timezone
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from openlora_ray.adapter_digest import content_digest, sha256_file
 from openlora_ray.adapter_format import CONFIG_FILE, WEIGHTS_FILE
 from openlora_ray.errors import InvalidAdapterError
 
@@ -27,7 +27,6 @@ FORMAT_VERSION = 1
 # The only files a version holds besides the manifest; anything else PEFT writes (README.md) is
 # left out of the store because nothing at serving time reads it.
 ADAPTER_FILES = (CONFIG_FILE, WEIGHTS_FILE)
-_CHUNK = 1 << 20
 
 
 class FileEntry(BaseModel):
@@ -99,25 +98,6 @@ class Tombstone(BaseModel):
 
     def to_json(self) -> bytes:
         return self.model_dump_json(indent=2).encode()
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def content_digest(file_digests: dict[str, str]) -> str:
-    """sha256 of ``name:sha256`` lines in name order (see ``Manifest.content_digest``)."""
-    lines = "".join(f"{name}:{digest}\n" for name, digest in sorted(file_digests.items()))
-    return hashlib.sha256(lines.encode()).hexdigest()
-
-
-def folder_digest(adapter_dir: Path) -> str:
-    """The content digest of a local adapter folder's files, as a manifest of them would give."""
-    return content_digest({fname: sha256_file(adapter_dir / fname) for fname in ADAPTER_FILES})
 
 
 def build_manifest(name: str, version: str, adapter_dir: Path) -> Manifest:

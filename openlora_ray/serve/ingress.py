@@ -47,7 +47,7 @@ from openlora_ray.serve.openai_api import (
     DetokenizeRequest,
     TokenizeRequest,
 )
-from openlora_ray.serve.openai_responses import completion_response, error_body, model_card
+from openlora_ray.serve.openai_responses import completion_response, error_body, model_card, total_usage
 from openlora_ray.serve.openai_serving import chunk_writer, results, start_choices
 from openlora_ray.serve.state import ReplicaState
 from openlora_ray.store.listing import MAX_PAGE, Page
@@ -330,7 +330,9 @@ class Ingress:
             self._m_requests.inc(tags={"model": model, "status": "error"})
             return self._error(e)
         self._record(model, lasts)
-        return JSONResponse(completion_response(rid, model, results(choices, lasts), chat), headers=headers)
+        every = results(choices, lasts)  # best_of's candidates all count in the usage
+        answer = completion_response(rid, model, body.pick(every), chat, total_usage(every))
+        return JSONResponse(answer, headers=headers)
 
     async def _released(self, events: AsyncGenerator[str, None], principal: Principal) -> AsyncIterator[str]:
         """The events, then the key's slot back; closing early (a client gone) cancels the choices."""

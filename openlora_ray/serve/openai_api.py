@@ -13,6 +13,7 @@ completions one prompt per entry of a prompt list, indexed as OpenAI does (promp
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from pydantic_core import PydanticCustomError
 from openlora_ray.engine.prompts import ChatPrompt
 from openlora_ray.engine.request import SamplingParams
 from openlora_ray.errors import InvalidRequestError
+from openlora_ray.serve.openai_responses import ChoiceResult
 
 MAX_CHOICES = 128  # prompts x n per request; OpenAI's own ceiling on n
 MAX_TOP_LOGPROBS = 20  # alternatives per token: OpenAI's ceiling for chat, and the engine's
@@ -256,19 +258,28 @@ class _Common(BaseModel):
     def prompts(self) -> list[Any]:
         raise NotImplementedError
 
+    @property
+    def candidates_per_prompt(self) -> int:
+        """Engine requests per prompt: ``n``, or more where the best ``n`` are picked from them."""
+        return self.choices_per_prompt
+
     def choices(self, default_max_tokens: int) -> list[Choice]:
         params = self.sampling(default_max_tokens)
-        n = self.choices_per_prompt
+        k = self.candidates_per_prompt
         out = []
         for p, prompt in enumerate(self.prompts()):
-            for j in range(n):
+            for j in range(k):
                 seeded = (
                     params
                     if params.seed is None or j == 0
                     else params.model_copy(update={"seed": choice_seed(params.seed, j)})
                 )
-                out.append(Choice(index=p * n + j, prompt_index=p, prompt=prompt, params=seeded))
+                out.append(Choice(index=p * k + j, prompt_index=p, prompt=prompt, params=seeded))
         return out
+
+    def pick(self, results: list[ChoiceResult]) -> list[ChoiceResult]:
+        """The choices to answer with, out of every candidate's result."""
+        return results
 
 
 class CompletionRequest(_Common):
@@ -289,14 +300,43 @@ class CompletionRequest(_Common):
 
     @model_validator(mode="after")
     def _sizes(self) -> CompletionRequest:
-        if self.best_of not in (None, self.choices_per_prompt):
-            raise unsupported("best_of", self.best_of)
-        if len(self.prompts()) * self.choices_per_prompt > MAX_CHOICES:
-            raise ValueError(f"at most {MAX_CHOICES} choices (prompts x n) per request")
+        if self.best_of is not None and self.best_of < self.choices_per_prompt:
+            raise PydanticCustomError("invalid_value", "'best_of' must be at least 'n'", {"param": "best_of"})
+        if self.picks_best and self.stream:
+            raise PydanticCustomError(
+                "invalid_value",
+                "'best_of' above 'n' cannot be streamed (the best are known at the end)",
+                {"param": "best_of"},
+            )
+        if len(self.prompts()) * self.candidates_per_prompt > MAX_CHOICES:
+            raise ValueError(f"at most {MAX_CHOICES} choices (prompts x best_of or n) per request")
         return self
 
+    @property
+    def picks_best(self) -> bool:
+        return (self.best_of or 0) > self.choices_per_prompt
+
+    @property
+    def candidates_per_prompt(self) -> int:
+        return max(self.best_of or 0, self.choices_per_prompt)
+
     def engine_logprobs(self) -> int | None:
-        return self.logprobs
+        """``best_of`` ranks candidates by their tokens' log probabilities, so it needs them."""
+        return (self.logprobs or 0) if self.picks_best else self.logprobs
+
+    def pick(self, results: list[ChoiceResult]) -> list[ChoiceResult]:
+        """With ``best_of`` above ``n``: per prompt, the ``n`` candidates of the highest mean log
+        probability per token (OpenAI's rule), renumbered ``p * n + rank``; their log
+        probabilities stay only if the caller asked for them."""
+        if not self.picks_best:
+            return results
+        n, out = self.choices_per_prompt, []
+        for p in sorted({r.prompt_index for r in results}):
+            ranked = sorted((r for r in results if r.prompt_index == p), key=_mean_logprob, reverse=True)
+            for rank, r in enumerate(ranked[:n]):
+                kept = r.logprobs if self.logprobs is not None else None
+                out.append(dataclasses.replace(r, index=p * n + rank, logprobs=kept))
+        return out
 
     def prompts(self) -> list[str | list[int]]:
         """One entry per prompt: a string, or token ids (a single ``list[int]`` is one prompt)."""
@@ -306,6 +346,11 @@ class CompletionRequest(_Common):
 
     def prompt_chars(self) -> int:
         return sum(len(p) for p in self.prompts())
+
+
+def _mean_logprob(r: ChoiceResult) -> float:
+    entries = r.logprobs or ()
+    return sum(e["logprob"] for e in entries) / len(entries) if entries else float("-inf")
 
 
 class ChatCompletionRequest(_Common):

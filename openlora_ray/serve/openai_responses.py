@@ -79,7 +79,10 @@ def total_usage(results: Sequence[ChoiceResult]) -> dict[str, int]:
     return usage(sum(prompts.values()), sum(r.completion_tokens for r in results))
 
 
-def completion_response(rid: str, model: str, results: Sequence[ChoiceResult], chat: bool) -> dict[str, Any]:
+def completion_response(
+    rid: str, model: str, results: Sequence[ChoiceResult], chat: bool, u: dict[str, int] | None = None
+) -> dict[str, Any]:
+    """The whole answer; ``u`` overrides the usage of ``results`` (best_of counts every candidate)."""
     choices = []
     for r in sorted(results, key=lambda r: r.index):
         choice: dict[str, Any] = {
@@ -98,7 +101,7 @@ def completion_response(rid: str, model: str, results: Sequence[ChoiceResult], c
         "created": int(time.time()),
         "model": model,
         "choices": choices,
-        "usage": total_usage(results),
+        "usage": total_usage(results) if u is None else u,
     }
 
 

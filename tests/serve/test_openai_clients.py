@@ -179,6 +179,18 @@ def test_completions_prompt_lists_index_as_openai_does(url, client):
     assert [texts[i] for i in range(3)] == single
 
 
+def test_best_of_answers_the_candidates_with_the_best_log_probability_per_token(client):
+    kw = dict(model="beta", prompt="Once upon a time", max_tokens=6, temperature=1.0, seed=99)
+    three = client.completions.create(n=3, logprobs=0, **kw)  # the same seeds as best_of's candidates
+    means = [sum(c.logprobs.token_logprobs) / len(c.logprobs.token_logprobs) for c in three.choices]
+    ranked = [three.choices[i].text for i in sorted(range(3), key=lambda i: -means[i])]
+    best = client.completions.create(best_of=3, **kw)
+    assert [c.text for c in best.choices] == ranked[:1] and best.choices[0].logprobs is None
+    assert best.usage.completion_tokens == three.usage.completion_tokens  # every candidate counts
+    two = client.completions.create(best_of=3, n=2, logprobs=0, **kw)
+    assert [(c.index, c.text) for c in two.choices] == [(0, ranked[0]), (1, ranked[1])] and two.choices[0].logprobs
+
+
 def test_unimplemented_fields_are_400_naming_them(url, client):
     import openai
 
@@ -201,7 +213,7 @@ def test_unimplemented_fields_are_400_naming_them(url, client):
             and err["code"] == "unsupported_parameter"
             and field in err["message"]
         ), (field, r.text)
-    for field, value in {"echo": True, "best_of": 3, "suffix": "end"}.items():
+    for field, value in {"echo": True, "suffix": "end"}.items():
         r = post(url, "/v1/completions", {"model": BASE, "prompt": "x", "max_tokens": 2, field: value})
         assert r.status_code == 400 and r.json()["error"]["param"] == field, (field, r.text)
     # The no-op values of those fields, and vendor fields nobody knows, are accepted.

@@ -100,7 +100,7 @@ def test_known_but_unimplemented_chat_fields_are_refused_by_name(field, value):
     assert kind == "unsupported_parameter" and ctx["param"] == field
 
 
-@pytest.mark.parametrize("field, value", [("echo", True), ("suffix", "x"), ("best_of", 2), ("min_p", 0.1)])
+@pytest.mark.parametrize("field, value", [("echo", True), ("suffix", "x"), ("min_p", 0.1)])
 def test_known_but_unimplemented_completion_fields_are_refused_by_name(field, value):
     with pytest.raises(ValidationError) as caught:
         CompletionRequest(model="m", prompt="x", **{field: value})
@@ -244,3 +244,37 @@ def test_log_probabilities_are_asked_of_the_engine_and_shaped_as_openai_does():
         "text_offset": [5, 7],
     }
     assert logprobs_body(None, chat=True) is None
+
+
+def test_best_of_runs_candidates_and_keeps_the_best_per_token():
+    req = CompletionRequest(model="m", prompt=["a", "b"], n=1, best_of=3, seed=4)
+    choices = req.choices(8)
+    assert [(c.index, c.prompt_index) for c in choices] == [(i, i // 3) for i in range(6)]
+    assert [c.params.seed for c in choices[:3]] == [4, choice_seed(4, 1), choice_seed(4, 2)]
+    assert all(c.params.logprobs == 0 for c in choices)  # ranking needs them, even unasked
+
+    def result(index: int, prompt: int, lps: list[float]) -> ChoiceResult:
+        entries = [{"token": "t", "logprob": v, "top": []} for v in lps]
+        return ChoiceResult(index, prompt, f"c{index}", "length", 3, len(lps), entries)
+
+    every = [
+        result(0, 0, [-1, -1]),
+        result(1, 0, [-0.5]),
+        result(2, 0, [-0.2, -3]),
+        result(3, 1, [-2]),
+        result(4, 1, [-1.5, -1.5]),
+        result(5, 1, [-9]),
+    ]
+    best = req.pick(every)
+    assert [(r.index, r.text, r.logprobs) for r in best] == [
+        (0, "c1", None),
+        (1, "c4", None),
+    ]  # mean per token; unasked: none
+    with_lp = CompletionRequest(model="m", prompt=["a", "b"], best_of=3, logprobs=1).pick(every)
+    assert (
+        with_lp[0].logprobs == every[1].logprobs
+        and CompletionRequest(model="m", prompt="a", n=2, best_of=2).pick(every) == every
+    )
+    for bad, says in (({"n": 3, "best_of": 2}, "at least"), ({"best_of": 2, "stream": True}, "streamed")):
+        with pytest.raises(ValidationError, match=says):
+            CompletionRequest(model="m", prompt="x", **bad)

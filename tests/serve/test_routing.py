@@ -147,7 +147,7 @@ def test_a_cold_adapter_goes_where_the_slot_it_evicts_is_coldest() -> None:
     for _ in range(8):
         for a in ("h1", "h2", "w1"):
             pop.record(a, 0.0)
-    full = dict(num_slots=2, free_slots=0, free_vram_mb=8192, max_running=8)
+    full = {"num_slots": 2, "free_slots": 0, "free_vram_mb": 8192, "max_running": 8}
     hot = ReplicaState("hot", resident=frozenset({"h1", "h2"}), **full)
     stale = ReplicaState("stale", resident=frozenset({"w1", "gone"}), **full)
     inputs = RoutingInputs(popularity=pop, now=1.0)
@@ -160,7 +160,7 @@ def test_a_cold_adapter_goes_where_the_slot_it_evicts_is_coldest() -> None:
 
 
 def test_free_kv_blocks_decide_over_free_memory_when_reported() -> None:
-    kv = dict(num_slots=4, free_slots=4, max_running=8)
+    kv = {"num_slots": 4, "free_slots": 4, "max_running": 8}
     low = ReplicaState("low", free_vram_mb=30000, free_kv_blocks=100, total_kv_blocks=1000, **kv)
     high = ReplicaState("high", free_vram_mb=1000, free_kv_blocks=900, total_kv_blocks=1000, **kv)
     assert capacity_bucket(high, SETTINGS) > capacity_bucket(low, SETTINGS)

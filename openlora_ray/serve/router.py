@@ -42,7 +42,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from ray.serve.request_router import PendingRequest, ReplicaID, ReplicaResult, RequestRouter, RunningReplica
@@ -80,33 +80,19 @@ class _Claim:
     at: float
 
 
-class _QueueLens(Mapping[str, int]):
+class _QueueLens:
     """Serve's per-router queue-length cache, read by replica id string as ``routing`` wants it,
     for the replicas this router sent to within ``trust_s`` (``RouterSettings.queue_len_trust_s``:
-    the cache never sees other routers' completions, so it drifts). Lookups only: the policy reads
-    the replicas it ranks, not all of them."""
+    the cache never sees other routers' completions, so it drifts)."""
 
     def __init__(self, cache: Any, replica_ids: Mapping[str, ReplicaID], sent_at: Mapping[str, float], since: float) -> None:
         self.cache, self.replica_ids, self.sent_at, self.since = cache, replica_ids, sent_at, since
 
-    def get(self, replica_id: str, default: int | None = None) -> int | None:  # type: ignore[override]
+    def get(self, replica_id: str, /) -> int | None:
         rid = self.replica_ids.get(replica_id)
         if rid is None or self.sent_at.get(replica_id, -float("inf")) < self.since:
-            return default
-        q = self.cache.get(rid)
-        return default if q is None else q
-
-    def __getitem__(self, replica_id: str) -> int:
-        q = self.get(replica_id)
-        if q is None:
-            raise KeyError(replica_id)
-        return q
-
-    def __iter__(self) -> Iterator[str]:
-        return (r for r in self.replica_ids if self.get(r) is not None)
-
-    def __len__(self) -> int:
-        return sum(1 for _ in self)
+            return None
+        return self.cache.get(rid)
 
 
 class LoraAffinityRouter(RequestRouter):

@@ -69,6 +69,7 @@ from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, S
 from dataclasses import dataclass
 from enum import IntEnum
 from functools import lru_cache
+from typing import Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -171,7 +172,14 @@ def holder_tier(adapter_id: str, state: ReplicaState, recent: Collection[str] = 
     return Tier.NONE
 
 
-def replica_load(state: ReplicaState, queue_lens: Mapping[str, int] | None = None) -> float:
+class QueueLens(Protocol):
+    """The router's queue lengths it trusts, by replica id (a dict will do); lookups only, since a
+    decision reads the replicas it ranks, not all of them."""
+
+    def get(self, replica_id: str, /) -> int | None: ...
+
+
+def replica_load(state: ReplicaState, queue_lens: QueueLens | None = None) -> float:
     """The replica's load: from the router's own queue-length figure when it has one it can
     trust (``queue_lens``, see ``RouterSettings.queue_len_trust_s``), else from the stats."""
     queue_len = queue_lens.get(state.replica_id) if queue_lens is not None else None
@@ -354,7 +362,7 @@ class RoutingInputs:
     """What a router knows besides the replicas' stats, for one decision (see ``rank_replicas``)."""
 
     recent: Collection[str] = ()
-    queue_lens: Mapping[str, int] | None = None
+    queue_lens: QueueLens | None = None
     in_flight: Mapping[str, Collection[str]] | None = None
     popularity: Popularity | None = None
     now: float = 0.0

@@ -54,7 +54,7 @@ import logging
 import random
 import time
 from collections import OrderedDict, deque
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -288,31 +288,18 @@ class Cluster:
         return int(np.argmin(self.ongoing_np))
 
 
-class RouterQueueLens(Mapping[str, int]):
+class RouterQueueLens:
     """One router's cached queue lengths as ``routing.replica_load`` reads them: only those of
     replicas it sent to within ``trust_s`` (as ``LoraAffinityRouter`` passes them)."""
 
     def __init__(self, cluster: Cluster, index: dict[str, int], router: int, now: float, trust_s: float) -> None:
         self.cluster, self.index, self.router, self.now, self.trust_s = cluster, index, router, now, trust_s
 
-    def get(self, replica_id: str, default: int | None = None) -> int | None:  # type: ignore[override]
+    def get(self, replica_id: str, /) -> int | None:
         r = self.index[replica_id]
         if self.now - self.cluster.sent_at[self.router, r] > self.trust_s:
-            return default
-        q = self.cluster.queue_len(self.router, r, self.now)
-        return default if q is None else q
-
-    def __getitem__(self, replica_id: str) -> int:
-        q = self.get(replica_id)
-        if q is None:
-            raise KeyError(replica_id)
-        return q
-
-    def __iter__(self) -> Iterator[str]:
-        return (rid for rid in self.index if rid in self)
-
-    def __len__(self) -> int:
-        return sum(1 for _ in self)
+            return None
+        return self.cluster.queue_len(self.router, r, self.now)
 
 
 class AffinityPolicy:

@@ -469,16 +469,20 @@ def test_properties(states, adapter, spill, strict, seed, inputs) -> None:
     busy_holders = {r for r in ids if tiers[r] is not Tier.NONE and busy[r]}
     if busy_holders:
         assert set(ranks[-1]) == busy_holders
-    # Then at most ``strict`` singleton ranks of idle non-holders, in placement order.
-    singles = [rank[0] for rank in ranks[len({tiers[r] for r in good}):] if len(rank) == 1 and tiers[rank[0]] is Tier.NONE]
-    singles = [r for r in singles if not busy[r]][:strict]
+    # Then the first ``strict`` idle non-holders of the probe sequence, one per rank, in placement order.
+    ring = ReplicaRing(ids)
+    candidates = [r for r in probe_sequence(adapter, s, ring.successor) if tiers[r] is Tier.NONE and not busy[r]][:strict]
+    after_holders = ranks[len({tiers[r] for r in good}) :][: len(candidates)]
+    assert all(len(rank) == 1 for rank in after_holders)
+    assert {rank[0] for rank in after_holders} == set(candidates)
     by_id = {x.replica_id: x for x in states}
 
-    def key(r: str) -> tuple[int, int, int]:
+    def key(r: str) -> tuple[int, ...]:
         pinned = inputs.in_flight.get(r, ())
         return placement_key(by_id[r], load[r], s, victim_heat(by_id[r], inputs.popularity, inputs.now, pinned))
 
-    assert [key(r) for r in singles] == sorted((key(r) for r in singles), reverse=True)
+    keys = [key(rank[0]) for rank in after_holders]
+    assert keys == sorted(keys, reverse=True)
 
 
 @st.composite

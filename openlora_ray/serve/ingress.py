@@ -98,7 +98,8 @@ def _own_serve_request_id() -> Iterator[None]:
     Serve 2.60 gives a handle call the internal id of the request being served, and its request
     router keeps one pending request per internal id: the second and later of several calls made
     for one HTTP request (the choices of ``n`` > 1) were never routed and hung. Our router also
-    keys its claims and in-flight counts by that id.
+    keys its claims and in-flight counts by that id. Serve's cancelling of child calls when the
+    HTTP request is cancelled goes by that id too, so ``openai_serving`` cancels them itself.
     """
     ctx = serve_context._get_serve_request_context()
     own = dataclasses.replace(ctx, _internal_request_id=generate_request_id())

@@ -118,7 +118,12 @@ class RunningChoices:
 async def start_choices(choices: Sequence[Choice], start: Callable[[Choice], ReplicaStream]) -> RunningChoices:
     """Start every choice and wait for each one's first increment (or the first failure)."""
     streams = [start(c) for c in choices]
-    firsts = await asyncio.gather(*(s.__anext__() for s in streams), return_exceptions=True)
+    try:
+        firsts = await asyncio.gather(*(s.__anext__() for s in streams), return_exceptions=True)
+    except BaseException:  # the caller went away meanwhile (cancelled): Serve does not cascade it
+        for s in streams:
+            s.cancel()
+        raise
     failed = [f for f in firsts if isinstance(f, BaseException)]
     if failed:
         for s in streams:

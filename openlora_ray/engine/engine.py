@@ -35,8 +35,8 @@ from openlora_ray.engine.detokenize import IncrementalText
 from openlora_ray.engine.memory import MemoryPlan, plan_memory
 from openlora_ray.engine.prompts import Prompt, encode_prompt
 from openlora_ray.engine.request import FinishReason, GenerationRequest, SamplingParams, StreamOutput, TokenLogprobs
-from openlora_ray.engine.runner import DecodeRow, ModelRunner, SamplingError
-from openlora_ray.engine.sampling import RowContext
+from openlora_ray.engine.runner import DecodeRow, ModelRunner
+from openlora_ray.engine.sampling import RowContext, SamplingError
 from openlora_ray.engine.scheduler import Scheduler, Seq, StepPlan
 from openlora_ray.errors import CapacityError, InvalidRequestError
 from openlora_ray.lora.slots import SlotManager

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from openlora_ray.engine.request import TokenLogprobs
-from openlora_ray.engine.sampling import RowContext, sample
+from openlora_ray.engine.sampling import RowContext, SamplingError, sample_rows
 from openlora_ray.model.llama import MultiLoraLlama, PagedBatch
 from openlora_ray.model.paged_attention import PrefillLayout, build_decode_layout
 
@@ -24,10 +24,6 @@ class DecodeRow:
     position: int
     blocks: Sequence[int]  # the sequence's block table
     slot: int  # LoRA slot, or NO_ADAPTER
-
-
-class SamplingError(Exception):
-    """Sampling one row failed (its settings, its generator); only that row's request fails."""
 
 
 class ModelRunner:
@@ -75,15 +71,5 @@ class ModelRunner:
 
     @torch.inference_mode()
     def sample(self, logits: torch.Tensor, rows: Sequence[RowContext]) -> list[tuple[int, TokenLogprobs] | SamplingError]:
-        """The next token of each row (``logits`` (B, V)), read back in one copy; a row whose
-        sampling fails (its settings, its generator) gets its error and only it fails."""
-        try:
-            return sample(logits, rows).to_host()
-        except Exception:  # some row is at fault: sample one by one, so that only it fails
-            return [self._sample_one(logits[i : i + 1], row) for i, row in enumerate(rows)]
-
-    def _sample_one(self, logits: torch.Tensor, row: RowContext) -> tuple[int, TokenLogprobs] | SamplingError:
-        try:
-            return sample(logits, [row]).to_host()[0]
-        except Exception as e:  # handed to the row's request, which fails alone
-            return SamplingError(f"sampling failed: {e}")
+        """The next token of each row (``logits`` (B, V)), read back in one copy."""
+        return sample_rows(logits, rows)

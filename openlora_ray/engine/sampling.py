@@ -121,6 +121,30 @@ def sample(logits: torch.Tensor, rows: Sequence[RowContext]) -> SampledBatch:
     return SampledBatch(torch.cat(parts, dim=1), k)
 
 
+class SamplingError(Exception):
+    """Sampling one row failed (its settings, its generator); only that row's request fails."""
+
+
+def sample_rows(logits: torch.Tensor, rows: Sequence[RowContext]) -> list[tuple[int, TokenLogprobs] | SamplingError]:
+    """``sample`` read back to the host; a row whose sampling fails gets its error instead of
+    failing the batch (the batch is retried one row at a time to find it, from the generators'
+    states before the failed attempt, so the other rows draw what they would have drawn)."""
+    states = [(r.generator, r.generator.get_state()) for r in rows if isinstance(r.generator, torch.Generator)]
+    try:
+        return sample(logits, rows).to_host()
+    except Exception:  # some row is at fault: sample one by one, so that only it fails
+        for generator, state in states:
+            generator.set_state(state)
+        return [_sample_one(logits[i : i + 1], row) for i, row in enumerate(rows)]
+
+
+def _sample_one(logits: torch.Tensor, row: RowContext) -> tuple[int, TokenLogprobs] | SamplingError:
+    try:
+        return sample(logits, [row]).to_host()[0]
+    except Exception as e:  # handed to the row's request, which fails alone
+        return SamplingError(f"sampling failed: {e}")
+
+
 def _top_k_top_p(scaled: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
     """``scaled`` (R, V) with everything outside each row's top-k and top-p nucleus set to -inf."""
     top_k = [p.top_k for p in params]

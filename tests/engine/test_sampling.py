@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from openlora_ray.engine.request import SamplingParams
-from openlora_ray.engine.sampling import RowContext, process_logits, reference_logprobs, sample
+from openlora_ray.engine.sampling import RowContext, SamplingError, process_logits, reference_logprobs, sample, sample_rows
 
 V = 50
 EOS = frozenset({2})
@@ -80,3 +80,15 @@ def test_min_tokens_masks_eos_and_greedy_follows_hf_repetition_penalty():
     assert sample(logits, [early]).to_host()[0][0] == 4
     late = RowContext(SamplingParams(temperature=0.0, min_tokens=2, repetition_penalty=10.0), None, [2], [4, 3], EOS)
     assert sample(logits, [late]).to_host()[0][0] == 0  # 9/10 < 1: the penalised EOS loses to an unseen token
+
+
+def test_a_row_whose_sampling_fails_fails_alone():
+    """On a GPU a generator on the wrong device failed the whole batch; now only its row."""
+    logits = torch.randn(3, V, generator=torch.Generator().manual_seed(2))
+    good = RowContext(SamplingParams(temperature=1.0, seed=1), torch.Generator().manual_seed(1), [1], [], EOS)
+    broken = RowContext(SamplingParams(temperature=1.0, seed=2), "not a generator", [1], [], EOS)
+    greedy = RowContext(SamplingParams(temperature=0.0), None, [1], [], EOS)
+    out = sample_rows(logits, [good, broken, greedy])
+    assert isinstance(out[1], SamplingError) and "sampling failed" in str(out[1])
+    assert out[2][0] == int(logits[2].argmax())
+    assert out[0][0] == sample(logits[:1], [RowContext(good.params, torch.Generator().manual_seed(1), [1], [], EOS)]).to_host()[0][0]

@@ -36,13 +36,13 @@ def wait_for(predicate: Callable[[], object], timeout: float = 30.0, interval: f
         time.sleep(interval)
 
 
-def uneven_memory_replica(claims_dir: Path, budgets: Sequence[int]) -> type:
+def uneven_memory_replica(claims_dir: Path, kv_blocks: Sequence[int]) -> type:
     """A ``LoraReplica`` class whose replicas differ in memory, as on GPUs of different sizes.
 
-    On CPU a replica's free "VRAM" is its configured budget minus what it uses, and every replica
-    of a deployment gets the same config; here the i-th replica to start takes ``budgets[i]``
-    (the last one for the rest), numbered through exclusive files in ``claims_dir``. Defined in a
-    function so that cloudpickle ships the class by value: Ray's workers cannot import tests/.
+    A replica's memory for new work is its KV cache (and slots); every replica of a deployment
+    gets the same config, so here the i-th replica to start takes ``kv_blocks[i]`` blocks (the last
+    value for the rest), numbered through exclusive files in ``claims_dir``. Defined in a function
+    so that cloudpickle ships the class by value: Ray's workers cannot import tests/.
     """
     from openlora_ray.serve.replica import LoraReplica
 
@@ -56,7 +56,7 @@ def uneven_memory_replica(claims_dir: Path, budgets: Sequence[int]) -> type:
     class UnevenMemoryReplica(LoraReplica):
         def __init__(self, config: dict) -> None:
             ordinal = next(i for i in itertools.count() if claim(claims_dir / f"replica-{i}"))
-            budget = budgets[min(ordinal, len(budgets) - 1)]
-            super().__init__({**config, "engine": {**config["engine"], "memory_budget_bytes": budget}})
+            blocks = kv_blocks[min(ordinal, len(kv_blocks) - 1)]
+            super().__init__({**config, "engine": {**config["engine"], "num_kv_blocks": blocks}})
 
     return UnevenMemoryReplica

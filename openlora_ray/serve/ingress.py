@@ -234,7 +234,12 @@ class Ingress:
             return [aid for aid in ids if self._visible(principal, aid.split("@", 1)[0])]
 
         lists = ("resident", "host", "disk", "loading", "pinned")
-        return {"data": [{**d, **{k: visible(d[k]) for k in lists}} for d in sorted(described, key=lambda d: d["replica_id"])]}
+        return {
+            "data": [
+                {**d, **{k: visible(d[k]) for k in lists}, "prefix": {a: v for a, v in d["prefix"].items() if not a or visible([a])}}
+                for d in sorted(described, key=lambda d: d["replica_id"])
+            ]
+        }
 
     @api.get("/v1/adapters/{adapter}")
     async def inspect_adapter(self, adapter: str, authorization: str | None = Header(None)) -> Any:

@@ -52,6 +52,11 @@ class LoraReplica:
         self._m_queue = Gauge("openlora_engine_queue_depth", "requests waiting in the engine")
         self._m_running = Gauge("openlora_engine_running", "requests decoding")
         self._m_slots = Gauge("openlora_slots_used", "LoRA slots holding an adapter")
+        self._m_kv_free = Gauge("openlora_kv_blocks_free", "KV-cache blocks no running request holds (cached prefixes included)")
+        self._m_kv_cached = Gauge("openlora_kv_blocks_cached", "KV-cache blocks holding a named prompt prefix")
+        self._m_prefix_tokens = Counter("openlora_prefix_tokens", "prompt tokens admitted, by whether the prefix cache held them", tag_keys=("cache",))
+        self._m_preemptions = Counter("openlora_preemptions", "running requests preempted for KV blocks (recomputed later)")
+        self._reported_prefix = (0, 0, 0)  # prompt tokens, hit tokens, preemptions already exported
         log.info("replica %s ready (model %s)", self.replica_id, path)
 
     def _resolve(self, adapter_id: str) -> ResolvedAdapter:
@@ -144,7 +149,24 @@ class LoraReplica:
     def describe(self) -> dict[str, Any]:
         """Management view: routing state plus operator pins and counters."""
         s = self.engine.stats
-        return {**self.state().to_stats(), "pinned": list(s.pinned_adapters), "loads_by_tier": s.loads_by_tier, "evictions": s.evictions, "tokens_per_s": s.tokens_per_s}
+        kv = {
+            "total_blocks": s.total_kv_blocks,
+            "free_blocks": s.free_kv_blocks,
+            "cached_blocks": s.cached_kv_blocks,
+            "block_size": s.kv_block_size,
+            "preemptions": s.preemptions,
+            "prefix_hit_rate": s.prefix_hit_rate,
+        }
+        prefix = {a or "": {"prompt_tokens": p.prompt_tokens, "hit_tokens": p.hit_tokens, "hit_rate": p.hit_rate} for a, p in s.prefix.items()}
+        return {
+            **self.state().to_stats(),
+            "pinned": list(s.pinned_adapters),
+            "loads_by_tier": s.loads_by_tier,
+            "evictions": s.evictions,
+            "tokens_per_s": s.tokens_per_s,
+            "kv": kv,
+            "prefix": prefix,  # by adapter, "" = the base model
+        }
 
     async def prefetch(self, adapter_id: str, targets: list[str] | None = None, pin: bool = False) -> str | None:
         """Load (and optionally pin) an adapter here if this replica is among ``targets``."""
@@ -182,6 +204,18 @@ class LoraReplica:
         if s.evictions > self._reported_evictions:
             self._m_evictions.inc(s.evictions - self._reported_evictions)
             self._reported_evictions = s.evictions
+        self._m_kv_free.set(s.free_kv_blocks)
+        self._m_kv_cached.set(s.cached_kv_blocks)
+        prompt = sum(p.prompt_tokens for p in s.prefix.values())
+        hits = sum(p.hit_tokens for p in s.prefix.values())
+        was_prompt, was_hits, was_preempted = self._reported_prefix
+        if hits > was_hits:
+            self._m_prefix_tokens.inc(hits - was_hits, tags={"cache": "hit"})
+        if prompt - hits > was_prompt - was_hits:
+            self._m_prefix_tokens.inc(prompt - hits - (was_prompt - was_hits), tags={"cache": "miss"})
+        if s.preemptions > was_preempted:
+            self._m_preemptions.inc(s.preemptions - was_preempted)
+        self._reported_prefix = (prompt, hits, s.preemptions)
 
     def __del__(self) -> None:
         # Serve calls this on graceful shutdown (after draining its own requests); idempotent.

@@ -205,7 +205,6 @@ def waits_for_slot(adapter_id: str, state: ReplicaState, in_flight: Collection[s
     return len(in_flight) >= state.num_slots
 
 
-KV_BUCKETS = 8  # free KV-cache fraction is compared in eighths
 # Host-RAM and disk holders of an adapter are all ranked while they are this few; past that (a hot
 # adapter sits in the host tier of most replicas) only those among its probes are, so a decision
 # never walks every replica.
@@ -216,12 +215,14 @@ VNODES = 32  # ring points per replica: shares of the probe points within about 
 
 
 def capacity_bucket(state: ReplicaState, settings: RouterSettings) -> int:
-    """Free capacity for more requests, bucketed: free KV blocks in eighths of the total where the
-    engine reports them, else free device memory in ``vram_bucket_mb`` steps (see ``serve.state``)."""
-    fraction = state.free_kv_fraction
-    if fraction is None:
+    """Free capacity for more requests, bucketed: free KV blocks where the engine reports them, on
+    a log scale (one bucket per factor of sqrt(2)), else free device memory in ``vram_bucket_mb``
+    steps (see ``serve.state``). Absolute, not a fraction of the replica's cache: an idle replica
+    on a GPU with three times the memory has three times the room, and ranks first; the log scale
+    keeps a few blocks' difference from reordering replicas of one size."""
+    if state.total_kv_blocks == 0:
         return state.free_vram_mb // settings.vram_bucket_mb
-    return math.floor(fraction * KV_BUCKETS)
+    return math.floor(2 * math.log2(state.free_kv_blocks + 1))
 
 
 def kv_exhausted(state: ReplicaState, settings: RouterSettings) -> bool:

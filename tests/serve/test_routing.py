@@ -173,6 +173,12 @@ def test_free_kv_blocks_decide_over_free_memory_when_reported() -> None:
     assert kv_exhausted(full, SETTINGS) and not kv_exhausted(high, SETTINGS)
     assert rank_replicas("x", [full, high], SETTINGS) == [["high"], ["full"]]
     assert ReplicaState.from_stats("high", high.to_stats()).free_kv_fraction == 0.9
+    # At the same occupancy a larger cache (a bigger GPU) has more room; a few blocks apart do not reorder.
+    small = ReplicaState("small", free_kv_blocks=40, total_kv_blocks=40, **kv)
+    large = ReplicaState("large", free_kv_blocks=120, total_kv_blocks=120, **kv)
+    assert rank_replicas("cold", [small, large], SETTINGS)[0] == ["large"]
+    near = ReplicaState("near", free_kv_blocks=896, total_kv_blocks=1000, **kv)
+    assert capacity_bucket(near, SETTINGS) == capacity_bucket(high, SETTINGS)
 
 
 def test_popularity_halves_per_half_life_and_forgets_cold_adapters() -> None:

@@ -35,8 +35,8 @@ def app(serve_url: str, tiny_chat_model_dir: Path, chat_store: Path, tmp_path_fa
         ingress_num_cpus=0,
         auth={"enabled": False},
     )
-    # One replica with 1 GiB, the other with 3 GiB: two buckets of the router's default 1024 MB apart.
-    replica_class = uneven_memory_replica(tmp_path_factory.mktemp("replica-claims"), [1 << 30, 3 << 30])
+    # One replica with a KV cache three times the other's (10 blocks hold one 160-token sequence).
+    replica_class = uneven_memory_replica(tmp_path_factory.mktemp("replica-claims"), [40, 120])
     serve.run(build(cfg, replica_class=replica_class), name="openlora", route_prefix="/")
     return serve_url
 
@@ -145,14 +145,14 @@ def test_replica_view_shows_each_replicas_free_memory_and_adapters(app):
     post(app, "/v1/completions", {"model": "gamma@v1", "prompt": "view", "max_tokens": 2})
     replicas = requests.get(f"{app}/v1/replicas", timeout=30).json()["data"]
     assert len(replicas) == 2
-    assert sorted(d["free_vram_mb"] // 1024 for d in replicas) == [0, 2]  # 1 GiB and 3 GiB budgets minus the model
+    assert sorted(d["total_kv_blocks"] for d in replicas) == [40, 120]
     assert sum("gamma@v1" in d["resident"] for d in replicas) >= 1
     assert all(d["num_slots"] == 2 and d["max_running"] == 4 for d in replicas)
 
 
 def test_cold_adapters_land_on_the_replica_with_the_most_free_memory(app):
     replicas = requests.get(f"{app}/v1/replicas", timeout=30).json()["data"]
-    roomiest = max(replicas, key=lambda d: d["free_vram_mb"])["replica_id"]
+    roomiest = max(replicas, key=lambda d: d["free_kv_blocks"])["replica_id"]
     for name in ("zeta", "eta", "theta"):  # never requested before: no replica has them anywhere
         where = residency(app, f"{name}@v1")
         assert not (where["resident_on"] or where["host_on"] or where["disk_on"])
@@ -177,7 +177,7 @@ def test_a_replica_whose_slots_all_serve_running_requests_is_passed_over_until_t
     counts its requests in flight); once the streams have ended, the next never-seen adapter
     lands on the roomy replica again (Serve reported them completed)."""
     replicas = requests.get(f"{app}/v1/replicas", timeout=30).json()["data"]
-    roomiest = max(replicas, key=lambda d: d["free_vram_mb"])["replica_id"]
+    roomiest = max(replicas, key=lambda d: d["free_kv_blocks"])["replica_id"]
 
     def start_stream(adapter: str) -> tuple[requests.Response, object]:
         body = {"model": adapter, "prompt": "hold", "max_tokens": 140, "temperature": 0, "stream": True}

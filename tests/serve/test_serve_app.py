@@ -50,6 +50,16 @@ def residency(url: str, adapter: str) -> dict:
     return next(a for a in data if a["id"] == adapter)
 
 
+def empty_every_slot(url: str) -> None:
+    """Evict every resident adapter, so that the next cold placement is decided by free KV room
+    (the router first prefers a replica whose load evicts nothing, or the coldest adapter)."""
+    for replica in requests.get(f"{url}/v1/replicas", timeout=30).json()["data"]:
+        for adapter in replica["resident"]:
+            assert post(url, f"/v1/adapters/{adapter}/evict", {}).status_code == 200
+    wait_for(lambda: all(not r["resident"] for r in requests.get(f"{url}/v1/replicas", timeout=30).json()["data"]))
+    time.sleep(2.0)  # the routers see replica stats a period or two (0.5 s each here) later
+
+
 def sse_events(response: requests.Response) -> list:
     events = []
     for line in response.iter_lines(decode_unicode=True):
@@ -151,9 +161,10 @@ def test_replica_view_shows_each_replicas_free_memory_and_adapters(app):
 
 
 def test_cold_adapters_land_on_the_replica_with_the_most_free_memory(app):
+    empty_every_slot(app)
     replicas = requests.get(f"{app}/v1/replicas", timeout=30).json()["data"]
     roomiest = max(replicas, key=lambda d: d["free_kv_blocks"])["replica_id"]
-    for name in ("zeta", "eta", "theta"):  # never requested before: no replica has them anywhere
+    for name in ("zeta", "eta"):  # never requested before: no replica has them anywhere; 2 slots each
         where = residency(app, f"{name}@v1")
         assert not (where["resident_on"] or where["host_on"] or where["disk_on"])
         r = post(app, "/v1/completions", {"model": name, "prompt": "cold", "max_tokens": 2})
@@ -174,8 +185,9 @@ def test_concurrent_cold_requests_converge_on_one_replica(app):
 def test_a_replica_whose_slots_all_serve_running_requests_is_passed_over_until_they_end(app):
     """Streams for iota and kappa pin both slots of the roomy replica: a request for a third,
     never-seen adapter goes to the other replica rather than wait there for a slot (the router
-    counts its requests in flight); once the streams have ended, the next never-seen adapter
-    lands on the roomy replica again (Serve reported them completed)."""
+    counts its requests in flight); once the streams have ended (Serve reported them completed)
+    and the slots are emptied, the next never-seen adapter lands on the roomy replica again."""
+    empty_every_slot(app)
     replicas = requests.get(f"{app}/v1/replicas", timeout=30).json()["data"]
     roomiest = max(replicas, key=lambda d: d["free_kv_blocks"])["replica_id"]
 
@@ -196,7 +208,9 @@ def test_a_replica_whose_slots_all_serve_running_requests_is_passed_over_until_t
         for response, lines in held:
             assert any(line == "data: [DONE]" for line in lines)  # read to the end
             response.close()
-    time.sleep(0.5)  # Serve reports completion from the ingress's handle just after the last chunk
+    # Serve reports completion from the ingress's handle just after the last chunk; with the slots
+    # emptied, only the router's in-flight record of iota and kappa could still keep mu away.
+    empty_every_slot(app)
     r = post(app, "/v1/completions", {"model": "mu", "prompt": "cold", "max_tokens": 2})
     assert r.status_code == 200, r.text
     assert r.headers["x-openlora-replica"] == roomiest

@@ -6,8 +6,10 @@ paged one replaced, so both are driven by exactly the same code. It therefore us
 engine API both share (``EngineConfig``, ``Engine``, ``SamplingParams``, ``stats.running``).
 
 SPEC: ``{"engine": {EngineConfig fields}, "adapters": {id: folder}, "sample_period_s": float,
-"requests": [{"prompt": [ids], "adapter": id | null, "max_tokens": n, "arrival_s": t}]}``.
-OUT: per-request times and token counts, the makespan, and the running batch size sampled over time.
+"warmup": [{"prompt": [ids], "adapter": id | null}], "requests": [{"prompt": [ids], "adapter": id |
+null, "max_tokens": n, "arrival_s": t}]}``; warm-up requests run one by one before the clock starts.
+OUT: per-request times and token counts, the makespan, and the running batch size and queue depth
+sampled over time.
 """
 
 from __future__ import annotations
@@ -22,12 +24,12 @@ from typing import Any
 
 async def _serve(engine: Any, spec: dict[str, Any], params_cls: Any) -> dict[str, Any]:
     start = time.monotonic()
-    in_flight: list[int] = []
+    in_flight: list[tuple[int, int]] = []  # (running, queued)
     done = asyncio.Event()
 
     async def sample() -> None:
         while not done.is_set():
-            in_flight.append(engine.stats.running)
+            in_flight.append((engine.stats.running, engine.stats.queue_depth))
             await asyncio.sleep(spec["sample_period_s"])
 
     async def one(r: dict[str, Any]) -> dict[str, Any]:
@@ -64,9 +66,11 @@ def main(spec_path: str, out_path: str) -> None:
     adapters = {k: Path(v) for k, v in spec["adapters"].items()}
     engine = Engine(EngineConfig(**spec["engine"]), adapters.__getitem__ if adapters else None)
     try:
-        warm = spec["requests"][0]  # every adapter into a slot and the model run once: both start warm
+        first = spec["requests"][0]  # every adapter into a slot and the model run once: both start warm
         for adapter in {r["adapter"] for r in spec["requests"]}:
-            asyncio.run(_warm(engine, warm["prompt"][:8], adapter, SamplingParams))
+            asyncio.run(_warm(engine, first["prompt"][:8], adapter, SamplingParams))
+        for w in spec.get("warmup", []):
+            asyncio.run(_warm(engine, w["prompt"], w["adapter"], SamplingParams))
         result = asyncio.run(_serve(engine, spec, SamplingParams))
     finally:
         engine.shutdown(drain_timeout_s=1)

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 
 from openlora_ray.engine.adapters import AdapterManager, AdapterResolver
 from openlora_ray.engine.block_pool import BlockPool
@@ -40,8 +41,10 @@ from openlora_ray.engine.sampling import RowContext, SamplingError
 from openlora_ray.engine.scheduler import Scheduler, Seq, StepPlan
 from openlora_ray.errors import CapacityError, InvalidRequestError
 from openlora_ray.lora.slots import SlotManager
+from openlora_ray.model.generation_config import GenerationDefaults, read_generation_defaults
 from openlora_ray.model.llama import PagedKVCache
 from openlora_ray.model.loader import load_multi_lora_model, resolve_dtype
+from openlora_ray.model.support import UnsupportedModelError
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +129,11 @@ class Engine:
             torch.set_num_threads(config.torch_threads)
         self.device = torch.device(config.device)
         self.tokenizer = _load_tokenizer(config.model_path)
+        self.generation_defaults = read_generation_defaults(config.model_path)
+        try:  # a value the sampler cannot use stops the engine here, not every later request
+            self.with_model_defaults(SamplingParams())
+        except ValidationError as e:
+            raise UnsupportedModelError(f"{config.model_path}: generation_config.json's sampling defaults: {e}") from e
         self._resolver = adapter_resolver
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._requests: dict[Seq, _Request] = {}
@@ -148,7 +156,9 @@ class Engine:
     def _setup(self) -> None:
         cfg = self.config
         dtype = resolve_dtype(cfg.dtype, self.device)
-        self.model = load_multi_lora_model(cfg.model_path, cfg.num_slots, cfg.max_rank, dtype, self.device)
+        self.model = load_multi_lora_model(
+            cfg.model_path, cfg.num_slots, cfg.max_rank, dtype, self.device, max_seq_len=cfg.max_seq_len
+        )
         self.memory = self._plan_memory(dtype)
         log.info("engine memory: %s", self.memory.describe(cfg.num_slots, cfg.max_rank))
         self.slots = SlotManager(self.model, cfg.host_cache_bytes)
@@ -172,7 +182,7 @@ class Engine:
             wake=lambda: self._inbox.put(("wake", None)),
             base_identity=f"base:{Path(cfg.model_path).resolve()}:{dtype}",
         )
-        self.eos_ids = _eos_ids(self.model.config, self.tokenizer)
+        self.eos_ids = _eos_ids(self.generation_defaults, self.tokenizer)
 
     def _plan_memory(self, dtype: torch.dtype) -> MemoryPlan:
         cfg = self.config
@@ -197,7 +207,17 @@ class Engine:
         return encode_prompt(self.tokenizer, self.model.config.vocab_size, prompt)
 
     def make_request(self, prompt: Prompt, adapter_id: str | None = None, params: SamplingParams | None = None, request_id: str | None = None) -> GenerationRequest:
-        return GenerationRequest(request_id or uuid.uuid4().hex, adapter_id, tuple(self.tokenize(prompt)), params or SamplingParams())
+        params = self.with_model_defaults(params or SamplingParams())
+        return GenerationRequest(request_id or uuid.uuid4().hex, adapter_id, tuple(self.tokenize(prompt)), params)
+
+    def with_model_defaults(self, params: SamplingParams) -> SamplingParams:
+        """``params`` with the model's recommended sampling (generation_config.json) in the fields
+        the caller did not set; fields the caller set, even to the default value, stay."""
+        defaults = {
+            k: v for k, v in self.generation_defaults.sampling.items()
+            if k in SamplingParams.model_fields and k not in params.model_fields_set
+        }
+        return SamplingParams.model_validate({**defaults, **params.model_dump(exclude_unset=True)}) if defaults else params
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[StreamOutput]:
         """Stream the request's increments; raises the domain error if it fails.
@@ -491,9 +511,9 @@ def _load_tokenizer(path: Path) -> Any:
     return AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
-def _eos_ids(config: Any, tokenizer: Any) -> frozenset[int]:
-    eos = config.eos_token_id
-    ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+def _eos_ids(defaults: GenerationDefaults, tokenizer: Any) -> frozenset[int]:
+    """config.json's and generation_config.json's EOS ids (a list for Llama 3 Instruct) and the tokenizer's."""
+    ids = set(defaults.eos_token_ids)
     if tokenizer is not None and tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
     return frozenset(ids)

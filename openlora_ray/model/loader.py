@@ -10,10 +10,10 @@ import torch
 from openlora_ray.errors import OpenLoraError
 from openlora_ray.model.layout import choose_transposed
 from openlora_ray.model.llama import MultiLoraLlama
+from openlora_ray.model.support import check_supported
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2"})
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -34,24 +34,31 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
         raise OpenLoraError(f"unknown dtype {name!r}; choose one of auto, {', '.join(DTYPES)}") from None
 
 
-def load_hf_model(path: str | Path, dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.nn.Module:
-    """A frozen ``*ForCausalLM`` from a local folder; never reaches out to a model hub."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def load_hf_model(
+    path: str | Path, dtype: torch.dtype, device: torch.device | str = "cpu", max_seq_len: int | None = None
+) -> torch.nn.Module:
+    """A frozen ``*ForCausalLM`` from a local folder; never reaches out to a model hub.
+
+    Refuses (``UnsupportedModelError``, before reading any weight) a folder the engine cannot
+    serve, or whose positions do not reach ``max_seq_len``: see ``model/support.py``.
+    """
+    from transformers import AutoModelForCausalLM
 
     path = Path(path)
-    if not (path / "config.json").is_file():
-        raise OpenLoraError(f"{path} is not a Hugging Face model folder (no config.json)")
-    config = AutoConfig.from_pretrained(path, local_files_only=True)
-    if config.model_type not in SUPPORTED_MODEL_TYPES:
-        raise OpenLoraError(f"model type {config.model_type!r} is not supported; supported: {sorted(SUPPORTED_MODEL_TYPES)}")
+    check_supported(path, max_seq_len)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True, use_safetensors=True)
     return model.to(device).eval().requires_grad_(False)
 
 
 def load_multi_lora_model(
-    path: str | Path, num_slots: int, max_rank: int, dtype: torch.dtype, device: torch.device | str = "cpu"
+    path: str | Path,
+    num_slots: int,
+    max_rank: int,
+    dtype: torch.dtype,
+    device: torch.device | str = "cpu",
+    max_seq_len: int | None = None,
 ) -> MultiLoraLlama:
-    hf = load_hf_model(path, dtype, device)
+    hf = load_hf_model(path, dtype, device, max_seq_len)
     # gate_up, the largest fused projection, decides the layout of all of them
     transposed = choose_transposed(torch.device(device), dtype, hf.config.hidden_size, 2 * hf.config.intermediate_size)
     model = MultiLoraLlama(hf, num_slots, max_rank, transposed=transposed)

@@ -312,7 +312,7 @@ class Ingress:
                 with _own_serve_request_id():
                     return handle.remote({
                         "prompt": c.prompt,
-                        "params": c.params.model_dump(),
+                        "params": c.params.model_dump(exclude_unset=True),  # unset: the model's defaults
                         "request_id": request_id,
                         "fit_max_tokens": body.max_tokens_omitted,
                     })

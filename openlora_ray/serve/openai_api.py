@@ -162,6 +162,11 @@ class Choice:
     params: SamplingParams
 
 
+def _given(**fields: Any) -> dict[str, Any]:
+    """The fields a request set (not None), so that the engine can tell them from the ones it left out."""
+    return {k: v for k, v in fields.items() if v is not None}
+
+
 def choice_seed(seed: int, j: int) -> int:
     """Choice ``j``'s seed: ``seed`` itself for the first (so ``n=1`` and the first of ``n`` agree),
     then 63 bits of sha256("seed/j"): reproducible, and unrelated to the seeds of nearby requests."""
@@ -225,13 +230,13 @@ class _Common(BaseModel):
         try:
             return SamplingParams(
                 max_tokens=max_tokens,
-                temperature=1.0 if self.temperature is None else self.temperature,
-                top_p=1.0 if self.top_p is None else self.top_p,
-                top_k=max(0, self.top_k or 0),
+                # left out when the request leaves them out: the model's generation_config.json
+                # defaults apply then (Engine.with_model_defaults), else SamplingParams' own
+                **_given(temperature=self.temperature, top_p=self.top_p, repetition_penalty=self.repetition_penalty,
+                         top_k=None if self.top_k is None else max(0, self.top_k)),
                 seed=self.seed,
                 stop=stop,
                 stop_token_ids=list(self.stop_token_ids or []),
-                repetition_penalty=self.repetition_penalty or 1.0,
                 presence_penalty=self.presence_penalty or 0.0,
                 frequency_penalty=self.frequency_penalty or 0.0,
                 logit_bias=dict(self.logit_bias or {}),

@@ -69,8 +69,11 @@ def position_limit(cfg: dict[str, Any]) -> PositionLimit:
     - ``yarn``: ``original_max_position_embeddings x factor`` (Qwen2.5's and Qwen3's long-context
       setting writes ``factor: 4, original_max_position_embeddings: 32768``); vLLM derives its
       maximum length the same way (``_get_and_verify_max_len``).
-    - ``linear``, ``llama3``, ``longrope``: the config's ``max_position_embeddings`` already names
-      the extended length (Llama 3.1's 131072, Phi-3's 131072, Gemma 3's 131072 with linear x8).
+    - ``linear``, ``llama3``: the config's ``max_position_embeddings`` already names the extended
+      length (Llama 3.1's 131072, Gemma 3's 131072 with linear x8).
+    - ``longrope`` (Phi-3 128k): ``original_max_position_embeddings``. transformers switches from
+      the short to the long factors when the longest position *in the batch* passes it; the engine
+      keeps the short factors per row (``model/family.py``), so it is exact only up to there.
     - ``dynamic`` (NTK): not extended. transformers recomputes the frequencies from the longest
       position *in the batch*, so past ``max_position_embeddings`` a row's output would depend on
       which other rows share its batch; within it, dynamic equals the default RoPE.
@@ -81,6 +84,13 @@ def position_limit(cfg: dict[str, Any]) -> PositionLimit:
     limit, reason = base, f"max_position_embeddings = {base}"
     for rope in _rope_dicts(cfg):
         kind = rope.get("rope_type") or rope.get("type") or "default"
+        if kind == "longrope":
+            original = rope.get("original_max_position_embeddings") or cfg.get("original_max_position_embeddings")
+            if original and original < limit:
+                limit = original
+                reason = (f"longrope RoPE: exact up to original_max_position_embeddings {original} "
+                          "(transformers switches factors by the batch's longest row past it)")
+            continue
         if kind == "yarn" and rope.get("factor"):
             original = rope.get("original_max_position_embeddings") or cfg.get("original_max_position_embeddings") or base
             extended = int(original * rope["factor"])

@@ -42,6 +42,7 @@ def test_max_seq_len_beyond_the_positions_is_refused_with_the_limit(tiny_model_d
         ({"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 8192}, 32768),  # already extended
         ({"rope_type": "linear", "factor": 8.0}, 32768),  # Gemma 3: max_position_embeddings names the trained length
         ({"rope_type": "dynamic", "factor": 4.0}, 32768),  # batch-dependent beyond it in transformers: not extended
+        ({"rope_type": "longrope", "original_max_position_embeddings": 4096}, 4096),  # Phi-3 128k: short factors only
     ],
 )
 def test_position_limit_follows_the_rope_scaling_type(rope, limit):

@@ -9,6 +9,10 @@ its state is the longest prefix of the stop string that the text ends with, so a
 it completes and exactly that many characters are held back (they may turn out to start a stop
 string). Work per character is amortised constant per stop string, whatever their lengths; the
 request schema caps how long a stop string may be (``MAX_STOP_CHARS``).
+
+vLLM's two text options: ``skip_special_tokens`` (default on) leaves special tokens out of the
+text, and ``include_stop_str_in_output`` ends the text with the stop string that matched instead
+of just before it (what follows it in the same token is dropped either way).
 """
 
 from __future__ import annotations
@@ -52,6 +56,8 @@ class StopMatcher:
 class IncrementalText:
     tokenizer: Any  # a transformers tokenizer, or None for token-id-only use
     stop: tuple[str, ...] = ()
+    skip_special_tokens: bool = True
+    include_stop: bool = False  # vLLM's include_stop_str_in_output
     _held: str = ""  # decoded, not yet streamed: it could still be the start of a stop string
     _matchers: list[StopMatcher] = field(default_factory=list)
     _stream: DecodeStream | None = None
@@ -59,7 +65,7 @@ class IncrementalText:
     def __post_init__(self) -> None:
         self._matchers = [StopMatcher(s) for s in self.stop]
         if self.tokenizer is not None:
-            self._stream = DecodeStream(skip_special_tokens=True)
+            self._stream = DecodeStream(skip_special_tokens=self.skip_special_tokens)
 
     def add(self, token_id: int) -> tuple[str, bool]:
         """Append a token; return (new text to stream, whether a stop string ended the text)."""
@@ -73,7 +79,7 @@ class IncrementalText:
         for i, ch in enumerate(piece):
             for m in self._matchers:
                 if m.feed(ch):
-                    text = self._held[: base + i + 1 - len(m.pattern)]
+                    text = self._held[: base + i + 1 - (0 if self.include_stop else len(m.pattern))]
                     self._held = ""
                     return text, True
         keep = max((m.state for m in self._matchers), default=0)

@@ -34,6 +34,7 @@ from openlora_ray.engine.block_pool import BlockPool
 from openlora_ray.engine.config import EngineConfig
 from openlora_ray.engine.detokenize import IncrementalText
 from openlora_ray.engine.memory import MemoryPlan, plan_memory
+from openlora_ray.engine.prompt_logprobs import score_tokens
 from openlora_ray.engine.prompts import Prompt, encode_prompt
 from openlora_ray.engine.request import FinishReason, GenerationRequest, SamplingParams, StreamOutput, TokenLogprobs
 from openlora_ray.engine.runner import DecodeRow, ModelRunner
@@ -105,10 +106,32 @@ class _Request:
     last_token_at: float | None = None
     gone: bool = False  # the caller's event loop closed: nobody reads this stream any more
     logprobs: list[TokenLogprobs] = field(default_factory=list)  # of tokens not streamed yet
+    prompt_scores: list[TokenLogprobs | None] = field(default_factory=lambda: [None])  # prompt_logprobs, by position
+    prompt_scores_sent: bool = False
 
     def take_logprobs(self) -> tuple[TokenLogprobs, ...]:
         out, self.logprobs = tuple(self.logprobs), []
         return out
+
+    def prompt_targets(self, start: int, length: int) -> range:
+        """The prompt positions whose log probabilities a prefill chunk of positions
+        ``start..start + length - 1`` yields (position p's come from p - 1's logits) and that are
+        not scored yet (a preempted sequence recomputes its chunks)."""
+        if self.req.params.prompt_logprobs is None:
+            return range(0)
+        return range(max(start + 1, len(self.prompt_scores)), min(start + length, self.seq.num_prompt - 1) + 1)
+
+    def add_prompt_scores(self, scores: list[TokenLogprobs]) -> None:
+        self.prompt_scores += scores
+        if len(self.prompt_scores) == self.seq.num_prompt:
+            self.seq.needs_prompt_logits = False  # recomputing it may use the prefix cache again
+
+    def take_prompt_scores(self) -> tuple[TokenLogprobs | None, ...]:
+        """The prompt's log probabilities once they are complete, on the first increment only."""
+        if self.req.params.prompt_logprobs is None or self.prompt_scores_sent:
+            return ()
+        self.prompt_scores_sent = True
+        return tuple(self.prompt_scores)
 
     @property
     def generated(self) -> list[int]:
@@ -231,8 +254,12 @@ class Engine:
         self._check_admissible(request)
         loop = asyncio.get_running_loop()
         out: asyncio.Queue[StreamOutput] = asyncio.Queue()
-        seq = Seq(request.request_id, request.adapter_id, list(request.prompt_ids), len(request.prompt_ids))
-        text = IncrementalText(self.tokenizer, tuple(request.params.stop))
+        p = request.params
+        prompt = list(request.prompt_ids)
+        seq = Seq(
+            request.request_id, request.adapter_id, prompt, len(prompt), needs_prompt_logits=p.prompt_logprobs is not None
+        )
+        text = IncrementalText(self.tokenizer, tuple(p.stop), p.skip_special_tokens, p.include_stop_str_in_output)
         record = _Request(request, seq, lambda o: loop.call_soon_threadsafe(out.put_nowait, o), text)
         with self._lock:
             if self._pending >= self.config.max_running + self.config.max_queue:
@@ -352,12 +379,20 @@ class Engine:
         done: list[tuple[Seq, torch.Tensor]] = []
         for chunk in plan.prefill:
             seq = chunk.seq
+            record = self._requests[seq]
+            targets = record.prompt_targets(chunk.start, chunk.length)
             logits = self.runner.prefill(
                 seq.tokens[chunk.start : chunk.start + chunk.length],
                 start=chunk.start,
                 blocks=seq.blocks,
+                all_logits=bool(targets),
                 slot=slot(seq.adapter_id),
             )
+            if targets:  # logits of every position of the chunk: score the prompt's tokens
+                rows = logits[targets.start - 1 - chunk.start : targets.stop - 1 - chunk.start]
+                k = record.req.params.prompt_logprobs or 0
+                record.add_prompt_scores(score_tokens(rows, seq.tokens[targets.start : targets.stop], k))
+                logits = logits[-1]
             if chunk.sample:
                 done.append((seq, logits[None]))
         if plan.decode:
@@ -411,6 +446,9 @@ class Engine:
             self._finish(record, "error", InvalidRequestError(str(sampled)))
             return
         token, logprobs = sampled
+        if record.req.params.max_tokens == 0:  # only the prompt was asked for (prompt_logprobs)
+            self._finish(record, "length")
+            return
         if record.req.params.logprobs is not None:
             record.logprobs.append(logprobs)
         now = time.monotonic()
@@ -427,7 +465,12 @@ class Engine:
         elif len(record.generated) >= p.max_tokens:
             self._finish(record, "length", text=text + record.text.flush())
         else:
-            record.send(StreamOutput(record.req.request_id, text, (token,), logprobs=record.take_logprobs()))
+            record.send(
+                StreamOutput(
+                    record.req.request_id, text, (token,),
+                    logprobs=record.take_logprobs(), prompt_logprobs=record.take_prompt_scores(),
+                )
+            )
             if record.gone:
                 self._finish(record, "abort")
 
@@ -448,6 +491,7 @@ class Engine:
             StreamOutput(
                 record.req.request_id, text, last, reason, record.seq.num_prompt, n, ttft, per_token, error,
                 logprobs=record.take_logprobs() if last else (),
+                prompt_logprobs=record.take_prompt_scores() if reason in ("stop", "length") else (),
             )
         )
 
@@ -500,7 +544,13 @@ class Engine:
 
 def _merge(a: StreamOutput, b: StreamOutput) -> StreamOutput:
     """Two consecutive increments of one request as one (``b``'s finish fields win)."""
-    return dataclasses.replace(b, text=a.text + b.text, token_ids=a.token_ids + b.token_ids, logprobs=a.logprobs + b.logprobs)
+    return dataclasses.replace(
+        b,
+        text=a.text + b.text,
+        token_ids=a.token_ids + b.token_ids,
+        logprobs=a.logprobs + b.logprobs,
+        prompt_logprobs=a.prompt_logprobs + b.prompt_logprobs,
+    )
 
 
 def _load_tokenizer(path: Path) -> Any:

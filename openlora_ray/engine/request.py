@@ -27,7 +27,7 @@ class SamplingParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    max_tokens: int = Field(16, ge=1)
+    max_tokens: int = Field(16, ge=0, description="0: no output, only the prompt (for prompt_logprobs)")
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0, description="0 = no top-k filter")
@@ -41,6 +41,12 @@ class SamplingParams(BaseModel):
     min_tokens: int = Field(0, ge=0)
     logprobs: int | None = Field(None, ge=0, le=20, description="None = none; k = the sampled token's and the k most likely")
     ignore_eos: bool = False
+    # vLLM's extras: the min_p filter (drop tokens below min_p x the top token's probability),
+    # log probabilities of the prompt's own tokens, and how the output text is made.
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    prompt_logprobs: int | None = Field(None, ge=0, le=20, description="None = none; k as in logprobs")
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
 
     @property
     def greedy(self) -> bool:
@@ -75,3 +81,5 @@ class StreamOutput:
     mean_token_latency_s: float | None = None
     error: Exception | None = None  # set when finish_reason == "error"
     logprobs: tuple[TokenLogprobs, ...] = ()  # one per token in ``token_ids`` when the request asked
+    # With ``prompt_logprobs``, on the first increment: one per prompt token (None for the first).
+    prompt_logprobs: tuple[TokenLogprobs | None, ...] = ()

@@ -39,8 +39,11 @@ class ModelRunner:
         return [blocks[p // bs] for p in positions], [p % bs for p in positions]
 
     @torch.inference_mode()
-    def prefill(self, tokens: Sequence[int], *, start: int, blocks: Sequence[int], slot: int) -> torch.Tensor:
-        """Compute ``tokens`` (positions ``start..``) of one sequence; the last one's logits (V,)."""
+    def prefill(
+        self, tokens: Sequence[int], *, start: int, blocks: Sequence[int], slot: int, all_logits: bool = False
+    ) -> torch.Tensor:
+        """Compute ``tokens`` (positions ``start..``) of one sequence; the last one's logits (V,),
+        or every one's (L, V) with ``all_logits`` (for the prompt's own log probabilities)."""
         dev, n = self.device, len(tokens)
         positions = range(start, start + n)
         used = -(-(start + n) // self.block_size)
@@ -49,7 +52,7 @@ class ModelRunner:
         paged = PagedBatch(torch.tensor(where, device=dev), torch.tensor(offsets, device=dev), layout)
         ids = torch.tensor([list(tokens)], device=dev)  # (1, L)
         pos = torch.arange(start, start + n, device=dev)[None]  # (1, L)
-        last = torch.tensor([n - 1], device=dev)
+        last = None if all_logits else torch.tensor([n - 1], device=dev)
         return self.model(ids, pos, self.model.lora_batch([slot]), self.cache, paged, logits_at=last)[0]
 
     @torch.inference_mode()

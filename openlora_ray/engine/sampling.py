@@ -9,8 +9,8 @@ Reference semantics, one row at a time (``reference_logprobs`` is exactly this, 
     l[token] += bias for token, bias in logit_bias                       # OpenAI's logit_bias
     if generated < min_tokens: l[eos and stop_token_ids] = -inf          # vLLM's min_tokens
     logprobs = log_softmax(l / (temperature or 1))                       # what is reported
-    greedy: argmax(l); else keep top_k, then the top_p nucleus of softmax(l / temperature), and
-    draw from it with the row's own generator
+    greedy: argmax(l); else drop tokens under min_p x the top probability of softmax(l / temperature)
+    (vLLM's min_p), keep top_k, then the top_p nucleus, and draw with the row's own generator
 
 Greedy rows equal ``generate(do_sample=False)`` (same repetition-penalty rule). The draw is the
 exponential race ``argmax(p / E)``, ``E ~ Exp(1)`` per token, which samples exactly from ``p``:
@@ -108,7 +108,8 @@ def sample(logits: torch.Tensor, rows: Sequence[RowContext]) -> SampledBatch:
     chosen = processed.argmax(-1)  # greedy rows
     sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
     if sampled:
-        filtered = _top_k_top_p(scaled[sampled], [rows[i].params for i in sampled])
+        params = [rows[i].params for i in sampled]
+        filtered = _top_k_top_p(_min_p(scaled[sampled], params), params)
         noise = torch.empty_like(filtered)
         for j, i in enumerate(sampled):
             noise[j].exponential_(generator=rows[i].generator)
@@ -143,6 +144,16 @@ def _sample_one(logits: torch.Tensor, row: RowContext) -> tuple[int, TokenLogpro
         return sample(logits, [row]).to_host()[0]
     except Exception as e:  # handed to the row's request, which fails alone
         return SamplingError(f"sampling failed: {e}")
+
+
+def _min_p(scaled: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """``scaled`` (R, V) with each row's tokens below ``min_p`` x its top probability set to -inf
+    (before top-k and top-p, in vLLM's order; the top token always stays)."""
+    if not any(p.min_p for p in params):
+        return scaled
+    probs = scaled.softmax(-1)
+    floor = probs.amax(-1, keepdim=True) * torch.tensor([p.min_p for p in params], device=scaled.device)[:, None]
+    return scaled.masked_fill(probs < floor, float("-inf"))
 
 
 def _top_k_top_p(scaled: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
@@ -180,8 +191,11 @@ def reference_logprobs(logits: torch.Tensor, row: RowContext) -> tuple[torch.Ten
     if p.greedy:
         return scaled.log_softmax(0), torch.nn.functional.one_hot(lg.argmax(), lg.shape[0]).double()
     keep = torch.ones_like(scaled, dtype=torch.bool)
+    if p.min_p:
+        probs = scaled.softmax(0)
+        keep &= probs >= p.min_p * probs.max()
     if p.top_k and p.top_k < lg.shape[0]:
-        keep &= scaled >= scaled.topk(p.top_k).values[-1]
+        keep &= scaled >= scaled.masked_fill(~keep, float("-inf")).topk(p.top_k).values[-1]
     if p.top_p < 1.0:
         probs = scaled.masked_fill(~keep, float("-inf")).softmax(0)
         ranked, order = probs.sort(descending=True)

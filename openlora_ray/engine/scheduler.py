@@ -47,6 +47,7 @@ class Seq:
     num_named: int = 0  # leading blocks already registered in the prefix cache
     preemptions: int = 0
     admitted_once: bool = False
+    needs_prompt_logits: bool = False  # no prefix-cache hits: every prompt position's logits are needed
 
     @property
     def uncomputed(self) -> int:
@@ -208,8 +209,9 @@ class Scheduler:
     # ------------------------------------------------------------------------------- helpers
     def _prefix_hit(self, seq: Seq) -> list[int]:
         """Cached blocks of ``seq``'s longest named prefix, leaving at least its last token to
-        compute (the step needs that token's logits to sample from)."""
-        if not self.prefix_cache:
+        compute (the step needs that token's logits to sample from). No hits for a sequence that
+        needs every prompt position's logits (``prompt_logprobs``: see engine/prompt_logprobs.py)."""
+        if not self.prefix_cache or seq.needs_prompt_logits:
             return []
         usable = (len(seq.tokens) - 1) // self.block_size
         extend_block_hashes(seq.hashes, seq.identity, seq.tokens[: usable * self.block_size], self.block_size)

@@ -18,8 +18,8 @@ def tokenizer(smollm2_dir):
     return AutoTokenizer.from_pretrained(smollm2_dir)
 
 
-def stream(tokenizer, ids, stop=()) -> tuple[str, bool]:
-    text = IncrementalText(tokenizer, tuple(stop))
+def stream(tokenizer, ids, stop=(), **options) -> tuple[str, bool]:
+    text = IncrementalText(tokenizer, tuple(stop), **options)
     out = ""
     for t in ids:
         delta, stopped = text.add(t)
@@ -42,6 +42,21 @@ def test_text_stops_before_the_first_stop_string(tokenizer, stop):
     at = full.find(stop)
     want = (full, False) if at == -1 else (full[:at], True)
     assert stream(tokenizer, tokenizer(sample).input_ids, stop=[stop, "zzz-never"]) == want
+
+
+@pytest.mark.parametrize("stop", ["wörld", "🙂", "\n  ind"])
+def test_include_stop_ends_the_text_with_the_stop_string(tokenizer, stop):
+    sample = "Héllo wörld — naïve café 🙂🚀 plain ASCII and numbers.\n  indented"
+    full = tokenizer.decode(tokenizer(sample).input_ids, skip_special_tokens=True)
+    want = full[: full.find(stop) + len(stop)]
+    assert stream(tokenizer, tokenizer(sample).input_ids, stop=[stop], include_stop=True) == (want, True)
+
+
+def test_special_tokens_stay_in_the_text_unless_skipped(tokenizer):
+    ids = tokenizer("<|im_start|>user\nhi<|im_end|>").input_ids
+    assert stream(tokenizer, ids, skip_special_tokens=False) == ("<|im_start|>user\nhi<|im_end|>", False)
+    assert stream(tokenizer, ids) == ("user\nhi", False)
+    assert stream(tokenizer, ids, stop=["<|im_end|>"], skip_special_tokens=False) == ("<|im_start|>user\nhi", True)
 
 
 @settings(max_examples=300, deadline=None)

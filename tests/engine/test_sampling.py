@@ -22,6 +22,7 @@ def random_row(rng: random.Random) -> RowContext:
         temperature=0.0 if greedy else rng.choice([0.5, 1.0, 1.7]),
         top_k=rng.choice([0, 0, 1, 5, 30]),
         top_p=rng.choice([1.0, 1.0, 0.9, 0.5]),
+        min_p=rng.choice([0.0, 0.0, 0.05, 0.3]),
         repetition_penalty=rng.choice([1.0, 1.0, 1.3, 0.8]),
         frequency_penalty=rng.choice([0.0, 0.5, -0.3]),
         presence_penalty=rng.choice([0.0, 0.7]),
@@ -61,6 +62,24 @@ def test_draws_follow_the_filtered_distribution():
         counts[sample(logits, [row]).to_host()[0][0]] += 1
     assert counts[2] == counts[3] == 0  # outside the 0.8 nucleus
     assert counts[0] / counts[:2].sum() == pytest.approx(0.5 / 0.8, abs=0.03)
+
+
+def test_min_p_drops_tokens_below_its_share_of_the_top_probability_per_row():
+    """vLLM's min_p 0.4 with a top probability of 0.5: only tokens of at least 0.2 are drawn,
+    while the row beside it, without min_p, still draws every token."""
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(2, 1)
+    rows = [
+        RowContext(SamplingParams(temperature=1.0, min_p=0.4), torch.Generator().manual_seed(1), [0], [], EOS),
+        RowContext(SamplingParams(temperature=1.0), torch.Generator().manual_seed(2), [0], [], EOS),
+    ]
+    counts = torch.zeros(2, 4)
+    for _ in range(3000):
+        for i, (token, _) in enumerate(sample(logits, rows).to_host()):
+            counts[i, token] += 1
+    assert counts[0, 2] == counts[0, 3] == 0
+    assert counts[0, 0] / counts[0].sum() == pytest.approx(0.5 / 0.8, abs=0.03)
+    assert counts[1, 2] > 0 and counts[1, 3] > 0
+    assert counts[1, 0] / counts[1].sum() == pytest.approx(0.5, abs=0.03)
 
 
 def test_a_seeded_row_draws_the_same_tokens_in_any_batch():

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors import safe_open
 
 from openlora_ray.errors import InvalidAdapterError
+from openlora_ray.model.family import adapter_projections
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -29,6 +30,9 @@ PICKLE_FILES = ("adapter_model.bin", "pytorch_model.bin")
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 PROJECTIONS = ATTENTION_PROJECTIONS + MLP_PROJECTIONS
+# Phi-3's checkpoints fuse q/k/v and gate/up into one module each, and PEFT adapts those modules.
+FUSED_PROJECTIONS = ("qkv_proj", "gate_up_proj")
+KNOWN_PROJECTIONS = PROJECTIONS + FUSED_PROJECTIONS
 
 ALLOWED_DTYPES = frozenset({"F32", "F16", "BF16"})
 
@@ -76,10 +80,11 @@ class BaseModelDims:
     num_heads: int
     num_kv_heads: int
     head_dim: int
+    projections: tuple[str, ...] = PROJECTIONS  # the modules its adapters may target (its family's names)
 
     @classmethod
     def from_hf_config(cls, cfg: dict[str, Any]) -> "BaseModelDims":
-        """Read a Hugging Face ``config.json`` dict (Llama, Mistral, Qwen2 and SmolLM share it)."""
+        """Read a Hugging Face ``config.json`` dict (the families of ``model/family.py`` share these keys)."""
         heads = cfg["num_attention_heads"]
         return cls(
             hidden_size=cfg["hidden_size"],
@@ -88,6 +93,7 @@ class BaseModelDims:
             num_heads=heads,
             num_kv_heads=cfg.get("num_key_value_heads") or heads,
             head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            projections=adapter_projections(cfg.get("model_type", "llama")),
         )
 
     @classmethod
@@ -106,6 +112,8 @@ class BaseModelDims:
             "gate_proj": (h, i),
             "up_proj": (h, i),
             "down_proj": (i, h),
+            "qkv_proj": (h, q + 2 * kv),
+            "gate_up_proj": (h, 2 * i),
         }[proj]
 
 
@@ -129,7 +137,7 @@ class AdapterSpec:
 def parse_weight_key(key: str) -> tuple[int, str, str] | None:
     """``(layer, projection, "A"|"B")`` for a LoRA tensor name, ``None`` for anything else."""
     m = _WEIGHT_KEY.match(key)
-    if m is None or m["proj"] not in PROJECTIONS:
+    if m is None or m["proj"] not in KNOWN_PROJECTIONS:
         return None
     return int(m["layer"]), m["proj"], m["ab"]
 
@@ -157,9 +165,9 @@ def read_config(adapter_id: str, adapter_dir: Path) -> PeftLoraConfig:
     if cfg.rank_pattern or cfg.alpha_pattern:
         problems.append("per-module rank_pattern/alpha_pattern is not supported")
     if isinstance(cfg.target_modules, list):
-        unknown = sorted(set(cfg.target_modules) - set(PROJECTIONS))
+        unknown = sorted(set(cfg.target_modules) - set(KNOWN_PROJECTIONS))
         if unknown:
-            problems.append(f"target_modules {unknown} are not among the base model's {list(PROJECTIONS)}")
+            problems.append(f"target_modules {unknown} are not among the projections {list(KNOWN_PROJECTIONS)}")
     if problems:
         raise InvalidAdapterError(adapter_id, "; ".join(problems))
     return cfg
@@ -216,6 +224,11 @@ def _check_header(
         if len(shape) != 2:
             raise InvalidAdapterError(adapter_id, f"tensor {key!r} has shape {list(shape)}, expected 2-D")
         if dims is not None:
+            if proj not in dims.projections:
+                raise InvalidAdapterError(
+                    adapter_id, f"tensor {key!r} targets {proj}, which the base model does not have; "
+                    f"its adaptable projections are {list(dims.projections)}",
+                )
             if layer >= dims.num_layers:
                 raise InvalidAdapterError(
                     adapter_id, f"tensor {key!r} targets layer {layer}, base model has {dims.num_layers}"
@@ -245,7 +258,7 @@ def _check_header(
 # itself on each even when no base model is known to compare it with.
 _SHARED_WIDTHS = {
     "hidden size": (("q_proj", "A"), ("k_proj", "A"), ("v_proj", "A"), ("gate_proj", "A"), ("up_proj", "A"),
-                    ("o_proj", "B"), ("down_proj", "B")),
+                    ("qkv_proj", "A"), ("gate_up_proj", "A"), ("o_proj", "B"), ("down_proj", "B")),
     "intermediate size": (("gate_proj", "B"), ("up_proj", "B"), ("down_proj", "A")),
     "attention width": (("q_proj", "B"), ("o_proj", "A")),
     "key/value width": (("k_proj", "B"), ("v_proj", "B")),
@@ -302,7 +315,7 @@ def _explain_key(key: str) -> str:
         return "only LoRA A/B matrices are supported (no full weights, biases or modules_to_save)"
     if "embed" in key or "lm_head" in key:
         return "LoRA on embeddings or lm_head is not supported"
-    return f"only the projections {list(PROJECTIONS)} of decoder layers can be adapted"
+    return f"only the projections {list(KNOWN_PROJECTIONS)} of decoder layers can be adapted"
 
 
 # Bit masks of the exponent field per dtype: a value is NaN or +-Inf exactly when all its exponent

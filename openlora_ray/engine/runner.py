@@ -62,8 +62,10 @@ class ModelRunner:
         bs = self.block_size
         where = torch.tensor([r.blocks[r.position // bs] for r in rows], device=dev)
         offsets = torch.tensor([r.position % bs for r in rows], device=dev)
-        layout = build_decode_layout([r.blocks for r in rows], [r.position + 1 for r in rows], bs, dev)
-        paged = PagedBatch(where, offsets, layout)
+        tables, lengths = [r.blocks for r in rows], [r.position + 1 for r in rows]
+        window = self.model.spec.sliding_window  # windowed layers read only the rows' last `window` positions
+        windowed = build_decode_layout(tables, lengths, bs, dev, window=window) if window is not None else None
+        paged = PagedBatch(where, offsets, build_decode_layout(tables, lengths, bs, dev), windowed)
         ids = torch.tensor([[r.token] for r in rows], device=dev)  # (B, 1)
         pos = torch.tensor([[r.position] for r in rows], device=dev)  # (B, 1)
         first = torch.zeros(len(rows), dtype=torch.long, device=dev)

@@ -1,45 +1,41 @@
-"""A compact forward pass for Llama-family models with a different LoRA adapter per row.
+"""The one forward pass of every supported dense family, with a different LoRA adapter per row.
 
-The weights come from a Hugging Face ``LlamaForCausalLM`` (also Mistral, Qwen2 and SmolLM, which
-share its layout); norms, rotary embeddings and activation are reused from transformers, and the
-seven projections of every decoder layer become four ``LoraProjectionGroup``s (qkv, o, gate_up,
-down). The same forward serves a prefill chunk of one sequence (L tokens) and a decode step of
-many (L = 1) against a paged KV cache allocated once (``model/paged_attention.py``); every row
-carries its own positions and block table, so rows of different lengths and ages share one batch
-and each attends over its own length. Without a cache it is a plain causal forward (tests).
+Weights come from the transformers ``*ForCausalLM`` of the folder (Llama, Mistral, Qwen2/3,
+Gemma 2/3, Phi-3, SmolLM); what differs per family is read from a ``FamilySpec``
+(``model/family.py``): norm kind and placement, q/k norms, scaling and soft-caps, embedding scale,
+activation, per-layer sliding windows and RoPE settings, fused projection names, the MLP kind.
+Every decoder layer's projections become ``LoraProjectionGroup``s (qkv, o, gate_up, down). The same
+forward serves a prefill chunk of one sequence (L tokens) and a decode step of many (L = 1) against
+a paged KV cache allocated once (``model/paged_attention.py``); every row carries its own
+positions and block table, so rows of different lengths and ages share one batch and each attends
+over its own length (its last ``window`` positions in a windowed layer). Without a cache it is a
+plain causal forward (tests).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from openlora_ray.adapter_format import BaseModelDims
 from openlora_ray.lora.layers import GroupBatch, LoraProjectionGroup
 from openlora_ray.lora.ops import NO_ADAPTER, Segments, segment_rows
 from openlora_ray.lora.weights import LoraWeights
+from openlora_ray.model.family import FamilySpec, NormKind
 from openlora_ray.model.paged_attention import (
     DecodeLayout,
     PrefillLayout,
+    attend,
     decode_attention,
     prefill_attention,
     write_kv,
 )
-
-GROUPS: dict[str, tuple[str, ...]] = {
-    "qkv": ("q_proj", "k_proj", "v_proj"),
-    "o": ("o_proj",),
-    "gate_up": ("gate_proj", "up_proj"),
-    "down": ("down_proj",),
-}
-GROUP_OF = {proj: group for group, projs in GROUPS.items() for proj in projs}
-
+from openlora_ray.model.rope import RotaryTables, apply_rope
 
 @dataclass(frozen=True)
 class LoraBatch:
@@ -81,67 +77,160 @@ class PagedBatch:
     blocks: torch.Tensor  # (B*L,) long, the block each new token's key and value go to
     offsets: torch.Tensor  # (B*L,) long, their position within it
     layout: PrefillLayout | DecodeLayout  # prefill: B == 1; decode: L == 1
+    # Decode only, for models with windowed layers: the pairs of the rows' last ``window`` positions
+    # (``build_decode_layout(..., window=spec.sliding_window)``); prefill windows by masking.
+    windowed: DecodeLayout | None = None
+
+
+def make_group(names: tuple[str, ...], owner: nn.Module, num_slots: int, max_rank: int, *, transposed: bool) -> LoraProjectionGroup:
+    """Fuse ``owner``'s projections ``names`` into one group; the originals are freed at once, not
+    after every layer, so loading never holds the weights twice."""
+    linears = [getattr(owner, n) for n in names]
+    weights = [m.weight.data for m in linears]
+    biases = [m.bias.data if m.bias is not None else None for m in linears]
+    fused = LoraProjectionGroup(names, weights, biases, num_slots, max_rank, transposed=transposed)
+    for m in linears:
+        m.weight, m.bias = None, None
+    return fused
+
+
+class RMSNorm(nn.Module):
+    """``rms``: ``w * (x / rms(x)).to(dtype)``; ``rms_one_plus`` (Gemma): ``(x / rms(x) * (1 + w))``
+    in float32, cast after. Both normalise in float32, as transformers does; Gemma's ``1 + w`` is
+    computed once here (the same float32 sum transformers computes per call)."""
+
+    def __init__(self, hf_norm: nn.Module, eps: float, kind: NormKind) -> None:
+        super().__init__()
+        weight = hf_norm.weight.data
+        self.register_buffer("weight", weight if kind == "rms" else 1.0 + weight.float())
+        self.eps, self.kind = eps, kind
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.kind == "rms":
+            return self.weight * h.to(x.dtype)
+        return (h * self.weight).to(x.dtype)
+
+
+class DenseMlp(nn.Module):
+    """``down(act(gate) * up)``; Phi-3's checkpoint holds gate and up as one ``gate_up_proj``."""
+
+    def __init__(self, hf_mlp: nn.Module, spec: FamilySpec, num_slots: int, max_rank: int, *, transposed: bool) -> None:
+        super().__init__()
+        by_name = dict(spec.groups)
+        self.groups = nn.ModuleDict(
+            {g: make_group(by_name[g], hf_mlp, num_slots, max_rank, transposed=transposed) for g in ("gate_up", "down")}
+        )
+        self.gate_up, self.down = self.groups["gate_up"], self.groups["down"]
+        self.fused = len(by_name["gate_up"]) == 1
+        self.act = ACT2FN[spec.activation]
+
+    def forward(self, x: torch.Tensor, lora: Mapping[str, GroupBatch]) -> torch.Tensor:
+        out = self.gate_up(x, lora.get("gate_up"))
+        gate, up = out[0].chunk(2, dim=-1) if self.fused else out
+        return self.down(self.act(gate) * up, lora.get("down"))[0]
+
+
+def mlp_class(kind: str) -> type[nn.Module]:
+    """The MLP module of a layer kind (``model/family.py`` states the interface)."""
+    if kind == "moe":
+        from openlora_ray.model.moe import MoeMlp
+
+        return MoeMlp
+    return DenseMlp
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, hf_layer: nn.Module, act: nn.Module, num_slots: int, max_rank: int, *, transposed: bool) -> None:
+    def __init__(self, hf_layer: nn.Module, spec: FamilySpec, index: int, num_slots: int, max_rank: int, *, transposed: bool) -> None:
         super().__init__()
-        attn, mlp = hf_layer.self_attn, hf_layer.mlp
-        self.input_norm = hf_layer.input_layernorm
-        self.post_norm = hf_layer.post_attention_layernorm
-        self.num_heads = attn.config.num_attention_heads
-        self.num_kv_heads = attn.config.num_key_value_heads
+        attn = hf_layer.self_attn
+        cfg = attn.config
+        self.num_heads, self.num_kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = attn.head_dim
-        self.scaling = attn.scaling
-        self.act = act
+        self.scaling, self.softcap = spec.attn_scale, spec.attn_softcap
+        self.window = spec.window_of(index)
+        self.rope = spec.layer_rope[index]
 
-        def group(names: tuple[str, ...], owner: nn.Module) -> LoraProjectionGroup:
-            linears = [getattr(owner, n) for n in names]
-            weights = [m.weight.data for m in linears]
-            biases = [m.bias.data if m.bias is not None else None for m in linears]
-            fused = LoraProjectionGroup(names, weights, biases, num_slots, max_rank, transposed=transposed)
-            for m in linears:  # the fused copy replaces them: free them now, not after every layer
-                m.weight, m.bias = None, None
-            return fused
+        def norm(hf_norm: nn.Module) -> RMSNorm:
+            return RMSNorm(hf_norm, spec.norm_eps, spec.norm)
 
-        owners = {"qkv": attn, "o": attn, "gate_up": mlp, "down": mlp}
-        self.groups = nn.ModuleDict({name: group(GROUPS[name], owner) for name, owner in owners.items()})
+        self.input_norm = norm(hf_layer.input_layernorm)
+        # Llama's post_attention_layernorm is the MLP's input norm; Gemma's norms the attention output.
+        sandwich = spec.sandwich_norms
+        self.attn_out_norm = norm(hf_layer.post_attention_layernorm) if sandwich else None
+        self.mlp_norm = norm(hf_layer.pre_feedforward_layernorm if sandwich else hf_layer.post_attention_layernorm)
+        self.mlp_out_norm = norm(hf_layer.post_feedforward_layernorm) if sandwich else None
+        self.q_norm = norm(attn.q_norm) if spec.qk_norm else None
+        self.k_norm = norm(attn.k_norm) if spec.qk_norm else None
+        by_name = dict(spec.groups)
+        self.qkv = make_group(by_name["qkv"], attn, num_slots, max_rank, transposed=transposed)
+        self.o = make_group(by_name["o"], attn, num_slots, max_rank, transposed=transposed)
+        q_width, kv_width = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.qkv_split = (q_width, kv_width, kv_width) if len(by_name["qkv"]) == 1 else None  # Phi-3's fused qkv_proj
+        self.mlp = mlp_class(spec.layer_mlp[index])(hf_layer.mlp, spec, num_slots, max_rank, transposed=transposed)
+
+    @property
+    def groups(self) -> dict[str, LoraProjectionGroup]:
+        """Every LoRA projection group of the layer, by name: the attention's and the MLP's."""
+        return {"qkv": self.qkv, "o": self.o, **self.mlp.groups}
 
     def forward(
         self,
         x: torch.Tensor,  # (B, L, D)
-        rope: tuple[torch.Tensor, torch.Tensor],  # cos, sin: (B, L, head_dim)
+        ropes: Sequence[tuple[torch.Tensor, torch.Tensor]],  # cos, sin per RoPE setting: (B, L, rotary_dim)
         lora: LoraBatch | None,
         kv: tuple[torch.Tensor, torch.Tensor] | None,  # this layer's pools: (NB, KVH, hd, bs), (NB, KVH, bs, hd)
         paged: PagedBatch | None,
-        mask: torch.Tensor | None,  # (B, 1, L, L) bool, True = may attend; only without a cache
+        masks: Mapping[int | None, torch.Tensor] | None,  # window -> (B, 1, L, L) bool, True = may attend; no cache
     ) -> torch.Tensor:
         g = lora.groups if lora is not None else {}
         bsz, seq, _ = x.shape
-        q, k, v = self.groups["qkv"](self.input_norm(x), g.get("qkv"))
-        q = q.view(bsz, seq, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, L, hd)
-        k = k.view(bsz, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, KVH, L, hd)
+        qkv = self.qkv(self.input_norm(x), g.get("qkv"))
+        q, k, v = qkv[0].split(self.qkv_split, dim=-1) if self.qkv_split is not None else qkv
+        q = q.view(bsz, seq, self.num_heads, self.head_dim)
+        k = k.view(bsz, seq, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, L, hd), (B, KVH, L, hd)
         v = v.view(bsz, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary_pos_emb(q, k, *rope)
+        q, k = apply_rope(q, k, *ropes[self.rope])
         if kv is None:
-            att = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling, enable_gqa=True)
-            att = att.transpose(1, 2)  # (B, L, H, hd)
+            att = self._full_attention(q, k, v, masks[self.window]).transpose(1, 2)  # (B, L, H, hd)
         else:
             k_pool, v_pool = kv
             new_k = k.transpose(1, 2).reshape(bsz * seq, self.num_kv_heads, self.head_dim)  # (B*L, KVH, hd)
             new_v = v.transpose(1, 2).reshape(bsz * seq, self.num_kv_heads, self.head_dim)
             write_kv(k_pool, v_pool, paged.blocks, paged.offsets, new_k, new_v)
             if isinstance(paged.layout, PrefillLayout):
-                att = prefill_attention(q[0], k_pool, v_pool, paged.layout, self.scaling).transpose(0, 1)[None]
+                att = prefill_attention(
+                    q[0], k_pool, v_pool, paged.layout, self.scaling, window=self.window, softcap=self.softcap
+                ).transpose(0, 1)[None]
             else:
-                att = decode_attention(q[:, :, 0], k_pool, v_pool, paged.layout, self.scaling)[:, None]
-        x = x + self.groups["o"](att.reshape(bsz, seq, -1), g.get("o"))[0]
-        gate, up = self.groups["gate_up"](self.post_norm(x), g.get("gate_up"))
-        return x + self.groups["down"](self.act(gate) * up, g.get("down"))[0]
+                layout = paged.layout if self.window is None else paged.windowed
+                if layout is None:
+                    raise ValueError("a windowed layer needs PagedBatch.windowed for decode (build_decode_layout with window)")
+                att = decode_attention(q[:, :, 0], k_pool, v_pool, layout, self.scaling, self.softcap)[:, None]
+        out = self.o(att.reshape(bsz, seq, -1), g.get("o"))[0]
+        x = x + (self.attn_out_norm(out) if self.attn_out_norm is not None else out)
+        out = self.mlp(self.mlp_norm(x), g)
+        return x + (self.mlp_out_norm(out) if self.mlp_out_norm is not None else out)
+
+    def _full_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Attention without a cache (tests, reference): (B, H, L, hd)."""
+        if self.softcap is None:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling, enable_gqa=True)
+        bsz, heads, seq, hd = q.shape
+        rep = heads // self.num_kv_heads
+        folded = q.reshape(bsz, self.num_kv_heads, rep * seq, hd)  # the rep heads sharing a KV head, as one axis
+        out = attend(folded, k, v, mask.repeat(1, 1, rep, 1), self.scaling, self.softcap)
+        return out.view(bsz, heads, seq, hd)
 
 
 class MultiLoraLlama(nn.Module):
-    """The base model plus ``num_slots`` LoRA slots of rank up to ``max_rank`` in every layer."""
+    """The base model plus ``num_slots`` LoRA slots of rank up to ``max_rank`` in every layer.
+
+    Named for the layout it began with; it computes every family of ``model/family.py``."""
 
     def __init__(self, hf_model: nn.Module, num_slots: int, max_rank: int, *, transposed: bool = False) -> None:
         """Takes the HF model's weights over layer by layer: each layer's projections are fused
@@ -150,15 +239,26 @@ class MultiLoraLlama(nn.Module):
         super().__init__()
         cfg = hf_model.config
         self.config = cfg
+        self.spec = spec = FamilySpec.from_config(cfg)
         self.dims = BaseModelDims.from_hf_config(cfg.to_dict())
         self.num_slots, self.max_rank = num_slots, max_rank
         inner = hf_model.model
         self.embed = inner.embed_tokens
-        self.rotary = inner.rotary_emb
-        act = ACT2FN[cfg.hidden_act]
-        self.layers = nn.ModuleList(DecoderLayer(layer, act, num_slots, max_rank, transposed=transposed) for layer in inner.layers)
-        self.norm = inner.norm
+        dtype, device = self.embed.weight.dtype, self.embed.weight.device
+        # Gemma scales embeddings by sqrt(hidden) rounded to the model's dtype, as transformers does.
+        scale = torch.tensor(spec.embed_scale).to(dtype=dtype, device=device) if spec.embed_scale is not None else None
+        self.register_buffer("embed_scale", scale)
+        self.rotary = RotaryTables(cfg, spec.ropes, device)
+        self.layers = nn.ModuleList(
+            DecoderLayer(layer, spec, i, num_slots, max_rank, transposed=transposed) for i, layer in enumerate(inner.layers)
+        )
+        self.norm = RMSNorm(inner.norm, spec.norm_eps, spec.norm)
         self.lm_head = hf_model.lm_head
+        # Group -> projections, over every layer (an MoE layer has no MLP groups).
+        self.group_projs: dict[str, tuple[str, ...]] = {}
+        for layer in self.layers:
+            self.group_projs.update({name: group.names for name, group in layer.groups.items()})
+        self.group_of = {proj: name for name, projs in self.group_projs.items() for proj in projs}
         # What each slot holds, for building per-group batches without touching the buffers.
         self._slot_rank = [0] * num_slots
         self._slot_projs: list[frozenset[str]] = [frozenset()] * num_slots
@@ -183,7 +283,7 @@ class MultiLoraLlama(nn.Module):
         dev = self.device
         per_group: dict[tuple[int, str], dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
         for (layer, proj), (a, b_t) in weights.modules.items():
-            per_group.setdefault((layer, GROUP_OF[proj]), {})[proj] = (a.to(dev), b_t.to(dev))
+            per_group.setdefault((layer, self.group_of[proj]), {})[proj] = (a.to(dev), b_t.to(dev))
         previous = (self._slot_rank[slot], self._slot_projs[slot])
         for i, layer in enumerate(self.layers):
             for name, group in layer.groups.items():
@@ -202,7 +302,7 @@ class MultiLoraLlama(nn.Module):
         """Per-group indices for rows using ``slots`` (``NO_ADAPTER`` = base only). Built once per forward."""
         groups: dict[str, GroupBatch] = {}
         indices: dict[tuple[int, ...], tuple[torch.Tensor | None, Segments]] = {}  # shared by groups with the same rows
-        for name, projs in GROUPS.items():
+        for name, projs in self.group_projs.items():
             rows = [i for i, s in enumerate(slots) if s != NO_ADAPTER and not self._slot_projs[s].isdisjoint(projs)]
             if not rows:
                 continue
@@ -226,12 +326,21 @@ class MultiLoraLlama(nn.Module):
         paged: PagedBatch | None = None,  # required with a cache
         logits_at: torch.Tensor | None = None,  # (B,) long, one position index per row; None = all
     ) -> torch.Tensor:  # (B, L, V), or (B, V) with logits_at
-        x = self.embed(tokens)  # (B, L, D)
-        rope = self.rotary(x, positions)
-        mask = None if cache is not None else positions[:, None, None, :] <= positions[:, None, :, None]  # (B, 1, L, L)
+        x = F.embedding(tokens, self.embed.weight)  # (B, L, D)
+        if self.embed_scale is not None:
+            x = x * self.embed_scale
+        ropes = self.rotary(positions, x.dtype)
+        masks = None
+        if cache is None:
+            masks = {None: positions[:, None, None, :] <= positions[:, None, :, None]}  # (B, 1, L, L)
+            window = self.spec.sliding_window
+            if window is not None:
+                masks[window] = masks[None] & (positions[:, None, None, :] > positions[:, None, :, None] - window)
         for i, layer in enumerate(self.layers):
             kv = (cache.k[i], cache.v[i]) if cache is not None else None
-            x = layer(x, rope, lora, kv, paged, mask)
+            x = layer(x, ropes, lora, kv, paged, masks)
         if logits_at is not None:
             x = x[torch.arange(x.shape[0], device=x.device), logits_at]  # (B, D)
-        return self.lm_head(self.norm(x))
+        logits = self.lm_head(self.norm(x))
+        cap = self.spec.final_softcap
+        return logits if cap is None else torch.tanh(logits / cap) * cap

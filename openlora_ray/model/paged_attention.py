@@ -14,7 +14,9 @@ Semantics (for one row with block table ``table`` whose queries sit at positions
 
     k_row = cat([k[b].mT for b in table], dim=1)[:, :start + L]     # (KVH, T, hd)
     for each query head h (KV head h // rep), query i:
-        out[h, i] = softmax(q[h, i] @ k_row[h // rep].T * scale, keys j <= start + i) @ v_row[h // rep]
+        s = q[h, i] @ k_row[h // rep].T * scale
+        s = cap * tanh(s / cap)                        # soft-capping (Gemma 2), when a cap is given
+        out[h, i] = softmax(s, keys j <= start + i and, in a windowed layer, j > start + i - window) @ v_row[h // rep]
 
 ``paged_attention_reference`` is exactly that, one row at a time. Two paths must match it:
 
@@ -67,29 +69,55 @@ class DecodeLayout:
 
 
 def build_decode_layout(
-    tables: Sequence[Sequence[int]], lengths: Sequence[int], block_size: int, device: torch.device
+    tables: Sequence[Sequence[int]],
+    lengths: Sequence[int],
+    block_size: int,
+    device: torch.device,
+    window: int | None = None,
 ) -> DecodeLayout:
     """Pairs for rows with block tables ``tables`` and contexts of ``lengths`` tokens (this step's
-    token included). In place when every block is used once and the used range is at most twice
-    the blocks used; gathered otherwise."""
-    pairs: list[tuple[int, int, int]] = []  # (block, row, valid tokens)
+    token included). With a sliding ``window`` a row reads only its last ``window`` positions, so
+    its blocks before them are left out and the positions before them masked in the first block
+    kept. In place when every block is used once and the used range is at most twice the blocks
+    used; gathered otherwise."""
+    pairs: list[tuple[int, int, int, int]] = []  # (block, row, first valid offset, end of valid offsets)
     for row, (table, length) in enumerate(zip(tables, lengths)):
-        n = -(-length // block_size)
-        pairs += [(table[i], row, min(block_size, length - i * block_size)) for i in range(n)]
-    used = [b for b, _, _ in pairs]
+        first = 0 if window is None else max(0, length - window)
+        for i in range(first // block_size, -(-length // block_size)):
+            pairs.append((table[i], row, max(0, first - i * block_size), min(block_size, length - i * block_size)))
+    used = [b for b, _, _, _ in pairs]
     lo, hi = min(used), max(used) + 1
     num_rows = len(tables)
     if len(set(used)) == len(used) and hi - lo <= 2 * len(used):
-        row_of, valid = [num_rows] * (hi - lo), [0] * (hi - lo)
-        for block, row, n in pairs:
-            row_of[block - lo], valid[block - lo] = row, n
+        row_of, start, end = [num_rows] * (hi - lo), [0] * (hi - lo), [0] * (hi - lo)
+        for block, row, a, b in pairs:
+            row_of[block - lo], start[block - lo], end[block - lo] = row, a, b
         blocks: torch.Tensor | slice = slice(lo, hi)
     else:
-        row_of, valid = [r for _, r, _ in pairs], [n for _, _, n in pairs]
+        row_of, start, end = [p[1] for p in pairs], [p[2] for p in pairs], [p[3] for p in pairs]
         blocks = torch.tensor(used, device=device)
-    valid_t = torch.tensor(valid, device=device)
-    masked = torch.arange(block_size, device=device)[None, :] >= valid_t[:, None]  # (P, bs)
+    offsets = torch.arange(block_size, device=device)[None, :]
+    masked = offsets >= torch.tensor(end, device=device)[:, None]  # (P, bs)
+    if window is not None:
+        masked |= offsets < torch.tensor(start, device=device)[:, None]
     return DecodeLayout(blocks, torch.tensor(row_of, device=device), masked[:, None, None, :], num_rows)
+
+
+def attend(
+    q: torch.Tensor,  # (..., M, hd)
+    k: torch.Tensor,  # (..., T, hd)
+    v: torch.Tensor,  # (..., T, hd)
+    mask: torch.Tensor,  # (..., M, T) bool, True = may attend
+    scale: float,
+    softcap: float | None,
+) -> torch.Tensor:  # (..., M, hd)
+    """SDPA, or with Gemma 2's soft-capping (``cap * tanh(s / cap)`` on the scaled scores before
+    the mask, softmax in float32 as transformers' eager attention) written out: SDPA has no cap."""
+    if softcap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    scores = torch.matmul(q, k.mT).mul_(scale).div_(softcap).tanh_().mul_(softcap)
+    scores = scores.masked_fill_(~mask, float("-inf")).softmax(-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(scores, v)
 
 
 def write_kv(
@@ -110,17 +138,28 @@ def prefill_attention(
     v_pool: torch.Tensor,  # (NB, KVH, bs, hd)
     layout: PrefillLayout,
     scale: float,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:  # (H, L, hd)
+    """With a sliding ``window``, query ``p`` reads keys ``p - window < j <= p``: blocks wholly
+    before the chunk's first query's window are not gathered."""
     heads, length, hd = q.shape
     kvh = k_pool.shape[1]
     rep = heads // kvh
     total = layout.start + length
-    k = k_pool.index_select(0, layout.blocks).permute(1, 0, 3, 2).reshape(kvh, -1, hd)[:, :total]  # (KVH, T, hd)
-    v = v_pool.index_select(0, layout.blocks).transpose(0, 1).reshape(kvh, -1, hd)[:, :total]
+    bs = k_pool.shape[-1]
+    skip = 0 if window is None else max(0, layout.start - window + 1) // bs  # leading blocks no query reads
+    blocks = layout.blocks if skip == 0 else layout.blocks[skip:]
+    first = skip * bs  # position of the first gathered key
+    k = k_pool.index_select(0, blocks).permute(1, 0, 3, 2).reshape(kvh, -1, hd)[:, : total - first]  # (KVH, T, hd)
+    v = v_pool.index_select(0, blocks).transpose(0, 1).reshape(kvh, -1, hd)[:, : total - first]
     query_pos = layout.start + torch.arange(length, device=q.device)
-    mask = torch.arange(total, device=q.device)[None, :] <= query_pos[:, None]  # (L, T)
+    key_pos = first + torch.arange(total - first, device=q.device)
+    mask = key_pos[None, :] <= query_pos[:, None]  # (L, T)
+    if window is not None:
+        mask &= key_pos[None, :] > query_pos[:, None] - window
     q = q.reshape(kvh, rep * length, hd)  # (KVH, rep*L, hd): heads h = kvh*rep + r
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.repeat(rep, 1), scale=scale)
+    out = attend(q, k, v, mask.repeat(rep, 1), scale, softcap)
     return out.view(heads, length, hd)
 
 
@@ -130,6 +169,7 @@ def decode_attention(
     v_pool: torch.Tensor,  # (NB, KVH, bs, hd)
     layout: DecodeLayout,
     scale: float,
+    softcap: float | None = None,
 ) -> torch.Tensor:  # (B, H, hd)
     rows, heads, hd = q.shape
     kvh = k_pool.shape[1]
@@ -141,7 +181,10 @@ def decode_attention(
     # One padding row (index B) absorbs the pairs of unused blocks in an in-place range.
     q_rows = torch.cat([q, q.new_zeros(1, heads, hd)]).view(rows + 1, kvh, rep, hd)
     q_pairs = q_rows.index_select(0, layout.row_of)  # (P, KVH, rep, hd)
-    scores = torch.matmul(q_pairs, k).mul_(scale).masked_fill_(layout.masked, MASKED)  # (P, KVH, rep, bs)
+    scores = torch.matmul(q_pairs, k).mul_(scale)  # (P, KVH, rep, bs)
+    if softcap is not None:
+        scores.div_(softcap).tanh_().mul_(softcap)
+    scores.masked_fill_(layout.masked, MASKED)
     block_max = scores.amax(-1)  # (P, KVH, rep)
     index = layout.row_of[:, None, None].expand_as(block_max)
     row_max = torch.full((rows + 1, kvh, rep), MASKED, dtype=scores.dtype, device=q.device)
@@ -160,6 +203,8 @@ def paged_attention_reference(
     tables: Sequence[Sequence[int]],
     starts: Sequence[int],  # tokens in each row's cache before its L queries
     scale: float,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:  # (B, H, L, hd)
     """The definition, one row and one head at a time, in float64. For tests only."""
     rows, heads, length, hd = q.shape
@@ -173,6 +218,10 @@ def paged_attention_reference(
             g = h // (heads // kvh)
             for i in range(length):
                 s = (k_row[g] @ q[b, h, i].double()) * scale  # (T,)
+                if softcap is not None:
+                    s = torch.tanh(s / softcap) * softcap
                 s[starts[b] + i + 1 :] = float("-inf")
+                if window is not None:
+                    s[: max(0, starts[b] + i + 1 - window)] = float("-inf")
                 out[b, h, i] = s.softmax(0) @ v_row[g]
     return out

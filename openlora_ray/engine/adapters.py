@@ -5,11 +5,20 @@ torch (``to_weights``, the copy into a slot) happens on the loop thread, which c
 here (see ``RawLora`` for why). This object is the scheduler's ``AdapterGate``: a sequence is
 admitted once its adapter is pinned in a slot, and it computes under that adapter's *KV identity*,
 the content digest of the files the slot's weights came from.
+
+An adapter id is a name; what it means can change (a re-pushed latest, store objects replaced by
+hand). So an id is first *resolved* to a local folder and the content digest of its files (by a
+worker: it may ask the store), trusted for ``recheck_s``, and every tier here (reads, slots, host)
+is keyed by that digest: new content under an old name is a miss and is read, never the old
+weights served. A running sequence keeps the weights it was admitted with until it finishes.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
+import os
+import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -17,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from openlora_ray.adapter_digest import CONTENT_FILES, folder_digest
 from openlora_ray.adapter_format import BaseModelDims
 from openlora_ray.engine.scheduler import Seq
 from openlora_ray.errors import AdapterNotFoundError, CapacityError, InvalidAdapterError
@@ -51,6 +61,7 @@ class AdapterManager:
         workers: int,
         wake: Callable[[], None],
         base_identity: str,
+        recheck_s: float = 1.0,
     ) -> None:
         self.slots = slots
         self._resolver = resolver
@@ -58,101 +69,177 @@ class AdapterManager:
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="adapter-load")
         self._wake = wake
         self.base_identity = base_identity
-        self._loading: dict[str, Future[RawLora]] = {}
-        self._ready: dict[str, LoraWeights] = {}  # read and converted, waiting for a free slot
-        self.operator_pins: set[str] = set()
+        self._recheck_s = recheck_s
+        self._resolved: dict[str, tuple[ResolvedAdapter, float]] = {}  # adapter id -> (what, trusted until)
+        self._resolving: dict[str, Future[ResolvedAdapter]] = {}
+        self._loading: dict[str, tuple[str, Future[RawLora]]] = {}  # digest -> (adapter id, read)
+        self._ready: dict[str, LoraWeights] = {}  # by digest: read and converted, waiting for a slot
+        self._held: dict[Seq, str] = {}  # admitted sequence -> digest of the slot it pinned
+        self._hashed: dict[tuple, str] = {}  # digests of bare-Path folders, by their files' stat
+        self.operator_pins: dict[str, str] = {}  # adapter id -> digest pinned for it
 
     # ----------------------------------------------------------------- the scheduler's gate
     def acquire(self, seq: Seq) -> str | None:
-        aid = seq.adapter_id
-        if aid is None:
+        if seq.adapter_id is None:
             return self.base_identity
-        if self.slots.slot_of(aid) is None and aid not in self.slots.host and aid not in self._ready:
-            self._start_load(aid)
+        key = self._at_hand(seq.adapter_id)
+        if key is None:
             return None
         try:
-            self.slots.acquire(aid, self._ready.pop)
+            self.slots.acquire(key, self._ready.pop)
         except CapacityError:  # every slot pinned by running rows: wait for one to finish
             return None
-        return "lora:" + self.slots.weights(aid).digest
+        self._held[seq] = key
+        return "lora:" + key
 
     def release(self, seq: Seq) -> None:
-        if seq.adapter_id is not None:
-            self.slots.release(seq.adapter_id)
+        key = self._held.pop(seq, None)
+        if key is not None:
+            self.slots.release(key)
 
-    def slot(self, adapter_id: str | None) -> int:
-        """The slot of a pinned adapter (``NO_ADAPTER`` for the base model)."""
-        return NO_ADAPTER if adapter_id is None else self.slots.slot_of(adapter_id)
+    def slot(self, seq: Seq) -> int:
+        """The slot of an admitted sequence's adapter (``NO_ADAPTER`` for the base model)."""
+        key = self._held.get(seq)
+        return NO_ADAPTER if key is None else self.slots.slot_of(key)
 
-    # ------------------------------------------------------------------- background loads
+    def prepare(self, waiting: Iterable[Seq], depth: int) -> None:
+        """Get the adapters of the first ``depth`` waiting sequences read ahead of their admission
+        (resolves and reads run in workers, overlapped with the steps), and move read adapters no
+        sequence waits for any more to the host tier."""
+        needed: set[str] = set()
+        for seq in itertools.islice((s for s in waiting if s.adapter_id is not None), depth):
+            self._at_hand(seq.adapter_id)
+            entry = self._resolved.get(seq.adapter_id)
+            if entry is not None:
+                needed.add(entry[0].digest)
+        for key in [k for k in self._ready if k not in needed]:
+            self.slots.host.put(self._ready.pop(key))
+
+    def _at_hand(self, adapter_id: str) -> str | None:
+        """The digest ``adapter_id`` means now, if those weights are in a slot, the host tier or read;
+        otherwise None, after starting what gets them there (a resolve, then a read)."""
+        entry = self._resolved.get(adapter_id)
+        if entry is None or entry[1] <= time.monotonic():
+            self._start_resolve(adapter_id)
+            return None
+        resolved = entry[0]
+        key = resolved.digest
+        if self.slots.slot_of(key) is None and key not in self.slots.host and key not in self._ready:
+            self._start_read(adapter_id, resolved)
+            return None
+        return key
+
+    # ------------------------------------------------------------------- background work
     def collect(self) -> list[tuple[str, Exception]]:
-        """Convert finished reads (on the loop thread); the adapters that failed, with why."""
-        failed = []
-        for adapter_id, fut in list(self._loading.items()):
-            if not fut.done():
-                continue
-            del self._loading[adapter_id]
+        """Take finished resolves and reads (converting on the loop thread); the adapter ids that
+        failed, with why."""
+        failed: list[tuple[str, Exception]] = []
+        for adapter_id, fut in [(a, f) for a, f in self._resolving.items() if f.done()]:
+            del self._resolving[adapter_id]
+            err = fut.exception()
+            if err is None:
+                self._resolved[adapter_id] = (fut.result(), time.monotonic() + self._recheck_s)
+                self._at_hand(adapter_id)  # start the read now if the weights are nowhere at hand
+            else:
+                failed.append((adapter_id, err))
+        for key, (adapter_id, fut) in [(k, v) for k, v in self._loading.items() if v[1].done()]:
+            del self._loading[key]
             err = fut.exception()
             if err is None:
                 try:
-                    self._ready[adapter_id] = to_weights(fut.result(), self._dtype)
+                    self._ready[key] = to_weights(fut.result(), self._dtype)
                     continue
                 except InvalidAdapterError as e:
                     err = e
-            log.warning("adapter %s failed to load: %s", adapter_id, err)
             failed.append((adapter_id, err))
+        for adapter_id, err in failed:
+            log.warning("adapter %s failed to load: %s", adapter_id, err)
         return failed
-
-    def park(self, needed: Iterable[str | None]) -> None:
-        """Move read adapters nobody waits for any more to the host tier."""
-        keep = set(needed)
-        for aid in [a for a in self._ready if a not in keep]:
-            self.slots.host.put(self._ready.pop(aid))
 
     @property
     def loading(self) -> tuple[str, ...]:
-        return tuple(self._loading) + tuple(self._ready)
+        reading = (a for a, _ in self._loading.values())
+        return tuple(dict.fromkeys((*self._resolving, *reading, *(w.adapter_id for w in self._ready.values()))))
 
-    def _start_load(self, adapter_id: str) -> None:
-        if adapter_id in self._loading:
-            return
-        fut = self._pool.submit(self.read, adapter_id)
+    def _start_resolve(self, adapter_id: str) -> None:
+        if adapter_id not in self._resolving:
+            self._resolving[adapter_id] = self._submit(self.resolve, adapter_id)
+
+    def _start_read(self, adapter_id: str, resolved: ResolvedAdapter) -> None:
+        if resolved.digest not in self._loading:
+            self._loading[resolved.digest] = (adapter_id, self._submit(self._read, adapter_id, resolved))
+
+    def _submit(self, fn: Callable, *args: object) -> Future:
+        fut = self._pool.submit(fn, *args)
         fut.add_done_callback(lambda _: self._wake())
-        self._loading[adapter_id] = fut
+        return fut
 
-    def read(self, adapter_id: str) -> RawLora:
-        """Worker thread: resolve to a local folder, validate, read (``to_weights`` follows on the loop)."""
+    def resolve(self, adapter_id: str) -> ResolvedAdapter:
+        """Worker thread: the adapter's local folder and content digest, as of now."""
         if self._resolver is None:
             raise AdapterNotFoundError(adapter_id, "this engine (no adapter store configured)")
         resolved = self._resolver(adapter_id)
         if isinstance(resolved, ResolvedAdapter):
-            return read_lora(adapter_id, resolved.path, self._dims, self._max_rank, resolved.digest)
-        return read_lora(adapter_id, resolved, self._dims, self._max_rank)
+            return resolved
+        return ResolvedAdapter(resolved, self._hash_folder(Path(resolved)))
+
+    def _hash_folder(self, folder: Path) -> str:
+        """A bare folder's digest, hashed again only when its files change (size, mtime, inode)."""
+        sig = (str(folder.resolve()), *((st.st_size, st.st_mtime_ns, st.st_ino) for st in
+                                        (os.stat(folder / f) for f in CONTENT_FILES)))
+        digest = self._hashed.get(sig)
+        if digest is None:
+            digest = self._hashed[sig] = folder_digest(folder)
+        return digest
+
+    def _read(self, adapter_id: str, resolved: ResolvedAdapter) -> RawLora:
+        """Worker thread: validate and read (``to_weights`` follows on the loop)."""
+        return read_lora(adapter_id, resolved.path, self._dims, self._max_rank, resolved.digest)
+
+    def read(self, adapter_id: str) -> RawLora:
+        """Resolve and read in one call (blocking: for a worker thread)."""
+        return self._read(adapter_id, self.resolve(adapter_id))
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     # ------------------------------------------------------------------- operator actions
-    def load(self, raw: RawLora) -> int:
-        """Copy an adapter read off the loop into a slot (prefetch)."""
-        return self.slots.load(to_weights(raw, self._dtype))
-
-    def pin(self, adapter_id: str) -> int:
-        """Keep an adapter resident until ``unpin``. At most ``num_slots - 1`` adapters are pinned
-        this way, so operators can never leave requests for other adapters without a slot."""
-        if adapter_id in self.operator_pins:
-            return self.slots.slot_of(adapter_id)
+    def load(self, raw: RawLora, pin: bool = False) -> int:
+        """Copy an adapter read off the loop into a slot (prefetch). ``pin`` keeps it resident until
+        ``unpin``; at most ``num_slots - 1`` adapters are pinned this way, so operators can never
+        leave requests for other adapters without a slot. Re-pinning an id whose content changed
+        moves the pin to the new weights."""
+        key = raw.digest
+        if not pin:
+            slot = self.slots.slot_of(key)
+            return slot if slot is not None else self.slots.load(to_weights(raw, self._dtype))
+        old = self.operator_pins.get(raw.adapter_id)
+        if old == key:
+            return self.slots.slot_of(key)
         limit = self.slots.buffers.num_slots - 1
-        if len(self.operator_pins) >= limit:
+        if old is None and len(self.operator_pins) >= limit:
             raise CapacityError(
                 f"{len(self.operator_pins)} adapters are pinned on this replica, the most its {limit + 1} slots allow; "
                 "unpin one first"
             )
-        slot = self.slots.acquire(adapter_id, lambda aid: to_weights(self.read(aid), self._dtype))
-        self.operator_pins.add(adapter_id)
+        slot = self.slots.acquire(key, lambda _: to_weights(raw, self._dtype))
+        if old is not None:
+            self.slots.release(old)
+        self.operator_pins[raw.adapter_id] = key
         return slot
 
     def unpin(self, adapter_id: str) -> None:
-        if adapter_id in self.operator_pins:
-            self.operator_pins.discard(adapter_id)
-            self.slots.release(adapter_id)
+        key = self.operator_pins.pop(adapter_id, None)
+        if key is not None:
+            self.slots.release(key)
+
+    def evict(self, adapter_id: str) -> None:
+        """Drop every copy loaded under ``adapter_id`` from the slots and the host tier; refused
+        (nothing dropped) while a request or an operator pin uses one."""
+        keys = self.slots.keys_of(adapter_id)
+        busy = [k for k in keys if self.slots.pins(k)]
+        if busy:
+            self.slots.unload(busy[0])  # raises AdapterInUseError, naming the adapter
+        for key in keys:
+            self.slots.unload(key)
+        self._resolved.pop(adapter_id, None)

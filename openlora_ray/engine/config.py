@@ -27,6 +27,9 @@ class EngineSettings(BaseModel):
     prefix_cache: bool = Field(True, description="reuse the KV blocks of prompt prefixes already computed")
     num_kv_blocks: int | None = Field(None, ge=1, description="KV blocks, overriding what the budget gives (tests, benchmarks)")
     load_workers: int = Field(2, ge=1, description="threads fetching and validating adapters")
+    adapter_recheck_s: float = Field(
+        1.0, gt=0, description="how long an adapter id's resolved content digest is trusted before it is resolved again"
+    )
     torch_threads: int | None = Field(None, ge=1, description="intra-op threads of this process (CPU); None = torch's default")
 
 

@@ -204,6 +204,7 @@ class Engine:
             workers=cfg.load_workers,
             wake=lambda: self._inbox.put(("wake", None)),
             base_identity=f"base:{Path(cfg.model_path).resolve()}:{dtype}",
+            recheck_s=cfg.adapter_recheck_s,
         )
         self.eos_ids = _eos_ids(self.generation_defaults, self.tokenizer)
 
@@ -293,11 +294,10 @@ class Engine:
         return await asyncio.wrap_future(fut)
 
     async def prefetch(self, adapter_id: str, pin: bool = False) -> int:
-        """Load an adapter into a slot ahead of traffic (read off the loop); ``pin`` keeps it there."""
-        if adapter_id not in self.stats.resident_adapters:
-            raw = await asyncio.to_thread(self.adapters.read, adapter_id)
-            await self.call(lambda: self.adapters.load(raw))
-        return await self.call(lambda: self.adapters.pin(adapter_id) if pin else self.slots.slot_of(adapter_id))
+        """Load an adapter into a slot ahead of traffic (read off the loop); ``pin`` keeps it there.
+        Always resolved and read afresh: the id may mean other content than a resident copy's."""
+        raw = await asyncio.to_thread(self.adapters.read, adapter_id)
+        return await self.call(lambda: self.adapters.load(raw, pin=pin))
 
     async def unpin(self, adapter_id: str) -> None:
         """Drop an operator pin (from ``prefetch(pin=True)``); the adapter becomes evictable."""
@@ -305,7 +305,7 @@ class Engine:
 
     async def evict(self, adapter_id: str) -> None:
         """Remove an adapter from its slot and the host tier; refused while requests use it."""
-        await self.call(lambda: self.slots.unload(adapter_id))
+        await self.call(lambda: self.adapters.evict(adapter_id))
 
     def healthy(self, max_stall_s: float = 30.0) -> bool:
         """False when the loop thread died, has not finished an iteration for ``max_stall_s``, or
@@ -371,7 +371,7 @@ class Engine:
             self.scheduler.commit(plan)
             for seq, token in sampled:
                 self._accept(self._requests[seq], token)
-        self.adapters.park(s.adapter_id for s in self.scheduler.waiting)
+        self.adapters.prepare(self.scheduler.waiting, depth=self.config.num_slots)
 
     def _compute(self, plan: StepPlan) -> list[tuple[Seq, tuple[int, TokenLogprobs] | SamplingError]]:
         """Run the plan's forwards; the token sampled for each sequence that reached its end."""
@@ -386,7 +386,7 @@ class Engine:
                 start=chunk.start,
                 blocks=seq.blocks,
                 all_logits=bool(targets),
-                slot=slot(seq.adapter_id),
+                slot=slot(seq),
             )
             if targets:  # logits of every position of the chunk: score the prompt's tokens
                 rows = logits[targets.start - 1 - chunk.start : targets.stop - 1 - chunk.start]
@@ -396,7 +396,7 @@ class Engine:
             if chunk.sample:
                 done.append((seq, logits[None]))
         if plan.decode:
-            rows = [DecodeRow(s.tokens[-1], len(s.tokens) - 1, s.blocks, slot(s.adapter_id)) for s in plan.decode]
+            rows = [DecodeRow(s.tokens[-1], len(s.tokens) - 1, s.blocks, slot(s)) for s in plan.decode]
             logits = self.runner.decode(rows)
             done += [(seq, logits[i : i + 1]) for i, seq in enumerate(plan.decode)]
             self._recent.append((time.monotonic(), len(rows)))

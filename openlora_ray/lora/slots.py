@@ -1,5 +1,10 @@
 """Which adapter sits in which slot: loading, pinning, LRU eviction and a host-RAM tier.
 
+Both tiers are keyed by the adapter's *content digest* (``LoraWeights.digest``), not its name: a
+name, even ``name@version``, can come to mean other files (a store object replaced by hand, a
+re-pushed latest), and a tier keyed by the name would keep serving the old weights. Keyed by
+content, new files simply miss and are loaded; identical files under two names share one copy.
+
 The manager owns bookkeeping only; the tensors live in the model's pre-allocated buffers, which it
 fills through the small ``SlotBuffers`` protocol. It is used from one thread (the engine loop):
 adapters are read from disk elsewhere, and only the copy into a slot happens here.
@@ -30,14 +35,14 @@ class SlotBuffers(Protocol):
 
 @dataclass(frozen=True)
 class SlotState:
-    adapter_id: str | None  # None = free
+    key: str | None  # content digest of what the slot holds; None = free
     pins: int  # in-flight requests using the slot
     last_used: int  # logical clock of the last acquire
 
 
 def choose_slot(slots: Sequence[SlotState]) -> int | None:
     """Where a new adapter goes: a free slot, else the least recently used unpinned one, else None."""
-    free = [i for i, s in enumerate(slots) if s.adapter_id is None]
+    free = [i for i, s in enumerate(slots) if s.key is None]
     if free:
         return free[0]
     idle = [i for i, s in enumerate(slots) if s.pins == 0]
@@ -45,7 +50,7 @@ def choose_slot(slots: Sequence[SlotState]) -> int | None:
 
 
 class HostCache:
-    """Recently evicted adapters kept in host RAM, LRU under a byte budget.
+    """Recently evicted adapters kept in host RAM, LRU under a byte budget, by content digest.
 
     The budget counts each adapter at its own rank (``LoraWeights.nbytes``), not at the padded
     slot size, so many small adapters fit where a few large ones would.
@@ -56,41 +61,48 @@ class HostCache:
         self._entries: OrderedDict[str, LoraWeights] = OrderedDict()
         self.nbytes = 0
 
-    def __contains__(self, adapter_id: str) -> bool:
-        return adapter_id in self._entries
+    def __contains__(self, key: str) -> bool:
+        return key in self._entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
 
     def ids(self) -> list[str]:
-        return list(self._entries)
+        """The adapter ids the held weights were loaded under, least recently used first."""
+        return [w.adapter_id for w in self._entries.values()]
 
-    def get(self, adapter_id: str) -> LoraWeights | None:
-        weights = self._entries.get(adapter_id)
+    def keys_of(self, adapter_id: str) -> list[str]:
+        return [k for k, w in self._entries.items() if w.adapter_id == adapter_id]
+
+    def get(self, key: str) -> LoraWeights | None:
+        weights = self._entries.get(key)
         if weights is not None:
-            self._entries.move_to_end(adapter_id)
+            self._entries.move_to_end(key)
         return weights
 
     def put(self, weights: LoraWeights) -> None:
-        self.pop(weights.adapter_id)
+        self.pop(weights.digest)
         if weights.nbytes > self.budget_bytes:
             return
         while self.nbytes + weights.nbytes > self.budget_bytes:
             self.pop(next(iter(self._entries)))
-        self._entries[weights.adapter_id] = weights
+        self._entries[weights.digest] = weights
         self.nbytes += weights.nbytes
 
-    def pop(self, adapter_id: str) -> None:
-        weights = self._entries.pop(adapter_id, None)
+    def pop(self, key: str) -> None:
+        weights = self._entries.pop(key, None)
         if weights is not None:
             self.nbytes -= weights.nbytes
 
 
 class SlotManager:
-    """Maps adapters to slots; a pinned slot (a request is using it) is never evicted."""
+    """Maps adapters (by content digest: the *key*) to slots; a pinned slot is never evicted."""
 
     def __init__(self, buffers: SlotBuffers, host_cache_bytes: int) -> None:
         self.buffers = buffers
         self.host = HostCache(host_cache_bytes)
         n = buffers.num_slots
-        self._adapter: list[str | None] = [None] * n
+        self._key: list[str | None] = [None] * n
         self._weights: list[LoraWeights | None] = [None] * n
         self._pins = [0] * n
         self._last_used = [0] * n
@@ -103,41 +115,45 @@ class SlotManager:
 
     # ------------------------------------------------------------------ views
     def states(self) -> list[SlotState]:
-        return [SlotState(a, p, t) for a, p, t in zip(self._adapter, self._pins, self._last_used)]
+        return [SlotState(k, p, t) for k, p, t in zip(self._key, self._pins, self._last_used)]
 
-    def slot_of(self, adapter_id: str) -> int | None:
-        return self._slot_of.get(adapter_id)
+    def slot_of(self, key: str) -> int | None:
+        return self._slot_of.get(key)
 
     def resident(self) -> list[str]:
-        return list(self._slot_of)
+        """The adapter ids the resident weights were loaded under (what routing is told)."""
+        return [self._weights[slot].adapter_id for slot in self._slot_of.values()]
 
-    def weights(self, adapter_id: str) -> LoraWeights | None:
-        """What a resident adapter's slot holds (its digest is the KV identity of its rows)."""
-        slot = self._slot_of.get(adapter_id)
-        return None if slot is None else self._weights[slot]
+    def keys_of(self, adapter_id: str) -> list[str]:
+        """Keys of every copy, in a slot or the host tier, loaded under ``adapter_id``."""
+        resident = [k for k, slot in self._slot_of.items() if self._weights[slot].adapter_id == adapter_id]
+        return resident + self.host.keys_of(adapter_id)
 
     @property
     def free_slots(self) -> int:
-        return self._adapter.count(None)
+        return self._key.count(None)
 
-    def pins(self, adapter_id: str) -> int:
-        slot = self._slot_of.get(adapter_id)
+    def pins(self, key: str) -> int:
+        slot = self._slot_of.get(key)
         return 0 if slot is None else self._pins[slot]
 
     # -------------------------------------------------------------- lifecycle
-    def acquire(self, adapter_id: str, fetch: Callable[[str], LoraWeights]) -> int:
-        """Pin ``adapter_id`` in a slot, loading it from the host tier or ``fetch`` if needed.
+    def acquire(self, key: str, fetch: Callable[[str], LoraWeights]) -> int:
+        """Pin the weights of digest ``key`` in a slot, from the host tier or ``fetch(key)`` if needed.
 
         Raises ``CapacityError`` when every slot is pinned; errors from ``fetch`` propagate and
         leave every slot as it was.
         """
-        slot = self._slot_of.get(adapter_id)
+        slot = self._slot_of.get(key)
         if slot is None:
             if choose_slot(self.states()) is None:  # check before fetch, so nothing is fetched in vain
-                raise self._no_slot(adapter_id)
-            weights = self.host.get(adapter_id)
+                raise self._no_slot(key)
+            weights = self.host.get(key)
             tier = "host" if weights is not None else "fetch"
-            slot = self.load(weights or fetch(adapter_id))
+            weights = weights or fetch(key)
+            if weights.digest != key:
+                raise OpenLoraError(f"asked for the adapter of digest {key[:12]}, fetched {weights.digest[:12]}")
+            slot = self.load(weights)
             self.loads_by_tier[tier] += 1
         else:
             self.loads_by_tier["slot"] += 1
@@ -145,45 +161,46 @@ class SlotManager:
         self._touch(slot)
         return slot
 
-    def release(self, adapter_id: str) -> None:
+    def release(self, key: str) -> None:
         """Drop one pin; the adapter stays resident until its slot is needed."""
-        slot = self._slot_of.get(adapter_id)
+        slot = self._slot_of.get(key)
         if slot is None or self._pins[slot] == 0:
-            raise OpenLoraError(f"adapter {adapter_id!r} is not pinned")
+            raise OpenLoraError(f"adapter {key!r} is not pinned")
         self._pins[slot] -= 1
 
     def load(self, weights: LoraWeights) -> int:
         """Copy ``weights`` into a slot (evicting the LRU unpinned adapter if none is free)."""
-        slot = self._slot_of.get(weights.adapter_id)
+        slot = self._slot_of.get(weights.digest)
         if slot is not None:
             return slot
         slot = choose_slot(self.states())
         if slot is None:
             raise self._no_slot(weights.adapter_id)
-        if self._adapter[slot] is not None:
+        if self._key[slot] is not None:
             self._evict(slot)
         self.buffers.write_slot(slot, weights)
-        self.host.pop(weights.adapter_id)
-        self._adapter[slot], self._weights[slot] = weights.adapter_id, weights
-        self._slot_of[weights.adapter_id] = slot
+        self.host.pop(weights.digest)
+        self._key[slot], self._weights[slot] = weights.digest, weights
+        self._slot_of[weights.digest] = slot
         self._touch(slot)
         log.debug("loaded %s into slot %d", weights.adapter_id, slot)
         return slot
 
-    def unload(self, adapter_id: str) -> None:
+    def unload(self, key: str) -> None:
         """Remove an adapter from its slot and from the host tier (e.g. the adapter was deleted)."""
-        slot = self._slot_of.get(adapter_id)
+        slot = self._slot_of.get(key)
         if slot is not None:
             if self._pins[slot]:
-                raise AdapterInUseError(f"adapter {adapter_id!r} is in use ({self._pins[slot]} running request(s) or pins); unpin it or retry")
+                name = self._weights[slot].adapter_id
+                raise AdapterInUseError(f"adapter {name!r} is in use ({self._pins[slot]} running request(s) or pins); unpin it or retry")
             self._free(slot)
-        self.host.pop(adapter_id)
+        self.host.pop(key)
 
     # --------------------------------------------------------------- helpers
-    def _no_slot(self, adapter_id: str) -> CapacityError:
+    def _no_slot(self, adapter: str) -> CapacityError:
         return CapacityError(
             f"all {self.buffers.num_slots} adapter slots are in use by running requests; "
-            f"cannot load {adapter_id!r} now, retry shortly"
+            f"cannot load {adapter!r} now, retry shortly"
         )
 
     def _evict(self, slot: int) -> None:
@@ -195,11 +212,11 @@ class SlotManager:
         self.host.put(weights)
 
     def _free(self, slot: int, clear: bool = True) -> None:
-        adapter_id = self._adapter[slot]
+        key = self._key[slot]
         if clear:
             self.buffers.clear_slot(slot)
-        del self._slot_of[adapter_id]
-        self._adapter[slot], self._weights[slot] = None, None
+        del self._slot_of[key]
+        self._key[slot], self._weights[slot] = None, None
         self._last_used[slot] = 0
 
     def _touch(self, slot: int) -> None:

@@ -17,15 +17,11 @@ from typing import Any
 from ray import serve
 from ray.serve.metrics import Counter, Gauge, Histogram
 
-from openlora_ray.adapter_format import BaseModelDims
-from openlora_ray.engine.adapters import ResolvedAdapter
-from openlora_ray.engine.config import EngineConfig
-from openlora_ray.engine.engine import Engine
 from openlora_ray.engine.request import SamplingParams, StreamOutput
 from openlora_ray.errors import InvalidRequestError
 from openlora_ray.serve.config import AppConfig
+from openlora_ray.serve.engine_wiring import build_engine, open_store
 from openlora_ray.serve.state import ReplicaState
-from openlora_ray.store.store import AdapterStore
 
 log = logging.getLogger(__name__)
 
@@ -36,12 +32,9 @@ class LoraReplica:
     def __init__(self, config: dict[str, Any]) -> None:
         cfg = AppConfig.model_validate(config)
         path = cfg.model_path()
-        self.store = (
-            AdapterStore(cfg.store, dims=BaseModelDims.from_model_dir(path), max_rank=cfg.engine.max_rank)
-            if cfg.store is not None
-            else None
-        )
-        self.engine = Engine(EngineConfig(model_path=path, **cfg.engine.model_dump()), self._resolve if self.store else None)
+        # The store's profile is checked before the model loads: a replica of the wrong shapes stops here.
+        self.store = open_store(cfg.store, path, cfg.engine.max_rank) if cfg.store is not None else None
+        self.engine, _ = build_engine(cfg.engine, path, self.store, self._observe_fetch)
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self._disk: tuple[float, frozenset[str]] = (0.0, frozenset())
         self._reported_tiers: dict[str, int] = {}
@@ -59,15 +52,10 @@ class LoraReplica:
         self._reported_prefix = (0, 0, 0)  # prompt tokens, hit tokens, preemptions already exported
         log.info("replica %s ready (model %s)", self.replica_id, path)
 
-    def _resolve(self, adapter_id: str) -> ResolvedAdapter:
-        """Engine worker thread: the adapter's local folder, downloading it on a cache miss, and
-        its manifest's content digest (the KV identity of what it computes)."""
-        start = time.monotonic()
-        local = self.store.fetch(adapter_id)
-        tier = "store" if local.downloaded else "disk"
+    def _observe_fetch(self, tier: str, seconds: float) -> None:
+        """Engine worker thread: an adapter resolved from the node disk cache or the store."""
         self._m_loads.inc(tags={"tier": tier})
-        self._m_load_s.observe(time.monotonic() - start, tags={"tier": tier})
-        return ResolvedAdapter(local.path, local.manifest.content_digest)
+        self._m_load_s.observe(seconds, tags={"tier": tier})
 
     async def generate(self, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """Stream one request. The adapter id arrives as Serve's multiplexed model id."""

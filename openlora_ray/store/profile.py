@@ -10,6 +10,7 @@ refuses adapters that are inconsistent in themselves (see ``adapter_format``).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -57,6 +58,19 @@ class StoreProfile(BaseModel):
 
     def to_json(self) -> bytes:
         return self.model_dump_json(indent=2).encode()
+
+    def mismatch(self, dims: BaseModelDims, max_rank: int) -> str | None:
+        """Why a replica of ``dims`` with slots of ``max_rank`` cannot serve this store; None if it can."""
+        if dims != self.dims:
+            theirs, ours = dataclasses.asdict(self.dims), dataclasses.asdict(dims)
+            diff = ", ".join(f"{k} {theirs[k]} (this model: {ours[k]})" for k in ours if ours[k] != theirs[k])
+            return (f"the store serves {self.describe()}; this replica's model differs: {diff}. "
+                    "Point the replica at the store of its base model, or serve that model")
+        if self.max_rank is not None and max_rank < self.max_rank:
+            return (f"the store accepts adapters up to rank {self.max_rank}, this replica's slots hold rank {max_rank} "
+                    f"at most: set engine.max_rank to {self.max_rank} (or record a lower max_rank with "
+                    "`adapters init --replace`, if no adapter above it was pushed)")
+        return None
 
     def describe(self) -> str:
         d = self.dims

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -48,7 +50,9 @@ def real(tiny_model_dir, make_adapter):
 
     def fetch(adapter_id: str) -> LoraWeights:
         fetched.append(adapter_id)
-        return load_lora_weights(adapter_id, dirs[adapter_id], model.dims, model.max_rank, model.dtype)
+        # Keyed by the adapter's name here, so the slot mechanics read plainly (the tiers key by digest).
+        weights = load_lora_weights(adapter_id, dirs[adapter_id], model.dims, model.max_rank, model.dtype)
+        return dataclasses.replace(weights, digest=adapter_id)
 
     return model, fetch, fetched
 
@@ -197,3 +201,19 @@ def test_write_slot_replaces_a_larger_adapter_completely(real):
     for layer in model.layers:
         for group in layer.groups.values():
             assert torch.equal(group.lora_a[1], group.lora_a[0]) and torch.equal(group.lora_b[1], group.lora_b[0])
+
+
+def test_tiers_key_by_content_so_one_name_can_hold_two_contents():
+    """An id whose content changed is a miss (new key); the old content is never handed out for it."""
+    buffers = RecordingBuffers(2)
+    mgr = SlotManager(buffers, host_cache_bytes=100)
+    old = LoraWeights("bot@v1", 1, {}, digest="d-old")
+    new = LoraWeights("bot@v1", 1, {}, digest="d-new")
+    assert mgr.acquire("d-old", lambda k: old) == 0
+    with pytest.raises(OpenLoraError, match="asked for the adapter of digest d-new"):
+        mgr.acquire("d-new", lambda k: old)  # a fetch that hands back other content is refused
+    assert mgr.acquire("d-new", lambda k: new) == 1
+    assert mgr.resident() == ["bot@v1", "bot@v1"] and mgr.keys_of("bot@v1") == ["d-old", "d-new"]
+    mgr.release("d-old")
+    mgr.acquire("x", lambda k: LoraWeights("x", 1, {}, digest="x"))  # evicts d-old to the host tier
+    assert "d-old" in mgr.host and mgr.slot_of("d-new") == 1 and mgr.host.ids() == ["bot@v1"]

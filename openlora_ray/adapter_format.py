@@ -36,6 +36,17 @@ KNOWN_PROJECTIONS = PROJECTIONS + FUSED_PROJECTIONS
 
 ALLOWED_DTYPES = frozenset({"F32", "F16", "BF16"})
 
+# Mixture-of-experts layers (model/moe.py) run the base router and experts: LoRA on them (per-expert
+# LoRA) is not served yet, whether PEFT saved it per expert module (transformers 4:
+# ``mlp.experts.<e>.gate_proj``, Mixtral's ``block_sparse_moe.experts.<e>.w1``), on the stacked
+# parameters (``target_parameters``: ``mlp.experts.gate_up_proj``) or on the router (``mlp.gate``).
+PER_EXPERT_REFUSAL = (
+    "LoRA on mixture-of-experts experts or routers (per-expert LoRA) is not supported yet; "
+    "train the adapter on the attention projections (q_proj, k_proj, v_proj, o_proj) and, where the base "
+    "model has dense MLP layers, their gate_proj/up_proj/down_proj"
+)
+_MOE_KEY = re.compile(r"\.(?:experts|block_sparse_moe|shared_expert_gate)\.|\.mlp\.gate\.lora_")
+
 _WEIGHT_KEY = re.compile(
     r"^base_model\.model\.model\.layers\.(?P<layer>\d+)\."
     r"(?:self_attn|mlp)\.(?P<proj>[a-z_]+)\.lora_(?P<ab>[AB])\.weight$"
@@ -61,6 +72,7 @@ class PeftLoraConfig(BaseModel):
     bias: Literal["none", "all", "lora_only"] = "none"
     lora_bias: bool = False
     rank_pattern: dict[str, int] = Field(default_factory=dict)
+    target_parameters: list[str] | None = None  # PEFT's LoRA on nn.Parameters: MoE experts' stacked weights
     alpha_pattern: dict[str, float] = Field(default_factory=dict)
     base_model_name_or_path: str | None = None
 
@@ -80,6 +92,7 @@ class BaseModelDims:
     num_heads: int
     num_kv_heads: int
     head_dim: int
+    sparse_mlp_layers: tuple[int, ...] = ()  # layers whose MLP is a mixture of experts (no LoRA there)
     projections: tuple[str, ...] = PROJECTIONS  # the modules its adapters may target (its family's names)
 
     @classmethod
@@ -93,6 +106,7 @@ class BaseModelDims:
             num_heads=heads,
             num_kv_heads=cfg.get("num_key_value_heads") or heads,
             head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            sparse_mlp_layers=_sparse_mlp_layers(cfg),
             projections=adapter_projections(cfg.get("model_type", "llama")),
         )
 
@@ -117,6 +131,19 @@ class BaseModelDims:
         }[proj]
 
 
+def _sparse_mlp_layers(cfg: dict[str, Any]) -> tuple[int, ...]:
+    """Qwen3-MoE's sparse layers: every ``decoder_sparse_step``-th outside ``mlp_only_layers``
+    (transformers' ``Qwen3MoeDecoderLayer``); Mixtral's are all of them."""
+    n = cfg["num_hidden_layers"]
+    if cfg.get("model_type") == "mixtral":
+        return tuple(range(n))
+    experts = cfg.get("num_experts") or cfg.get("num_local_experts")  # transformers 5 saves the latter
+    if cfg.get("model_type") != "qwen3_moe" or not experts:
+        return ()
+    step, dense = cfg.get("decoder_sparse_step") or 1, set(cfg.get("mlp_only_layers") or [])
+    return tuple(i for i in range(n) if i not in dense and (i + 1) % step == 0)
+
+
 @dataclass(frozen=True)
 class AdapterSpec:
     """A validated adapter: its config and which (layer, projection) pairs it changes."""
@@ -132,6 +159,9 @@ class AdapterSpec:
     @property
     def projections(self) -> frozenset[str]:
         return frozenset(p for _, p in self.targets)
+
+
+_MLP_NAMES = frozenset({*MLP_PROJECTIONS, "gate_up_proj"})
 
 
 def parse_weight_key(key: str) -> tuple[int, str, str] | None:
@@ -164,6 +194,8 @@ def read_config(adapter_id: str, adapter_dir: Path) -> PeftLoraConfig:
         problems.append("trained biases are not supported (bias must be 'none')")
     if cfg.rank_pattern or cfg.alpha_pattern:
         problems.append("per-module rank_pattern/alpha_pattern is not supported")
+    if cfg.target_parameters:
+        problems.append(f"target_parameters {cfg.target_parameters}: {PER_EXPERT_REFUSAL}")
     if isinstance(cfg.target_modules, list):
         unknown = sorted(set(cfg.target_modules) - set(KNOWN_PROJECTIONS))
         if unknown:
@@ -224,6 +256,11 @@ def _check_header(
         if len(shape) != 2:
             raise InvalidAdapterError(adapter_id, f"tensor {key!r} has shape {list(shape)}, expected 2-D")
         if dims is not None:
+            if proj in _MLP_NAMES and layer in dims.sparse_mlp_layers:
+                raise InvalidAdapterError(
+                    adapter_id, f"tensor {key!r} adapts the MLP of layer {layer}, a mixture-of-experts layer in "
+                    f"the base model: {PER_EXPERT_REFUSAL}",
+                )
             if proj not in dims.projections:
                 raise InvalidAdapterError(
                     adapter_id, f"tensor {key!r} targets {proj}, which the base model does not have; "
@@ -309,6 +346,8 @@ def _check_targets_declared(adapter_id: str, cfg: PeftLoraConfig, projections: f
 
 
 def _explain_key(key: str) -> str:
+    if _MOE_KEY.search(key):
+        return PER_EXPERT_REFUSAL
     if "lora_magnitude_vector" in key:
         return "DoRA is not supported"
     if "modules_to_save" in key or not ("lora_A" in key or "lora_B" in key):

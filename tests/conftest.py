@@ -70,3 +70,31 @@ def tiny_chat_model_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: P
     LlamaForCausalLM(LlamaConfig(**cfg)).save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
     return path
+
+
+TINY_QWEN3_MOE = dict(
+    TINY_CONFIG,
+    num_hidden_layers=4,
+    head_dim=16,
+    moe_intermediate_size=32,
+    num_experts=8,
+    num_experts_per_tok=2,
+    norm_topk_prob=True,
+    mlp_only_layers=[2],  # layers 0, 1 and 3 are sparse, layer 2 a dense MLP
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_moe_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Qwen3-MoE (8 experts, top 2) saved as a real Hugging Face folder."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    torch.manual_seed(0)
+    model = Qwen3MoeForCausalLM(Qwen3MoeConfig(**TINY_QWEN3_MOE))
+    with torch.no_grad():  # transformers starts routers at zero: every expert would tie
+        for layer in model.model.layers:
+            if hasattr(layer.mlp, "gate"):
+                layer.mlp.gate.weight.normal_(0, 0.5)
+    path = tmp_path_factory.mktemp("tiny-qwen3-moe")
+    model.save_pretrained(path, safe_serialization=True)
+    return path

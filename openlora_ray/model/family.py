@@ -100,10 +100,11 @@ TRAITS: dict[str, _Traits] = {
 
 
 def adapter_projections(model_type: str) -> tuple[str, ...]:
-    """The module names a PEFT adapter of this family may target (torch-free: the store uses it)."""
+    """The module names a PEFT adapter of this family may target (torch-free: the store uses it).
+    Qwen3-MoE's gate/up/down exist in its dense layers only; ``adapter_format`` refuses them on
+    its mixture-of-experts layers (``BaseModelDims.sparse_mlp_layers``)."""
     traits = TRAITS.get(model_type, _Traits())
-    groups = traits.groups if model_type != "qwen3_moe" else tuple(g for g in traits.groups if g[0] in ATTENTION_GROUPS)
-    return tuple(p for _, projs in groups for p in projs)
+    return tuple(p for _, projs in traits.groups for p in projs)
 
 
 @dataclass(frozen=True)

@@ -600,7 +600,7 @@ def reference_loads(work: list[WorkItem], replicas: int, slots: int, seed: int) 
     ``lower_bound`` holds for every router: each distinct adapter is fetched at least once, and
     the cluster's slots together are one cache of ``replicas * slots`` adapters, whose misses are
     at least those of clairvoyant MIN (Belady) on the same sequence; every miss is a slot load."""
-    from openlora_ray.serve.routing import stable_hash
+    from openlora_ray.serve.ring import stable_hash
     from openlora_ray.serve.simulate import belady_hits
 
     rng = random.Random(seed)

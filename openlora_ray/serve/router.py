@@ -1,4 +1,4 @@
-"""``LoraAffinityRouter``: the Ray Serve ``RequestRouter`` that runs ``routing.RoutingIndex.rank``.
+"""``LoraAffinityRouter``: the Ray Serve ``RequestRouter`` that runs ``routing_index.RoutingIndex.rank``.
 
 Configure it on the replica deployment::
 
@@ -34,12 +34,14 @@ replica's stats dict and model-id set by identity is itself a pass over every re
 change every stats period and model ids within ~0.1 s, so the delay this adds is small.
 
 ``RequestRouterConfig`` cloudpickles this class by value; the module imports only Ray and this
-package's ``serve.state``/``serve.routing`` (no torch), which are installed wherever Serve runs.
+package's policy modules (``serve.state``, ``routing``, ``routing_index``, ``ring``,
+``router_memory``; no torch), which are installed wherever Serve runs.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import random
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -47,16 +49,9 @@ from typing import Any
 
 from ray.serve.request_router import PendingRequest, ReplicaID, ReplicaResult, RequestRouter, RunningReplica
 
-from openlora_ray.serve.routing import (
-    InFlight,
-    Popularity,
-    RecentSends,
-    RouterSettings,
-    RoutingIndex,
-    RoutingInputs,
-    Tier,
-    holder_tier,
-)
+from openlora_ray.serve.router_memory import InFlight, Popularity, RecentSends
+from openlora_ray.serve.routing import RouterSettings, RoutingInputs, Tier, holder_tier
+from openlora_ray.serve.routing_index import RoutingIndex
 from openlora_ray.serve.state import ReplicaState
 
 REFRESH_S = 0.05  # how often the index re-reads the replicas' stats and model ids
@@ -114,6 +109,7 @@ class LoraAffinityRouter(RequestRouter):
         self._refreshed_at = -float("inf")
         self._claims: OrderedDict[str, _Claim] = OrderedDict()  # internal request id -> claim, oldest first
         self._in_flight = InFlight()
+        self._rng = random.Random()
 
     async def choose_replicas(
         self,
@@ -136,6 +132,7 @@ class LoraAffinityRouter(RequestRouter):
                 in_flight=self._in_flight.adapters(),
                 popularity=self._popularity,
                 now=now,
+                draw=self._rng.getrandbits(32),
             )
             ranks = self._index.rank(adapter_id, self.settings, inputs)
             if ranks and len(ranks[0]) == 1:

@@ -4,7 +4,7 @@ Default scale (issue 5): 1,000 replicas with 16 adapter slots each, 100,000 adap
 Zipf(1.0) trace of 1,000,000 requests arriving as a Poisson stream at 70 % of the cluster's decode
 capacity. Two routing policies drive the *same* replica model:
 
-* ``lora-affinity``: ``routing.RoutingIndex.rank`` itself (what ``LoraAffinityRouter`` calls), fed
+* ``lora-affinity``: ``routing_index.RoutingIndex.rank`` itself (what ``LoraAffinityRouter`` calls), fed
   what a real router sees: every replica's ``ReplicaState`` as of its last stats report (each
   replica reports every ``stats_period_s``, staggered), one ``RecentSends`` and one
   ``Popularity`` per ingress router (requests are spread over ``routers`` of them), that
@@ -60,16 +60,10 @@ from pathlib import Path
 
 import numpy as np
 
-from openlora_ray.serve.routing import (
-    Popularity,
-    RecentSends,
-    RouterSettings,
-    RoutingIndex,
-    RoutingInputs,
-    Tier,
-    holder_tier,
-    rank_replicas,
-)
+from openlora_ray.serve.decision_bench import run_decision_time
+from openlora_ray.serve.router_memory import Popularity, RecentSends
+from openlora_ray.serve.routing import RouterSettings, RoutingInputs, Tier, holder_tier, rank_replicas
+from openlora_ray.serve.routing_index import RoutingIndex
 from openlora_ray.serve.state import ReplicaState
 
 log = logging.getLogger(__name__)
@@ -354,6 +348,7 @@ class AffinityPolicy:
             queue_lens=RouterQueueLens(c, self.index, k, now, self.settings.queue_len_trust_s),
             popularity=self.popularity[k],
             now=now,
+            draw=(i * 0x9E3779B1) & 0xFFFFFFFF,
         )
         started = time.perf_counter()
         if self.cfg.exact:
@@ -539,6 +534,10 @@ def register_bench(benches: argparse._SubParsersAction) -> None:
     p.add_argument("--spill-load", type=float, default=s.spill_load)
     p.add_argument("--policies", nargs="+", default=[AffinityPolicy.name, ServeDefaultPolicy.name],
                    choices=[AffinityPolicy.name, ServeDefaultPolicy.name])
+    p.add_argument("--decision-time", action="store_true",
+                   help="instead of simulating: time the policy's decisions on a steady-state view of "
+                   "--replicas x --slots (see serve.decision_bench)")
+    p.add_argument("--decisions", type=int, default=20_000, help="decisions timed with --decision-time")
     p.add_argument("--out", type=Path, default=Path("bench-results/routing-sim.json"))
     p.set_defaults(func=run_routing_sim)
 
@@ -546,6 +545,8 @@ def register_bench(benches: argparse._SubParsersAction) -> None:
 def run_routing_sim(args: argparse.Namespace) -> int:
     from openlora_ray.bench.timing import print_table, write_json
 
+    if args.decision_time:
+        return run_decision_time(args)
     cfg = SimConfig(
         replicas=args.replicas, slots=args.slots, adapters=args.adapters, requests=args.requests, zipf=args.zipf,
         seed=args.seed, utilisation=args.utilisation, max_running=args.max_running, max_ongoing=args.max_ongoing,

@@ -11,13 +11,11 @@ import pytest
 from hypothesis import given, settings as hsettings, strategies as st
 from pydantic import ValidationError
 
+from openlora_ray.serve.ring import ReplicaRing, probe_sequence, successor_by_scan
+from openlora_ray.serve.router_memory import InFlight, Popularity, RecentSends
 from openlora_ray.serve.routing import (
-    InFlight,
-    Popularity,
-    RecentSends,
-    ReplicaRing,
+    FAR_HOLDERS,
     RouterSettings,
-    RoutingIndex,
     RoutingInputs,
     Tier,
     capacity_bucket,
@@ -25,13 +23,12 @@ from openlora_ray.serve.routing import (
     is_busy,
     kv_exhausted,
     placement_key,
-    probe_sequence,
     rank_replicas,
     replica_load,
-    successor_by_scan,
     victim_heat,
     waits_for_slot,
 )
+from openlora_ray.serve.routing_index import RoutingIndex
 from openlora_ray.serve.state import ReplicaState
 
 SETTINGS = RouterSettings()
@@ -124,7 +121,7 @@ def test_vram_is_bucketed_so_tiny_differences_do_not_decide() -> None:
     winners = Counter()
     for k in range(200):
         a = f"adapter-{k}"
-        expected = next(probe_sequence(a, SETTINGS, ring.successor))
+        expected = next(probe_sequence(a, SETTINGS.probe_points, ring.successor))
         shuffled = random.Random(a).sample(states, len(states))
         assert rank_replicas(a, shuffled, SETTINGS)[0] == [expected]
         winners[expected] += 1
@@ -443,11 +440,12 @@ def routing_inputs(draw: st.DrawFn) -> RoutingInputs:
     adapter=st.sampled_from(ADAPTERS + [None]),
     spill=st.sampled_from([0.5, 0.75, 1.0, 1.5]),
     strict=st.integers(1, 4),
+    sample=st.sampled_from([1, 2, 100]),
     seed=st.integers(0, 1000),
     inputs=routing_inputs(),
 )
-def test_properties(states, adapter, spill, strict, seed, inputs) -> None:
-    s = RouterSettings(spill_load=spill, strict_ranks=strict)
+def test_properties(states, adapter, spill, strict, sample, seed, inputs) -> None:
+    s = RouterSettings(spill_load=spill, strict_ranks=strict, holder_sample=sample)
     ranks = rank_replicas(adapter, states, s, inputs)
     ids = [x.replica_id for x in states]
     # Always a permutation of the candidates, no empty rank.
@@ -464,12 +462,31 @@ def test_properties(states, adapter, spill, strict, seed, inputs) -> None:
     slot_wait = {x.replica_id: waits_for_slot(adapter, x, inputs.in_flight.get(x.replica_id, ())) for x in states}
     busy = {x.replica_id: is_busy(load[x.replica_id], s) or slot_wait[x.replica_id] or kv_exhausted(x, s) for x in states}
     good = [r for r in ids if tiers[r] is not Tier.NONE and not busy[r]]
+    position = {r: i for i, rank in enumerate(ranks) for r in rank}
+    near = [r for r in ids if tiers[r] <= Tier.LOADING]
+    if sample < len(near):
+        # A sample of the slot holders: walking them (sorted) from ``draw`` until ``sample`` idle ones
+        # are found; those rank first, ahead of every non-holder, and those not examined after them.
+        near.sort()
+        start = inputs.draw % len(near)
+        walk = near[start:] + near[:start]
+        examined: list[str] = []
+        for r in walk:
+            if sum(not busy[e] for e in examined) == sample:
+                break
+            examined.append(r)
+        chosen = [r for r in examined if not busy[r]]
+        assert len(chosen) == min(sample, sum(not busy[r] for r in near))
+        if chosen:
+            assert set(ranks[0]) <= set(chosen) | {r for r in good if r not in near}
+        later = [r for r in ids if tiers[r] is Tier.NONE or busy[r] or r in walk[len(examined) :]]
+        assert all(position[c] < position[r] for c in chosen for r in later)
+        return
     if good:
         # A holder below the threshold always ranks first, and the first rank is its best tier.
         best = min(tiers[r] for r in good)
         assert set(ranks[0]) == {r for r in good if tiers[r] == best}
     # Every holder below the threshold precedes every non-holder; busy holders come last.
-    position = {r: i for i, rank in enumerate(ranks) for r in rank}
     for g in good:
         assert all(position[g] < position[r] for r in ids if tiers[r] is Tier.NONE or busy[r])
     busy_holders = {r for r in ids if tiers[r] is not Tier.NONE and busy[r]}
@@ -477,7 +494,8 @@ def test_properties(states, adapter, spill, strict, seed, inputs) -> None:
         assert set(ranks[-1]) == busy_holders
     # Then the first ``strict`` idle non-holders of the probe sequence, one per rank, in placement order.
     ring = ReplicaRing(ids)
-    candidates = [r for r in probe_sequence(adapter, s, ring.successor) if tiers[r] is Tier.NONE and not busy[r]][:strict]
+    wanted = 1 if good else strict  # with a holder to take it, one candidate is the fallback
+    candidates = [r for r in probe_sequence(adapter, s.probe_points, ring.successor) if tiers[r] is Tier.NONE and not busy[r]][:wanted]
     after_holders = ranks[len({tiers[r] for r in good}) :][: len(candidates)]
     assert all(len(rank) == 1 for rank in after_holders)
     assert {rank[0] for rank in after_holders} == set(candidates)
@@ -531,8 +549,6 @@ def test_the_index_ranks_exactly_as_the_reference_scan(history, members, adapter
 def test_a_hot_adapter_in_every_host_tier_ranks_only_its_probed_host_holders() -> None:
     """Past FAR_HOLDERS host-RAM holders, only those among the adapter's probes are ranked as
     holders (the rest join the catch-all): the index and the reference agree on it."""
-    from openlora_ray.serve.routing import FAR_HOLDERS
-
     states = [rs(f"r{i:02d}", host=("x",)) for i in range(3 * FAR_HOLDERS)]
     index = RoutingIndex()
     index.set_replicas([x.replica_id for x in states])
@@ -540,10 +556,25 @@ def test_a_hot_adapter_in_every_host_tier_ranks_only_its_probed_host_holders() -
         index.update(x)
     ranks = rank_replicas("x", states, SETTINGS)
     assert index.rank("x", SETTINGS) == ranks
-    probed = set(probe_sequence("x", SETTINGS, ReplicaRing([x.replica_id for x in states]).successor))
+    probed = set(probe_sequence("x", SETTINGS.probe_points, ReplicaRing([x.replica_id for x in states]).successor))
     assert ranks[0] == sorted(probed) and len(ranks) == 2 and len(ranks[1]) == len(states) - len(probed)
     few = states[: FAR_HOLDERS]
     assert rank_replicas("x", few, SETTINGS)[0] == sorted(x.replica_id for x in few)
+
+
+def test_a_hot_adapter_ranks_a_sample_of_its_idle_holders_first_and_the_rest_with_the_catch_all() -> None:
+    """With more idle slot holders than ``holder_sample``, a decision ranks that many first (where
+    the walk starts differs per decision) and leaves the others to the catch-all rank."""
+    states = [rs(f"r{i:02d}", resident=("x",)) for i in range(20)] + [rs(f"s{i}") for i in range(5)]
+    s = RouterSettings(holder_sample=4)
+    firsts = set()
+    for draw in range(20):
+        ranks = rank_replicas("x", states, s, RoutingInputs(draw=draw))
+        assert len(ranks[0]) == 4 and all(r.startswith("r") for r in ranks[0])
+        assert len(ranks[1]) == 1 and ranks[1][0].startswith("s")  # one candidate: the fallback
+        assert len(ranks) == 3 and len(ranks[2]) == 20  # 16 unexamined holders + 4 non-holders
+        firsts.add(tuple(ranks[0]))
+    assert len(firsts) == 20
 
 
 def test_ring_successor_by_bisection_equals_the_scan() -> None:
@@ -621,3 +652,22 @@ def test_routing_sim_cli_prints_a_table_and_writes_json(tmp_path, capsys) -> Non
     for p in payload["policies"]:
         assert 0 < p["hit_rate"] <= belady
         assert p["loads"] == round((1 - p["hit_rate"]) * 2000)
+
+
+def test_routing_sim_decision_time_prints_the_cpu_and_the_percentiles(tmp_path, capsys) -> None:
+    import argparse
+
+    from openlora_ray.serve.simulate import register_bench
+
+    parser = argparse.ArgumentParser()
+    register_bench(parser.add_subparsers(dest="bench"))
+    out = tmp_path / "decisions.json"
+    args = parser.parse_args(
+        ["routing-sim", "--decision-time", "--replicas", "40", "--adapters", "2000", "--decisions", "300", "--out", str(out)]
+    )
+    assert args.func(args) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("CPU: ") and "median us" in printed and "p99 us" in printed
+    payload = json.loads(out.read_text())
+    assert payload["decisions"] == 300 and 0 < payload["median_us"] <= payload["p99_us"]
+    assert payload["holders_mean"] > 1  # the stream is skewed toward adapters with several copies

@@ -275,29 +275,30 @@ class Ingress:
             principal = self.keys.authenticate(authorization)
             choices = body.choices(min(DEFAULT_MAX_TOKENS, self.cfg.limits.max_tokens))
             self._check_limits(choices[0].params, body.prompt_chars())
-            self._admit(principal)
+            self._admit(principal, len(choices))
         except Exception as e:  # noqa: BLE001
             return self._error(e)
         try:
             response = await self._generate(principal, body, rid, choices, chat)
         except BaseException:
-            self._release(principal)
+            self._release(principal, len(choices))
             raise
         if isinstance(response, StreamingResponse):
-            return response  # the stream releases the key's slot when it ends
-        self._release(principal)
+            return response  # the stream releases the key's slots when it ends
+        self._release(principal, len(choices))
         return response
 
-    def _admit(self, principal: Principal) -> None:
-        """Per-key limits apply with auth on. With auth off every caller shares one anonymous key,
-        so a per-key stream cap would throttle all local users together: their requests queue in
+    def _admit(self, principal: Principal, choices: int) -> None:
+        """Per-key limits apply with auth on; the in-flight cap counts engine requests (``n`` x
+        prompts), the rate counts HTTP requests. With auth off every caller shares one anonymous
+        key, so a per-key cap would throttle all local users together: their requests queue in
         Serve instead (ingress and replica ``max_ongoing_requests``/``max_queued_requests``)."""
         if self.cfg.auth.enabled:
-            self.limiter.admit(principal.key_id)
+            self.limiter.admit(principal.key_id, choices=choices)
 
-    def _release(self, principal: Principal) -> None:
+    def _release(self, principal: Principal, choices: int) -> None:
         if self.cfg.auth.enabled:
-            self.limiter.done(principal.key_id)
+            self.limiter.done(principal.key_id, choices)
 
     async def _generate(
         self, principal: Principal, body: Generation, rid: str, choices: list[Choice], chat: bool
@@ -315,6 +316,7 @@ class Ingress:
                         "params": c.params.model_dump(exclude_unset=True),  # unset: the model's defaults
                         "request_id": request_id,
                         "fit_max_tokens": body.max_tokens_omitted,
+                        "echo": body.echoes_prompt,
                     })
 
             running = await start_choices(choices, start)  # errors before the first token become statuses
@@ -329,7 +331,7 @@ class Ingress:
                 on_done=lambda lasts: self._record(model, lasts),
                 on_error=lambda e: self._stream_error(model, e),
             )
-            return StreamingResponse(self._released(events, principal), media_type="text/event-stream", headers=headers)
+            return StreamingResponse(self._released(events, principal, len(choices)), media_type="text/event-stream", headers=headers)
         try:
             lasts = await running.collect()
         except Exception as e:  # noqa: BLE001
@@ -340,8 +342,10 @@ class Ingress:
         answer = completion_response(rid, model, body.pick(every), chat, total_usage(every))
         return JSONResponse(answer, headers=headers)
 
-    async def _released(self, events: AsyncGenerator[str, None], principal: Principal) -> AsyncIterator[str]:
-        """The events, then the key's slot back; closing early (a client gone) cancels the choices."""
+    async def _released(
+        self, events: AsyncGenerator[str, None], principal: Principal, choices: int
+    ) -> AsyncIterator[str]:
+        """The events, then the key's slots back; closing early (a client gone) cancels the choices."""
         try:
             async for event in events:
                 yield event
@@ -349,7 +353,7 @@ class Ingress:
             try:
                 await events.aclose()
             finally:
-                self._release(principal)
+                self._release(principal, choices)
 
     def _stream_error(self, model: str, exc: BaseException) -> dict[str, Any]:
         """The error event that ends a stream which already answered 200."""

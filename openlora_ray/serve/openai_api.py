@@ -4,7 +4,10 @@ Requests are pydantic models. Unknown fields are ignored, as clients send many v
 a *known* OpenAI field the server does not implement is refused with a 400 that names it (see
 ``UNSUPPORTED``) unless it carries its no-op default, so nobody gets plain text where they asked
 for log probabilities or JSON. What the engine supports passes through to ``SamplingParams``:
-OpenAI's penalties and ``logit_bias``, vLLM's ``ignore_eos``, ``stop_token_ids`` and ``min_tokens``.
+OpenAI's penalties and ``logit_bias``, vLLM's ``ignore_eos``, ``stop_token_ids``, ``min_tokens``,
+``min_p``, ``skip_special_tokens`` and ``include_stop_str_in_output``. ``echo`` on completions puts
+the prompt before the completion; with ``logprobs`` its tokens are scored too (the first has none),
+and ``max_tokens: 0`` answers the prompt alone: lm-eval-harness's loglikelihood request.
 
 One request fans out into ``Choice`` rows, one engine request each: ``n`` per prompt, and on
 completions one prompt per entry of a prompt list, indexed as OpenAI does (prompt ``p``'s
@@ -36,10 +39,6 @@ def _empty(value: Any) -> bool:
     return value is None or value == [] or value == {}
 
 
-def _zero(value: Any) -> bool:
-    return value is None or value == 0
-
-
 def _false(value: Any) -> bool:
     return value is None or value is False
 
@@ -60,12 +59,8 @@ UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
     "reasoning_effort": lambda v: v is None,
     "verbosity": lambda v: v is None,
     "store": _false,
-    "echo": _false,
     "suffix": lambda v: v is None or v == "",
     # vLLM extras that benchmark and eval tools send
-    "min_p": _zero,
-    "skip_special_tokens": lambda v: v is None or v is True,
-    "include_stop_str_in_output": _false,
     "use_beam_search": _false,
 }
 
@@ -180,7 +175,7 @@ class _Common(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=0, description="0 only with echo: the prompt alone")
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     top_k: int | None = Field(None, ge=-1, description="vLLM extra; 0 or -1 = no top-k filter")
@@ -196,10 +191,10 @@ class _Common(BaseModel):
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     logit_bias: dict[int, float] | None = Field(None, max_length=300, description="token id (a JSON string) -> bias")
     min_tokens: int | None = Field(None, ge=0, description="vLLM extra: no end of sequence before this many tokens")
+    min_p: float | None = Field(None, ge=0.0, le=1.0, description="vLLM extra: drop tokens under min_p x the top's")
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
     # Known but not implemented: typed loosely so that any value reaches the check below.
-    min_p: Any = None
-    skip_special_tokens: Any = None
-    include_stop_str_in_output: Any = None
     use_beam_search: Any = None
 
     @model_validator(mode="after")
@@ -211,7 +206,19 @@ class _Common(BaseModel):
             raise PydanticCustomError(
                 "invalid_value", "'stream_options' is only allowed when 'stream' is true", {"param": "stream_options"}
             )
+        if self.max_tokens == 0 and not self.echoes_prompt:
+            raise PydanticCustomError(
+                "invalid_value", "'max_tokens' 0 needs 'echo' (the prompt alone)", {"param": "max_tokens"}
+            )
         return self
+
+    @property
+    def echoes_prompt(self) -> bool:
+        return False
+
+    def prompt_logprobs(self) -> int | None:
+        """How many alternatives the engine reports per prompt token; None: the prompt is not scored."""
+        return None
 
     @property
     def choices_per_prompt(self) -> int:
@@ -224,7 +231,7 @@ class _Common(BaseModel):
     def sampling(self, default_max_tokens: int) -> SamplingParams:
         """The engine's settings for the first choice (``choices`` derives the others' seeds)."""
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        max_tokens = self._max_tokens() or default_max_tokens
+        max_tokens = default_max_tokens if self._max_tokens() is None else self._max_tokens()
         if (self.min_tokens or 0) > max_tokens:
             raise InvalidRequestError(f"min_tokens ({self.min_tokens}) is above max_tokens ({max_tokens})")
         try:
@@ -243,6 +250,10 @@ class _Common(BaseModel):
                 min_tokens=self.min_tokens or 0,
                 logprobs=self.engine_logprobs(),
                 ignore_eos=self.ignore_eos,
+                **_given(min_p=self.min_p),
+                prompt_logprobs=self.prompt_logprobs(),
+                skip_special_tokens=self.skip_special_tokens,
+                include_stop_str_in_output=self.include_stop_str_in_output,
             )
         except ValidationError as e:
             first = e.errors()[0]
@@ -291,7 +302,7 @@ class CompletionRequest(_Common):
     prompt: str | list[str] | list[int] | list[list[int]]
     best_of: int | None = Field(None, ge=1)
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS, description="the k most likely tokens per token")
-    echo: Any = None
+    echo: bool | None = None
     suffix: Any = None
 
     @field_validator("prompt")
@@ -329,6 +340,13 @@ class CompletionRequest(_Common):
         """``best_of`` ranks candidates by their tokens' log probabilities, so it needs them."""
         return (self.logprobs or 0) if self.picks_best else self.logprobs
 
+    @property
+    def echoes_prompt(self) -> bool:
+        return bool(self.echo)
+
+    def prompt_logprobs(self) -> int | None:
+        return self.logprobs if self.echo else None
+
     def pick(self, results: list[ChoiceResult]) -> list[ChoiceResult]:
         """With ``best_of`` above ``n``: per prompt, the ``n`` candidates of the highest mean log
         probability per token (OpenAI's rule), renumbered ``p * n + rank``; their log
@@ -354,7 +372,8 @@ class CompletionRequest(_Common):
 
 
 def _mean_logprob(r: ChoiceResult) -> float:
-    entries = r.logprobs or ()
+    """Of the completion's tokens (an echoed prompt's are marked ``prompt`` by the replica)."""
+    entries = [e for e in r.logprobs or () if not e.get("prompt")]
     return sum(e["logprob"] for e in entries) / len(entries) if entries else float("-inf")
 
 

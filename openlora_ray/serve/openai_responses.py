@@ -64,7 +64,7 @@ def logprobs_body(entries: Sequence[dict[str, Any]] | None, chat: bool, text_off
     return {
         "tokens": [e["token"] for e in entries],
         "token_logprobs": [e["logprob"] for e in entries],
-        "top_logprobs": [dict((t, v) for t, v in e["top"]) for e in entries],
+        "top_logprobs": [None if e["top"] is None else dict((t, v) for t, v in e["top"]) for e in entries],
         "text_offset": offsets,
     }
 

@@ -11,13 +11,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from ray import serve
 from ray.serve.metrics import Counter, Gauge, Histogram
 
-from openlora_ray.engine.request import SamplingParams, StreamOutput
+from openlora_ray.engine.request import SamplingParams, StreamOutput, TokenLogprobs
 from openlora_ray.errors import InvalidRequestError
 from openlora_ray.serve.config import AppConfig
 from openlora_ray.serve.engine_wiring import build_engine, open_store
@@ -66,8 +66,9 @@ class LoraReplica:
             room = self.engine.config.max_seq_len - len(request.prompt_ids)
             if 0 < room < params.max_tokens:
                 request = dataclasses.replace(request, params=params.model_copy(update={"max_tokens": room}))
+        echo = bool(payload.get("echo"))
         async for out in self.engine.generate(request):
-            yield {
+            item = {
                 "text": out.text,
                 "tokens": len(out.token_ids),
                 "finish_reason": out.finish_reason,
@@ -78,6 +79,27 @@ class LoraReplica:
                 "replica": self.replica_id,
                 "logprobs": self._logprobs(out) if params.logprobs is not None else None,
             }
+            if echo:  # completions' echo: the first increment starts with the prompt
+                item, echo = self._echoed(item, payload["prompt"], request.prompt_ids, out), False
+            yield item
+
+    def _echoed(self, item: dict[str, Any], prompt: Any, ids: Sequence[int], out: StreamOutput) -> dict[str, Any]:
+        """``item`` behind the prompt's text (as sent, or its ids decoded) and, when the prompt was
+        scored, its tokens' log probabilities (marked ``prompt``: ``best_of`` ranks without them)."""
+        tokenizer = self.engine.tokenizer
+        text = prompt if isinstance(prompt, str) or tokenizer is None else tokenizer.decode(list(ids))
+        item = {**item, "text": text + item["text"]}
+        if item["logprobs"] is not None and out.prompt_logprobs:
+            name = self._token_text
+
+            def entry(t: int, lp: TokenLogprobs | None) -> dict[str, Any]:
+                if lp is None:  # the first token: nothing before it to predict it
+                    return {"token": name(t), "logprob": None, "top": None, "prompt": True}
+                top = [[name(i), v] for i, v in lp.top]
+                return {"token": name(t), "logprob": lp.token_logprob, "top": top, "prompt": True}
+
+            item["logprobs"] = [entry(t, lp) for t, lp in zip(ids, out.prompt_logprobs, strict=True)] + item["logprobs"]
+        return item
 
     def _logprobs(self, out: StreamOutput) -> list[dict[str, Any]]:
         """Each token's text and log probability, with its top alternatives': the ingress has no

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from openlora_ray.errors import AuthenticationError, RateLimitError
+from openlora_ray.errors import AuthenticationError, InvalidRequestError, RateLimitError
 from openlora_ray.serve.auth import AuthSettings, KeyRing, hash_key, new_key
 from openlora_ray.serve.limits import KeyLimiter, LimitSettings, TokenBucket
 
@@ -52,11 +52,25 @@ def test_key_limiter_counts_streams_per_key():
     limiter = KeyLimiter(LimitSettings(requests_per_s=100, burst=100, max_streams=2))
     limiter.admit("a", 0.0)
     limiter.admit("a", 0.0)
-    with pytest.raises(RateLimitError, match="2 requests in flight"):
+    with pytest.raises(RateLimitError, match="2 of its 2 choices in flight"):
         limiter.admit("a", 0.0)
     limiter.admit("b", 0.0)  # other keys are not affected
     limiter.done("a")
     limiter.admit("a", 0.0)
+
+
+def test_key_limiter_counts_choices_not_http_requests():
+    """n x prompts engine requests count as that many; one that alone exceeds the cap is a 400."""
+    limiter = KeyLimiter(LimitSettings(requests_per_s=100, burst=100, max_streams=8))
+    limiter.admit("a", 0.0, choices=6)
+    with pytest.raises(RateLimitError, match="has 6 of its 8 choices in flight and this request needs 3"):
+        limiter.admit("a", 0.0, choices=3)
+    limiter.admit("a", 0.0, choices=2)
+    limiter.done("a", 6)
+    limiter.admit("a", 0.0, choices=6)
+    with pytest.raises(InvalidRequestError, match="runs 9 choices"):
+        limiter.admit("b", 0.0, choices=9)
+    assert limiter.streams == {"a": 8}  # a refused request counts nothing
     slow = KeyLimiter(LimitSettings(requests_per_s=1, burst=1))
     slow.admit("k", 0.0)
     slow.done("k")

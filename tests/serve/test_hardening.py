@@ -355,3 +355,19 @@ def test_error_bodies_name_no_endpoint_bucket_or_path(dep):
         assert r.status_code == 503, r.text
         err = assert_clean(r)
         assert err["code"] == "store_unavailable" and "retry" in err["message"]
+
+
+
+def test_the_in_flight_cap_counts_choices_not_http_requests(dep):
+    """The key's cap is 64 choices (n x prompts): 65 alone are a 400 that names it (a 429 would
+    be retried forever); 60 at a time, streamed or not, give all 60 back when they end (had
+    the cap counted HTTP requests, or given back one, the next 60 would be refused)."""
+    body = {"model": BASE, "prompt": "Count:", "max_tokens": 1, "temperature": 0}
+    alone = dep.post("/v1/completions", {**body, "n": 65})
+    assert alone.status_code == 400 and "at most 64" in alone.json()["error"]["message"], alone.text
+    listed = dep.post("/v1/completions", {**body, "prompt": ["Count:", "Tell"] * 33})
+    assert listed.status_code == 400, listed.text  # 66 prompts are 66 choices
+    for stream in (False, True, False):
+        r = dep.post("/v1/completions", {**body, "n": 60, "stream": stream})
+        assert r.status_code == 200, r.text
+        assert r.content  # read to the end: a stream gives its choices back when it ends

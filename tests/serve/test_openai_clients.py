@@ -202,7 +202,6 @@ def test_unimplemented_fields_are_400_naming_them(url, client):
         "audio": {"voice": "alloy"},
         "modalities": ["text", "audio"],
         "prediction": {"type": "content", "content": "x"},
-        "min_p": 0.1,
     }
     for field, value in refused.items():
         r = post(url, "/v1/chat/completions", {**chat, field: value})
@@ -213,7 +212,7 @@ def test_unimplemented_fields_are_400_naming_them(url, client):
             and err["code"] == "unsupported_parameter"
             and field in err["message"]
         ), (field, r.text)
-    for field, value in {"echo": True, "suffix": "end"}.items():
+    for field, value in {"suffix": "end", "use_beam_search": True}.items():
         r = post(url, "/v1/completions", {"model": BASE, "prompt": "x", "max_tokens": 2, field: value})
         assert r.status_code == 400 and r.json()["error"]["param"] == field, (field, r.text)
     # The no-op values of those fields, and vendor fields nobody knows, are accepted.
@@ -310,6 +309,81 @@ def test_log_probabilities_are_the_models_own(client, tiny_chat_model_dir):
     assert all(bytes(c.bytes) == c.token.encode() for c in content)
     deltas = [c.choices[0].logprobs for c in client.chat.completions.create(stream=True, **chat) if c.choices]
     assert [t.token for d in deltas if d for t in d.content] == [c.token for c in content]
+
+
+def test_echo_scores_the_prompt_as_lm_eval_harness_asks(client, tiny_chat_model_dir, tmp_path):
+    """echo + logprobs: the prompt's tokens with the model's own log-softmax (the first has none),
+    base and adapter (alpha: r 4, alpha 8, non-zero B) against transformers and PEFT."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_chat_model_dir)
+    base = AutoModelForCausalLM.from_pretrained(tiny_chat_model_dir, dtype=torch.float32).eval()
+    peft_dir = save_peft_adapter(tiny_chat_model_dir, tmp_path / "alpha", 4, 8.0, ("q_proj", "v_proj"), 71)
+    refs = {BASE: base, "alpha": PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_chat_model_dir, dtype=torch.float32), peft_dir).eval()}
+    prompt = "The river runs past the old stone bridge"
+    ids = tokenizer(prompt).input_ids
+    for model, ref in refs.items():
+        with torch.no_grad():
+            want = ref(torch.tensor([ids])).logits[0].float().log_softmax(-1)  # row i scores token i + 1
+        got = client.completions.create(model=model, prompt=prompt, echo=True, logprobs=2, max_tokens=0)
+        choice = got.choices[0]
+        assert choice.text == prompt and got.usage.completion_tokens == 0 and got.usage.prompt_tokens == len(ids)
+        lp = choice.logprobs
+        assert lp.tokens == [tokenizer.decode([t]) for t in ids] and lp.token_logprobs[0] is None
+        assert lp.top_logprobs[0] is None and lp.text_offset == [sum(map(len, lp.tokens[:i])) for i in range(len(ids))]
+        for p in range(1, len(ids)):
+            assert abs(lp.token_logprobs[p] - float(want[p - 1, ids[p]])) < 1e-4, (model, p)
+            top = want[p - 1].topk(2)
+            assert sorted(lp.top_logprobs[p].values()) == pytest.approx(sorted(top.values.tolist()), abs=1e-4)
+        # lm-eval-harness's own request: token ids, max_tokens 1, the continuation's sum read back
+        one = client.completions.create(model=model, prompt=ids, echo=True, logprobs=1, max_tokens=1, temperature=0)
+        lp1 = one.choices[0].logprobs
+        assert one.choices[0].text.startswith(tokenizer.decode(ids)) and len(lp1.tokens) == len(ids) + 1
+        continuation = sum(lp1.token_logprobs[4 : len(ids)])
+        assert continuation == pytest.approx(sum(float(want[p - 1, ids[p]]) for p in range(4, len(ids))), abs=1e-3)
+        assert lp1.token_logprobs[-1] == pytest.approx(float(want[-1].max()), abs=1e-4)  # the greedy token
+        assert lp1.text_offset == [sum(map(len, lp1.tokens[:i])) for i in range(len(ids) + 1)]
+    kw = dict(model="alpha", prompt=prompt, echo=True, logprobs=1, max_tokens=4, temperature=0)
+    whole = client.completions.create(**kw).choices[0]
+    chunks = [c.choices[0] for c in client.completions.create(stream=True, **kw) if c.choices]
+    assert "".join(c.text for c in chunks) == whole.text and whole.text.startswith(prompt)
+    assert [t for c in chunks if c.logprobs for t in c.logprobs.tokens] == whole.logprobs.tokens
+    assert [o for c in chunks if c.logprobs for o in c.logprobs.text_offset] == whole.logprobs.text_offset
+    plain = client.completions.create(model=BASE, prompt=prompt, echo=True, max_tokens=3, temperature=0).choices[0]
+    assert plain.text.startswith(prompt) and plain.logprobs is None
+
+
+def test_min_p_special_tokens_and_the_stop_string_in_the_output(url, client):
+    """vLLM's min_p, skip_special_tokens and include_stop_str_in_output, streamed and not."""
+    kw = dict(model="alpha", prompt="Once upon a time", max_tokens=8, extra_body={"ignore_eos": True})
+    greedy = client.completions.create(temperature=0, **kw).choices[0].text
+    sampled = {client.completions.create(temperature=1.5, seed=s, **kw).choices[0].text for s in range(3)}
+    assert sampled != {greedy}  # the tiny model's distribution is flat: sampling wanders off
+    for s in range(3):  # min_p 1 keeps only the top token: sampling is greedy
+        only_top = client.completions.create(temperature=1.5, seed=s, model="alpha", prompt="Once upon a time",
+                                             max_tokens=8, extra_body={"ignore_eos": True, "min_p": 1.0})
+        assert only_top.choices[0].text == greedy
+
+    (start,) = post(url, "/tokenize", {"prompt": "<|im_start|>"}).json()["tokens"]  # special, not an end
+    special = dict(model=BASE, prompt="Hi", max_tokens=3, temperature=0, logit_bias={str(start): 100})
+    assert client.completions.create(**special).choices[0].text == ""
+    kept = client.completions.create(extra_body={"skip_special_tokens": False}, **special)
+    assert kept.choices[0].text == "<|im_start|>" * 3
+    streamed = client.completions.create(stream=True, extra_body={"skip_special_tokens": False}, **special)
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == "<|im_start|>" * 3
+
+    stop = greedy[3:7]
+    at = greedy.find(stop)
+    for include, want in ((False, greedy[:at]), (True, greedy[: at + len(stop)])):
+        extra = {"ignore_eos": True, "include_stop_str_in_output": include}
+        args = dict(model="alpha", prompt="Once upon a time", max_tokens=8, temperature=0, stop=[stop], extra_body=extra)
+        whole = client.completions.create(**args).choices[0]
+        assert (whole.text, whole.finish_reason) == (want, "stop")
+        chunks = client.completions.create(stream=True, **args)
+        assert "".join(c.choices[0].text for c in chunks if c.choices) == want
 
 
 def test_model_retrieval_health_and_openai_error_bodies(url, client):

@@ -89,8 +89,7 @@ def test_bad_messages_name_what_is_wrong(message, says):
         ("web_search_options", {"a": 1}),
         ("reasoning_effort", "low"),
         ("store", True),
-        ("skip_special_tokens", False),
-        ("include_stop_str_in_output", True),
+        ("use_beam_search", True),
     ],
 )
 def test_known_but_unimplemented_chat_fields_are_refused_by_name(field, value):
@@ -100,7 +99,7 @@ def test_known_but_unimplemented_chat_fields_are_refused_by_name(field, value):
     assert kind == "unsupported_parameter" and ctx["param"] == field
 
 
-@pytest.mark.parametrize("field, value", [("echo", True), ("suffix", "x"), ("min_p", 0.1)])
+@pytest.mark.parametrize("field, value", [("suffix", "x"), ("use_beam_search", True)])
 def test_known_but_unimplemented_completion_fields_are_refused_by_name(field, value):
     with pytest.raises(ValidationError) as caught:
         CompletionRequest(model="m", prompt="x", **{field: value})
@@ -129,7 +128,6 @@ def test_no_op_values_and_unknown_vendor_fields_are_accepted():
         "audio",
         "modalities",
         "prediction",
-        "echo",
     }
 
 
@@ -162,6 +160,42 @@ def test_engine_extras_reach_the_sampling_params():
     assert params.max_tokens == 7 and chat(max_tokens=3, max_completion_tokens=7).sampling(99).max_tokens == 3
     with pytest.raises(InvalidRequestError, match="stop"):
         chat(stop=[str(i) for i in range(17)]).sampling(16)  # above the engine's own bound: a 400, not a 500
+
+
+def test_vllm_text_and_filter_extras_reach_the_sampling_params():
+    params = chat(min_p=0.2, skip_special_tokens=False, include_stop_str_in_output=True).sampling(8)
+    assert params.min_p == 0.2 and not params.skip_special_tokens and params.include_stop_str_in_output
+    plain = chat().sampling(8)
+    assert plain.skip_special_tokens and not plain.include_stop_str_in_output and "min_p" not in plain.model_fields_set
+    with pytest.raises(ValidationError, match="min_p"):
+        chat(min_p=1.5)
+
+
+def test_echo_scores_the_prompt_and_max_tokens_0_needs_it():
+    """lm-eval-harness's loglikelihood request: echo, logprobs and max_tokens 0."""
+    params = CompletionRequest(model="m", prompt="x", echo=True, logprobs=1, max_tokens=0).sampling(16)
+    assert params.max_tokens == 0 and params.prompt_logprobs == 1 and params.logprobs == 1
+    assert CompletionRequest(model="m", prompt="x", echo=True).sampling(16).prompt_logprobs is None  # text only
+    assert CompletionRequest(model="m", prompt="x", logprobs=1).sampling(16).prompt_logprobs is None
+    for unechoed in (lambda: CompletionRequest(model="m", prompt="x", max_tokens=0), lambda: chat(max_tokens=0)):
+        with pytest.raises(ValidationError) as caught:
+            unechoed()
+        assert error_of(caught.value) == ("invalid_value", {"param": "max_tokens"})
+    prompt = [
+        {"token": "A", "logprob": None, "top": None, "prompt": True},
+        {"token": " b", "logprob": -1.0, "top": [[" c", -0.5]], "prompt": True},
+    ]
+    assert logprobs_body([*prompt, {"token": "d", "logprob": -0.1, "top": [["d", -0.1]]}], chat=False) == {
+        "tokens": ["A", " b", "d"],
+        "token_logprobs": [None, -1.0, -0.1],
+        "top_logprobs": [None, {" c": -0.5}, {"d": -0.1}],
+        "text_offset": [0, 1, 3],
+    }
+    # best_of ranks by the completion's tokens only: the echoed prompt is the same for every candidate
+    req = CompletionRequest(model="m", prompt="x", echo=True, best_of=2, logprobs=0)
+    short = ChoiceResult(0, 0, "A bd", "length", 2, 1, [*prompt, {"token": "d", "logprob": -0.1, "top": []}])
+    long = ChoiceResult(1, 0, "A bee", "length", 2, 2, [*prompt, *[{"token": "e", "logprob": -0.05, "top": []}] * 2])
+    assert [r.text for r in req.pick([short, long])] == ["A bee"]
 
 
 def test_prompt_lists_fan_out_with_openai_indexing_and_derived_seeds():

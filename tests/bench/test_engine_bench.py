@@ -10,7 +10,10 @@ import torch
 from openlora_ray.bench.engine_bench import EngineBenchConfig, Workload, run, simulate_static
 from openlora_ray.bench.lora_bench import SHAPES
 
-RUNS = ("engine_lora_mr2", "engine_lora_mr4", "peft_grouped", "peft_mixed", "engine_base_mr2", "engine_base_mr4", "hf_generate")
+RUNS = (
+    "engine_lora_mr2", "engine_lora_mr4", "engine_mixed_mr2", "engine_mixed_mr4", "peft_grouped", "peft_mixed",
+    "engine_base_mr2", "engine_base_mr4", "hf_generate",
+)
 
 
 def test_bench_engine_writes_every_run_and_target(tiny_model_dir, tmp_path):
@@ -20,13 +23,16 @@ def test_bench_engine_writes_every_run_and_target(tiny_model_dir, tmp_path):
     report = json.loads(out.read_text())
     assert set(report["runs"]) == set(RUNS)
     for name, metrics in report["runs"].items():
-        assert metrics["completion_tokens"] == 4 * 4, name
+        # the mixed workload's third request is n = 2: five sequences of four tokens
+        assert metrics["completion_tokens"] == (5 if name.startswith("engine_mixed") else 4) * 4, name
         assert metrics["tokens_per_s"] > 0 and metrics["ttft_p99_s"] >= metrics["ttft_p50_s"] > 0, name
         assert metrics["token_latency_p50_s"] > 0, name
     assert report["runs"]["peft_grouped"]["batches"] >= 2  # one adapter per batch
     assert set(report["targets"]) == {
         "lora_throughput_vs_best_peft", "lora_ttft_p99_below_best_peft", "lora_throughput_vs_own_base", "base_throughput_vs_hf_generate",
+        "mixed_throughput_vs_plain",
     }
+    assert report["best"]["engine_mixed"].startswith("engine_mixed_") and report["ratios"]["engine_mixed_vs_plain_throughput"] > 0
     assert all(isinstance(t["met"], bool) for t in report["targets"].values())
     assert report["best"]["engine_lora"] in report["runs"] and report["best"]["peft"] in ("peft_grouped", "peft_mixed")
     assert 16 <= report["prompt_tokens"]["min"] <= report["prompt_tokens"]["max"] <= 24

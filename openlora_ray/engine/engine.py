@@ -32,7 +32,9 @@ from pydantic import ValidationError
 from openlora_ray.engine.adapters import AdapterManager, AdapterResolver
 from openlora_ray.engine.block_pool import BlockPool
 from openlora_ray.engine.config import EngineConfig
+from openlora_ray.engine.constraints import ConstraintError, TokenConstraint
 from openlora_ray.engine.detokenize import IncrementalText
+from openlora_ray.engine.grammar import GrammarCompiler
 from openlora_ray.engine.memory import MemoryPlan, plan_memory
 from openlora_ray.engine.prompt_logprobs import score_tokens
 from openlora_ray.engine.prompts import Prompt, encode_prompt
@@ -108,6 +110,7 @@ class _Request:
     logprobs: list[TokenLogprobs] = field(default_factory=list)  # of tokens not streamed yet
     prompt_scores: list[TokenLogprobs | None] = field(default_factory=lambda: [None])  # prompt_logprobs, by position
     prompt_scores_sent: bool = False
+    constraint: TokenConstraint | None = None  # the request's output grammar, advanced token by token
 
     def take_logprobs(self) -> tuple[TokenLogprobs, ...]:
         out, self.logprobs = tuple(self.logprobs), []
@@ -169,6 +172,7 @@ class Engine:
         self._draining = False
         self._heartbeat = time.monotonic()
         self.stats = EngineStats()
+        self._grammars: GrammarCompiler | None = None  # built for the first constrained request
         # The model is built on the loop thread, which then runs every torch op of consequence:
         # see RawLora for why torch work in a second thread would slow every step.
         started: Future[None] = Future()
@@ -262,6 +266,7 @@ class Engine:
         )
         text = IncrementalText(self.tokenizer, tuple(p.stop), p.skip_special_tokens, p.include_stop_str_in_output)
         record = _Request(request, seq, lambda o: loop.call_soon_threadsafe(out.put_nowait, o), text)
+        record.constraint = self._constraint(request.params)
         with self._lock:
             if self._pending >= self.config.max_running + self.config.max_queue:
                 raise CapacityError(f"engine queue is full ({self._pending} requests); retry shortly")
@@ -283,6 +288,14 @@ class Engine:
         finally:
             if not finished:
                 self.abort(request.request_id)
+
+    def _constraint(self, params: SamplingParams) -> TokenConstraint | None:
+        """The request's matcher, compiled on the caller's thread (a bad schema is its 400)."""
+        if params.constraint is None:
+            return None
+        if self._grammars is None:
+            self._grammars = GrammarCompiler(self.tokenizer, self.model.config.vocab_size, self.eos_ids)
+        return self._grammars.compile(params.constraint)
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
@@ -406,7 +419,10 @@ class Engine:
         records = [self._requests[s] for s in seqs]
         tokens = self.runner.sample(
             torch.cat([lg for _, lg in done]),
-            [RowContext(r.req.params, self._generator(r), r.req.prompt_ids, r.generated, self.eos_ids) for r in records],
+            [
+                RowContext(r.req.params, self._generator(r), r.req.prompt_ids, r.generated, self.eos_ids, r.constraint)
+                for r in records
+            ],
         )
         return list(zip(seqs, tokens))
 
@@ -455,6 +471,12 @@ class Engine:
         record.first_token_at = record.first_token_at or now
         record.last_token_at = now
         record.seq.tokens.append(token)
+        if record.constraint is not None and not record.constraint.finished:
+            try:
+                record.constraint.accept(token)
+            except ConstraintError as e:  # only this request fails
+                self._finish(record, "error", InvalidRequestError(str(e)))
+                return
         p = record.req.params
         if token in p.stop_token_ids or (token in self.eos_ids and not p.ignore_eos):
             self._finish(record, "stop")

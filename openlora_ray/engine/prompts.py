@@ -7,7 +7,9 @@ Chat messages arrive in OpenAI's shape with string content. Templates differ in 
 an assistant turn's ``tool_calls`` go to templates that render them with their arguments as a
 dict (what Hugging Face templates index into; OpenAI sends a JSON string); a template that never
 mentions ``tool_calls`` (SmolLM2's, for one) gets them written into the turn's text as Hermes-style
-``<tool_call>`` blocks instead, so that a conversation's history is not silently cut short.
+``<tool_call>`` blocks instead, so that a conversation's history is not silently cut short. In the
+same way, a template that never mentions ``tools`` gets the tool list in its system message, with
+the Hermes-style answer format that serve/tool_calls.py parses back.
 """
 
 from __future__ import annotations
@@ -65,6 +67,8 @@ def render_chat(tokenizer: Any, chat: ChatPrompt) -> list[int]:
         raise InvalidRequestError("'continue_final_message' needs an assistant message last")
     template = tokenizer.chat_template or ""
     messages = [_for_template(m, "tool_calls" in template) for m in chat.messages]
+    if chat.tools and "tools" not in template:
+        messages = _with_tools_described(messages, chat.tools)
     extra = {k: v for k, v in chat.template_kwargs.items() if k not in _RESERVED}
     try:
         rendered = tokenizer.apply_chat_template(
@@ -94,6 +98,19 @@ def _for_template(message: Mapping[str, Any], template_renders_calls: bool) -> d
     out["content"] = f"{out.get('content') or ''}\n{text}".lstrip("\n")
     del out["tool_calls"]
     return out
+
+
+def _with_tools_described(messages: list[dict[str, Any]], tools: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The tools, and how to call them, at the end of the system message (one is added if none)."""
+    listing = "\n".join(json.dumps(dict(t), ensure_ascii=False) for t in tools)
+    text = (
+        "These tools are available, described as JSON:\n<tools>\n" + listing + "\n</tools>\n"
+        "To use a tool, answer with one block per call, holding a JSON object with the tool's name "
+        'and its arguments:\n<tool_call>\n{"name": "<tool name>", "arguments": {<arguments>}}\n</tool_call>'
+    )
+    if messages and messages[0].get("role") == "system":
+        return [{**messages[0], "content": f"{messages[0].get('content') or ''}\n\n{text}".lstrip()}, *messages[1:]]
+    return [{"role": "system", "content": text}, *messages]
 
 
 def _arguments(call: Mapping[str, Any]) -> Any:

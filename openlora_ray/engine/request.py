@@ -7,6 +7,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
+from openlora_ray.engine.constraints import ConstraintSpec
+
 
 @dataclass(frozen=True)
 class TokenLogprobs:
@@ -39,6 +41,7 @@ class SamplingParams(BaseModel):
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     logit_bias: dict[int, Annotated[float, Field(ge=-100.0, le=100.0)]] = Field(default_factory=dict, max_length=300)
     min_tokens: int = Field(0, ge=0)
+    constraint: ConstraintSpec | None = Field(None, description="output that must match a JSON schema")
     logprobs: int | None = Field(None, ge=0, le=20, description="None = none; k = the sampled token's and the k most likely")
     ignore_eos: bool = False
     # vLLM's extras: the min_p filter (drop tokens below min_p x the top token's probability),

@@ -8,6 +8,7 @@ Reference semantics, one row at a time (``reference_logprobs`` is exactly this, 
     l -= frequency * count(output) + presence * (count(output) > 0)     # OpenAI's penalties
     l[token] += bias for token, bias in logit_bias                       # OpenAI's logit_bias
     if generated < min_tokens: l[eos and stop_token_ids] = -inf          # vLLM's min_tokens
+    l[tokens the row's output constraint forbids] = -inf                 # engine/token_masks.py
     logprobs = log_softmax(l / (temperature or 1))                       # what is reported
     greedy: argmax(l); else drop tokens under min_p x the top probability of softmax(l / temperature)
     (vLLM's min_p), keep top_k, then the top_p nucleus, and draw with the row's own generator
@@ -26,7 +27,9 @@ from dataclasses import dataclass
 
 import torch
 
+from openlora_ray.engine.constraints import TokenConstraint
 from openlora_ray.engine.request import SamplingParams, TokenLogprobs
+from openlora_ray.engine.token_masks import apply_constraints
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,7 @@ class RowContext:
     prompt: Sequence[int]
     output: Sequence[int]  # tokens generated so far
     eos_ids: frozenset[int]  # ids that end the row (masked until min_tokens)
+    constraint: TokenConstraint | None = None  # the row's output grammar: tokens outside it are -inf
 
 
 def _seen_mask(rows: Sequence[RowContext], which: Sequence[int], vocab: int, device: torch.device, output_only: bool) -> torch.Tensor:
@@ -50,7 +54,7 @@ def _seen_mask(rows: Sequence[RowContext], which: Sequence[int], vocab: int, dev
 
 
 def process_logits(logits: torch.Tensor, rows: Sequence[RowContext]) -> torch.Tensor:
-    """Penalties, bias and min_tokens applied to a float32 copy of ``logits`` (B, V)."""
+    """Penalties, bias, min_tokens and output constraints applied to a float32 copy of ``logits`` (B, V)."""
     logits = logits.to(torch.float32, copy=True)
     device, vocab = logits.device, logits.shape[1]
     rep = [i for i, r in enumerate(rows) if r.params.repetition_penalty != 1.0]
@@ -78,6 +82,7 @@ def process_logits(logits: torch.Tensor, rows: Sequence[RowContext]) -> torch.Te
     if banned:
         idx = torch.tensor(banned, device=device)
         logits[idx[:, 0], idx[:, 1]] = float("-inf")
+    apply_constraints(logits, [r.constraint for r in rows])
     return logits
 
 

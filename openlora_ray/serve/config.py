@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from openlora_ray.engine.config import EngineSettings
 from openlora_ray.serve.auth import AuthSettings
 from openlora_ray.serve.limits import LimitSettings
+from openlora_ray.serve.tool_calls import ToolCallParser
 from openlora_ray.store.settings import StoreSettings
 
 DEMO_MODEL = "demo"
@@ -50,6 +51,9 @@ class AppConfig(BaseModel):
     router: dict[str, Any] = Field(default_factory=dict, description="RouterSettings fields")
     auth: AuthSettings = Field(description="API keys; required so that turning auth off is a visible choice")
     limits: LimitSettings = LimitSettings()
+    tool_call_parser: ToolCallParser = Field(
+        "hermes", description="how the model writes tool calls: hermes (<tool_call> JSON; Qwen, Hermes) or none"
+    )
     ingress_num_cpus: float = Field(0.5, ge=0)
     ingress_max_ongoing_requests: int = Field(256, ge=1, description="concurrent requests per ingress replica (Serve's default is 5)")
 

@@ -13,6 +13,7 @@ Serve's multiplexed model id, which the adapter-affinity router reads.
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import time
@@ -50,6 +51,7 @@ from openlora_ray.serve.openai_api import (
 from openlora_ray.serve.openai_responses import completion_response, error_body, model_card, total_usage
 from openlora_ray.serve.openai_serving import chunk_writer, results, start_choices
 from openlora_ray.serve.state import ReplicaState
+from openlora_ray.serve.tool_calls import shape_piece, shape_whole
 from openlora_ray.store.listing import MAX_PAGE, Page
 from openlora_ray.store.store import AdapterStore
 
@@ -81,6 +83,10 @@ async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
     codes = {404: "not_found", 405: "method_not_allowed"}
     body = error_body(str(exc.detail), "invalid_request_error", codes.get(exc.status_code, str(exc.status_code)))
     return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+
+
+def _unchanged(item: dict[str, Any]) -> dict[str, Any]:
+    return item
 
 
 def _residency(aid: str, states: list[ReplicaState]) -> dict[str, list[str]]:
@@ -324,12 +330,14 @@ class Ingress:
             self._m_requests.inc(tags={"model": model, "status": "error"})
             return self._error(e)
         headers = {REPLICA_HEADER: running.replica}
+        parsers = [body.call_parser(self.cfg.tool_call_parser) if chat else None for _ in choices]
         if body.stream:
             events = running.events(
                 chunk_writer(rid, model, chat),
                 body.include_usage,
                 on_done=lambda lasts: self._record(model, lasts),
                 on_error=lambda e: self._stream_error(model, e),
+                shape=[functools.partial(shape_piece, p) if p else _unchanged for p in parsers],
             )
             return StreamingResponse(self._released(events, principal, len(choices)), media_type="text/event-stream", headers=headers)
         try:
@@ -338,6 +346,7 @@ class Ingress:
             self._m_requests.inc(tags={"model": model, "status": "error"})
             return self._error(e)
         self._record(model, lasts)
+        lasts = [shape_whole(p, last) if p else last for p, last in zip(parsers, lasts, strict=True)]
         every = results(choices, lasts)  # best_of's candidates all count in the usage
         answer = completion_response(rid, model, body.pick(every), chat, total_usage(every))
         return JSONResponse(answer, headers=headers)

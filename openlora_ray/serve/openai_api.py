@@ -25,10 +25,24 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from openlora_ray.engine.constraints import ConstraintSpec
 from openlora_ray.engine.prompts import ChatPrompt
 from openlora_ray.engine.request import SamplingParams
 from openlora_ray.errors import InvalidRequestError
 from openlora_ray.serve.openai_responses import ChoiceResult
+from openlora_ray.serve.structured import ResponseFormat, StructuredOutputs, checked
+from openlora_ray.serve.tool_calls import (
+    ArrayParser,
+    CallParser,
+    HermesParser,
+    NamedParser,
+    NamedToolChoice,
+    Tool,
+    ToolCallParser,
+    ToolChoice,
+    parameters,
+    required_calls_schema,
+)
 
 MAX_CHOICES = 128  # prompts x n per request; OpenAI's own ceiling on n
 MAX_TOP_LOGPROBS = 20  # alternatives per token: OpenAI's ceiling for chat, and the engine's
@@ -47,9 +61,6 @@ def _false(value: Any) -> bool:
 # an error, not a silent no-op; an entry leaves this table when the engine and the response
 # formatting implement it.
 UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
-    "response_format": lambda v: v is None or (isinstance(v, dict) and v.get("type") == "text"),
-    "tools": _empty,
-    "tool_choice": lambda v: v is None or v == "none",
     "functions": _empty,
     "function_call": lambda v: v is None or v == "none",
     "audio": _empty,
@@ -191,6 +202,8 @@ class _Common(BaseModel):
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     logit_bias: dict[int, float] | None = Field(None, max_length=300, description="token id (a JSON string) -> bias")
     min_tokens: int | None = Field(None, ge=0, description="vLLM extra: no end of sequence before this many tokens")
+    guided_json: dict[str, Any] | str | None = Field(None, description="vLLM extra: output valid under this JSON schema")
+    structured_outputs: StructuredOutputs | None = Field(None, description="vLLM extra: its 'json' only")
     min_p: float | None = Field(None, ge=0.0, le=1.0, description="vLLM extra: drop tokens under min_p x the top's")
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
@@ -254,6 +267,7 @@ class _Common(BaseModel):
                 prompt_logprobs=self.prompt_logprobs(),
                 skip_special_tokens=self.skip_special_tokens,
                 include_stop_str_in_output=self.include_stop_str_in_output,
+                constraint=self.output_constraint(),
             )
         except ValidationError as e:
             first = e.errors()[0]
@@ -261,6 +275,24 @@ class _Common(BaseModel):
 
     def _max_tokens(self) -> int | None:
         return self.max_tokens
+
+    def output_constraint(self) -> ConstraintSpec | None:
+        """The JSON schema the output must match (serve/structured.py), checked: a 400 if unusable."""
+        given = [
+            (where, schema)
+            for where, schema in (
+                ("guided_json", self.guided_json),
+                ("structured_outputs.json", self.structured_outputs.json_ if self.structured_outputs else None),
+                *self._constraint_sources(),
+            )
+            if schema is not None
+        ]
+        if len(given) > 1:
+            raise InvalidRequestError(f"only one output constraint per request; got {', '.join(w for w, _ in given)}")
+        return checked(given[0][1], given[0][0]) if given else None
+
+    def _constraint_sources(self) -> list[tuple[str, dict[str, Any] | None]]:
+        return []
 
     def engine_logprobs(self) -> int | None:
         """How many alternatives the engine reports per token; None: no log probabilities."""
@@ -386,10 +418,11 @@ class ChatCompletionRequest(_Common):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
+    response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = Field(None, max_length=128)
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
     # Known but not implemented (chat only)
-    response_format: Any = None
-    tools: Any = None
-    tool_choice: Any = None
     functions: Any = None
     function_call: Any = None
     audio: Any = None
@@ -411,12 +444,52 @@ class ChatCompletionRequest(_Common):
             )
         return self
 
+    @model_validator(mode="after")
+    def _tool_choice_names_a_tool(self) -> ChatCompletionRequest:
+        choice = self.tool_choice
+        if choice not in (None, "none", "auto") and not self.tools:
+            raise PydanticCustomError("invalid_value", "'tool_choice' needs 'tools'", {"param": "tool_choice"})
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in {t.function.name for t in self.tools or ()}:
+            raise PydanticCustomError(
+                "invalid_value", "'tool_choice' names a function that is not in 'tools'", {"param": "tool_choice"}
+            )
+        return self
+
     def engine_logprobs(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
 
+    @property
+    def effective_tool_choice(self) -> ToolChoice:
+        """OpenAI's defaults: ``auto`` with tools, ``none`` without."""
+        return self.tool_choice or ("auto" if self.tools else "none")
+
+    def _constraint_sources(self) -> list[tuple[str, dict[str, Any] | None]]:
+        """``response_format``'s schema, or the calls that ``required`` or a named function force."""
+        choice, tools = self.effective_tool_choice, self.tools or []
+        if isinstance(choice, NamedToolChoice):
+            forced = parameters(next(t for t in tools if t.function.name == choice.function.name))
+        else:
+            parallel = self.parallel_tool_calls is not False
+            forced = required_calls_schema(tools, parallel) if choice == "required" else None
+        fmt = self.response_format.target_schema() if self.response_format else None
+        return [("response_format", fmt), ("tool_choice", forced)]
+
+    def call_parser(self, family: ToolCallParser) -> CallParser | None:
+        """How this request's output becomes ``tool_calls`` (serve/tool_calls.py); None: plain text."""
+        choice = self.effective_tool_choice
+        if isinstance(choice, NamedToolChoice):
+            return NamedParser(choice.function.name)
+        if choice == "required":
+            return ArrayParser()
+        if choice == "auto" and family == "hermes":
+            return HermesParser()
+        return None
+
     def chat_prompt(self) -> ChatPrompt:
+        offered = self.tools if self.effective_tool_choice != "none" else None
         return ChatPrompt(
             messages=tuple(m.for_template() for m in self.messages),
+            tools=tuple(t.model_dump(exclude_none=True) for t in offered) if offered else None,
             add_generation_prompt=self.add_generation_prompt,
             continue_final_message=self.continue_final_message,
             template_kwargs=dict(self.chat_template_kwargs or {}),

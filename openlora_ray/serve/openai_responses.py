@@ -43,6 +43,7 @@ class ChoiceResult:
     prompt_tokens: int
     completion_tokens: int
     logprobs: Sequence[dict[str, Any]] | None = None  # the replica's entries, when asked for
+    tool_calls: Sequence[dict[str, Any]] | None = None  # parsed from the text (serve/tool_calls.py)
 
 
 def logprobs_body(entries: Sequence[dict[str, Any]] | None, chat: bool, text_offset: int = 0) -> dict[str, Any] | None:
@@ -92,6 +93,8 @@ def completion_response(
         }
         if chat:
             choice["message"] = {"role": "assistant", "content": r.text, "refusal": None}
+            if r.tool_calls:
+                choice["message"]["tool_calls"] = list(r.tool_calls)
         else:
             choice["text"] = r.text
         choices.append(choice)
@@ -138,10 +141,17 @@ class ChunkWriter:
         )
 
     def text(
-        self, index: int, text: str, finish_reason: str | None, logprobs: dict[str, Any] | None = None
+        self,
+        index: int,
+        text: str,
+        finish_reason: str | None,
+        logprobs: dict[str, Any] | None = None,
+        tool_calls: Sequence[dict[str, Any]] | None = None,
     ) -> dict[str, Any]:
         if self.chat:
-            delta = {"content": text} if text else {}
+            delta: dict[str, Any] = {"content": text} if text else {}
+            if tool_calls:
+                delta["tool_calls"] = list(tool_calls)
             choice = {"index": index, "delta": delta, "finish_reason": _finish(finish_reason), "logprobs": logprobs}
         else:
             choice = {"index": index, "text": text, "finish_reason": _finish(finish_reason), "logprobs": logprobs}

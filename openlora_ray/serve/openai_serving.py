@@ -67,8 +67,10 @@ class RunningChoices:
         include_usage: bool,
         on_done: Callable[[list[dict[str, Any]]], None],
         on_error: Callable[[BaseException], dict[str, Any]],
+        shape: Sequence[Callable[[dict[str, Any]], dict[str, Any]]] | None = None,
     ) -> AsyncGenerator[str, None]:
-        """Server-sent events of all choices, interleaved as their increments arrive."""
+        """Server-sent events of all choices, interleaved as their increments arrive; ``shape[i]``
+        rewrites choice ``i``'s increments first (its text parsed into tool calls)."""
         queue: asyncio.Queue[tuple[int, dict[str, Any] | None, BaseException | None]] = asyncio.Queue()
 
         async def pump(i: int) -> None:
@@ -96,11 +98,17 @@ class RunningChoices:
                     yield DONE
                     return
                 assert item is not None
+                if shape is not None:
+                    item = shape[i](item)
                 entries = item.get("logprobs")
-                if item["text"] or item["finish_reason"] or entries:
+                if item["text"] or item["finish_reason"] or entries or item.get("tool_calls"):
                     logprobs = logprobs_body(entries, writer.chat, offsets[i])
                     offsets[i] += sum(len(e["token"]) for e in entries or ())
-                    yield sse(writer.text(self.choices[i].index, item["text"], item["finish_reason"], logprobs))
+                    yield sse(
+                        writer.text(
+                            self.choices[i].index, item["text"], item["finish_reason"], logprobs, item.get("tool_calls")
+                        )
+                    )
                 if item["finish_reason"]:
                     lasts[i] = item
             ordered = [lasts[i] for i in range(len(self.choices))]
@@ -142,6 +150,7 @@ def results(choices: Sequence[Choice], lasts: Sequence[dict[str, Any]]) -> list[
             prompt_tokens=last["prompt_tokens"],
             completion_tokens=last["completion_tokens"],
             logprobs=last.get("logprobs"),
+            tool_calls=last.get("tool_calls"),
         )
         for c, last in zip(choices, lasts, strict=True)
     ]

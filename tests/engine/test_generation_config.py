@@ -6,8 +6,8 @@ import json
 import shutil
 
 import pytest
-
 from engine_helpers import collect
+
 from openlora_ray.engine.config import EngineConfig
 from openlora_ray.engine.request import SamplingParams
 from openlora_ray.model.support import UnsupportedModelError

@@ -9,7 +9,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from openlora_ray.adapter_format import CONFIG_FILE, PER_EXPERT_REFUSAL, WEIGHTS_FILE, BaseModelDims, validate_adapter_dir
+from openlora_ray.adapter_format import (
+    CONFIG_FILE,
+    PER_EXPERT_REFUSAL,
+    WEIGHTS_FILE,
+    BaseModelDims,
+    validate_adapter_dir,
+)
 from openlora_ray.errors import InvalidAdapterError
 from openlora_ray.store.profile import StoreProfile
 from openlora_ray.store.settings import StoreSettings

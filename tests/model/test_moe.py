@@ -9,7 +9,7 @@ import torch
 
 from openlora_ray.model.moe import MoeMlp
 
-TINY_MOE = dict(hidden_size=64, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2, hidden_act="silu")
+TINY_MOE = {"hidden_size": 64, "moe_intermediate_size": 32, "num_experts": 8, "num_experts_per_tok": 2, "hidden_act": "silu"}
 
 
 def random_block(block: torch.nn.Module, seed: int) -> torch.nn.Module:

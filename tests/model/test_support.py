@@ -11,7 +11,12 @@ import torch
 
 from openlora_ray.model.generation_config import read_generation_defaults
 from openlora_ray.model.loader import load_multi_lora_model
-from openlora_ray.model.support import UnsupportedModelError, position_limit, problems_of
+from openlora_ray.model.support import (
+    SUPPORTED_MODEL_TYPES,
+    UnsupportedModelError,
+    position_limit,
+    problems_of,
+)
 
 
 def edited(src: Path, dst: Path, **changes) -> Path:
@@ -94,3 +99,9 @@ def test_generation_config_adds_its_eos_list_and_sampling_defaults(tiny_model_di
     defaults = read_generation_defaults(folder)
     assert defaults.eos_token_ids == {1, 8, 9}
     assert defaults.sampling == {"temperature": 0.6, "top_p": 0.95, "top_k": 20}
+
+
+def test_the_table_is_the_families_the_forward_has_a_spec_for():
+    from openlora_ray.model.family import TRAITS
+
+    assert set(SUPPORTED_MODEL_TYPES) == set(TRAITS)

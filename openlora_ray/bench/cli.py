@@ -55,6 +55,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     register_routing_bench(benches)
     register_routing_sim(benches)
     register_soak(benches)
+    scaling = benches.add_parser("scaling", help="one engine from 5 to 2,000 adapters: throughput, TTFT, tier loads, RSS")
+    scaling.add_argument("--model", type=Path, default=None, help="model folder (default: the prepared demo model)")
+    scaling.add_argument("--counts", type=int, nargs="+", default=[5, 100, 1000, 2000], help="adapter counts N (default: %(default)s)")
+    scaling.add_argument("--requests", type=int, default=192, help="requests per N and distribution (default: %(default)s)")
+    scaling.add_argument("--concurrency", type=int, default=48, help="closed-loop clients (default: %(default)s)")
+    scaling.add_argument("--slots", type=int, default=32, help="LoRA slots (default: %(default)s)")
+    scaling.add_argument("--max-running", type=int, default=32, help="engine batch, at most (default: %(default)s)")
+    scaling.add_argument("--host-cache-mib", type=int, default=256, help="host tier budget (default: %(default)s)")
+    scaling.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
+    scaling.add_argument("--seed", type=int, default=0)
+    scaling.add_argument("--cache-dir", type=Path, default=Path("~/.cache/openlora-ray/bench-scaling"), help="generated adapters and the node cache, kept for reruns (default: %(default)s)")
+    scaling.add_argument("--out", type=Path, default=Path("bench-results/scaling.json"))
+    scaling.set_defaults(func=_scaling)
 
 
 def _lora(args: argparse.Namespace) -> int:
@@ -98,6 +111,18 @@ def _kv(args: argparse.Namespace) -> int:
 
     cfg = KvBenchConfig(mix_requests=args.mix_requests, shared_requests=args.shared_requests, seed=args.seed)
     run(args.model or prepare_demo_model(), cfg, args.out, args.threads)
+    return 0
+
+
+def _scaling(args: argparse.Namespace) -> int:
+    from openlora_ray.bench.scaling_bench import ScalingConfig, run
+    from openlora_ray.model.prepare import prepare_demo_model
+
+    cfg = ScalingConfig(
+        counts=tuple(args.counts), requests=args.requests, concurrency=args.concurrency, num_slots=args.slots,
+        max_running=args.max_running, host_cache_mib=args.host_cache_mib, threads=args.threads, seed=args.seed,
+    )
+    run(args.model or prepare_demo_model(), cfg, args.out, args.cache_dir)
     return 0
 
 

@@ -1,0 +1,315 @@
+"""``openlora-ray bench scaling``: one replica's throughput from a handful of adapters to thousands.
+
+S-LoRA's yardstick (8.05 -> 7.61 requests/s from 5 to 2,000 adapters on one A100, -5.5%) asks
+what serving many adapters costs once they no longer fit the device. Here one engine with a fixed
+number of slots serves N registered adapters (N = 5 ... 2,000; ranks 8-64 mixed) through the
+replica's own wiring (``serve/engine_wiring.py``): the slots, the engine's host tier, and the
+node's disk cache in front of a folder store. Requests pick their adapter uniformly or by
+Zipf(1.0) rank; every configuration serves the same seeded prompt and output lengths, from a
+closed loop of more clients than the engine runs at once (so requests queue, as under load), and
+the throughput at the largest N is compared with the smallest. The disk cache holds every
+adapter and is warm before the clock starts (a node's steady state); the host tier and the slots
+hold what their budgets allow, so at large N nearly every request needs a load.
+
+Adapters are written straight into the store's layout (PEFT safetensors with random non-zero
+weights, and a manifest): thousands are made in seconds, and kept under ``--cache-dir`` for the
+next run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import random
+import statistics
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Self
+
+import torch
+from safetensors.torch import save_file
+
+from openlora_ray.adapter_format import BaseModelDims
+from openlora_ray.bench.timing import cpu_model, print_table, write_json
+from openlora_ray.engine.config import EngineSettings
+from openlora_ray.engine.request import SamplingParams
+from openlora_ray.errors import OpenLoraError
+from openlora_ray.serve.engine_wiring import build_engine, open_store
+from openlora_ray.store.manifest import MANIFEST_FILE, build_manifest
+from openlora_ray.store.profile import StoreProfile
+from openlora_ray.store.settings import StoreSettings
+
+log = logging.getLogger(__name__)
+
+TARGET_LOSS = 0.05  # throughput lost from the smallest to the largest N, at most
+
+MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class ScalingConfig:
+    counts: tuple[int, ...] = (5, 100, 1000, 2000)
+    distributions: tuple[str, ...] = ("uniform", "zipf")
+    ranks: tuple[int, ...] = (8, 16, 32, 64)
+    targets: tuple[str, ...] = ("q_proj", "v_proj")  # PEFT's default for Llama: 2,000 adapters in ~7 GB
+    num_slots: int = 32
+    max_running: int = 32
+    concurrency: int = 48  # closed-loop clients: more than run at once, so requests queue
+    requests: int = 192  # per configuration
+    prompt_range: tuple[int, int] = (16, 64)
+    output_range: tuple[int, int] = (16, 80)
+    host_cache_mib: int = 256
+    disk_cache_gib: int = 64
+    max_seq_len: int = 256
+    threads: int | None = None
+    seed: int = 0
+
+
+# ------------------------------------------------------------------------------- the adapters
+def adapter_rank(cfg: ScalingConfig, i: int) -> int:
+    return cfg.ranks[i % len(cfg.ranks)]
+
+
+def make_store(model_dir: Path, cfg: ScalingConfig, cache_dir: Path) -> Path:
+    """A folder store holding ``max(cfg.counts)`` adapters ``bench-{i}@v1`` (reused when present)."""
+    dims = BaseModelDims.from_model_dir(model_dir)
+    tag = f"{model_dir.resolve().name}-{'-'.join(cfg.targets)}-r{'.'.join(map(str, cfg.ranks))}-s{cfg.seed}"
+    root = cache_dir.expanduser() / tag / "store"
+    root.mkdir(parents=True, exist_ok=True)
+    profile = root / "openlora-store.json"
+    if not profile.exists():
+        profile.write_bytes(StoreProfile.from_model_dir(model_dir, max_rank=max(cfg.ranks)).to_json())
+    start, made = time.monotonic(), 0
+    for i in range(max(cfg.counts)):
+        folder = root / f"bench-{i}" / "v1"
+        if (folder / MANIFEST_FILE).exists():
+            continue
+        _write_peft(folder, dims, adapter_rank(cfg, i), cfg.targets, seed=cfg.seed * 100_003 + i, base=str(model_dir))
+        (folder / MANIFEST_FILE).write_bytes(build_manifest(f"bench-{i}", "v1", folder).to_json())
+        made += 1
+    if made:
+        log.info("wrote %d adapters into %s in %.1fs", made, root, time.monotonic() - start)
+    return root
+
+
+def _write_peft(folder: Path, dims: BaseModelDims, rank: int, targets: tuple[str, ...], seed: int, base: str) -> None:
+    """PEFT's save_pretrained layout, bfloat16 like the base's checkpoint; random A and B, both
+    non-zero (a freshly initialised PEFT adapter has B = 0, which would test nothing)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in range(dims.num_layers):
+        for proj in targets:
+            fan_in, fan_out = dims.in_out(proj)
+            prefix = f"base_model.model.model.layers.{layer}.{_module(proj)}.{proj}"
+            tensors[f"{prefix}.lora_A.weight"] = (torch.randn(rank, fan_in, generator=gen) / math.sqrt(fan_in)).bfloat16()
+            tensors[f"{prefix}.lora_B.weight"] = (torch.randn(fan_out, rank, generator=gen) * 0.01).bfloat16()
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": 2 * rank, "lora_dropout": 0.0,
+        "target_modules": list(targets), "bias": "none", "base_model_name_or_path": base, "use_rslora": False,
+    }
+    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2))
+
+
+def _module(proj: str) -> str:
+    return "self_attn" if proj in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+
+
+# ------------------------------------------------------------------------------ the workload
+@dataclass(frozen=True)
+class Request:
+    prompt: tuple[int, ...]
+    max_tokens: int
+    adapter: str | None
+
+
+def workload(cfg: ScalingConfig, n: int, distribution: str, vocab: int) -> list[Request]:
+    """The same prompts and lengths for every (N, distribution); only the adapters differ."""
+    shape = random.Random(cfg.seed)
+    lengths = [(shape.randint(*cfg.prompt_range), shape.randint(*cfg.output_range)) for _ in range(cfg.requests)]
+    prompts = [tuple(shape.randrange(3, vocab) for _ in range(p)) for p, _ in lengths]
+    pick = random.Random(f"{cfg.seed}-{n}-{distribution}")
+    if distribution == "uniform":
+        chosen = [pick.randrange(n) for _ in lengths]
+    elif distribution == "zipf":
+        order = list(range(n))
+        pick.shuffle(order)  # popularity rank -> adapter, so the popular ones are of every rank
+        chosen = [order[r] for r in pick.choices(range(n), weights=[1 / (k + 1) for k in range(n)], k=len(lengths))]
+    else:
+        raise ValueError(f"unknown distribution {distribution!r}")
+    return [Request(p, out, f"bench-{a}@v1") for p, (_, out), a in zip(prompts, lengths, chosen)]
+
+
+# ---------------------------------------------------------------------------------- a run
+class RssSampler:
+    """The process's resident set, sampled while a run lasts (its maximum is reported)."""
+
+    def __init__(self, period_s: float = 0.1) -> None:
+        self.period_s, self.max_bytes = period_s, current_rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period_s):
+            self.max_bytes = max(self.max_bytes, current_rss())
+
+
+def current_rss() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+@dataclass
+class RunResult:
+    adapters: int
+    distribution: str
+    distinct: int  # adapters the requests used
+    requests: int
+    tokens: int
+    makespan_s: float
+    req_per_s: float
+    tok_per_s: float
+    ttft_p50_s: float
+    ttft_p99_s: float
+    slot_hits: int
+    host_loads: int
+    disk_loads: int
+    store_downloads: int
+    evictions: int
+    rss_max_mib: float
+    errors: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+def run_one(model_dir: Path, cfg: ScalingConfig, store_root: Path, node_cache: Path, n: int, distribution: str) -> RunResult:
+    settings = EngineSettings(
+        num_slots=cfg.num_slots, max_rank=max(cfg.ranks), max_running=cfg.max_running, max_seq_len=cfg.max_seq_len,
+        max_queue=cfg.concurrency, host_cache_bytes=cfg.host_cache_mib * MiB, memory_budget_bytes=8 << 30,
+        torch_threads=cfg.threads,
+    )
+    store = open_store(
+        StoreSettings(uri=str(store_root), cache_dir=node_cache, cache_bytes=cfg.disk_cache_gib << 30, check_finite=False),
+        model_dir, max_rank=settings.max_rank,
+    )
+    for i in range(n):  # the node's disk cache is warm: a replica that has served these adapters before
+        store.fetch(f"bench-{i}@v1")
+    engine, resolver = build_engine(settings, model_dir, store)
+    try:
+        requests = workload(cfg, n, distribution, engine.model.config.vocab_size)
+        asyncio.run(_drive(engine, [Request(requests[0].prompt[:8], 2, None)], 1))  # the model's first call
+        fetched_before = dict(resolver.fetches)
+        with RssSampler() as rss:
+            start = time.monotonic()
+            results = asyncio.run(_drive(engine, requests, cfg.concurrency))
+            makespan = time.monotonic() - start
+        tiers = engine.stats.loads_by_tier
+        ok = [r for r in results if r is not None]
+        ttfts = sorted(t for t, _ in ok)
+        tokens = sum(k for _, k in ok)
+        return RunResult(
+            adapters=n, distribution=distribution, distinct=len({r.adapter for r in requests}),
+            requests=len(ok), tokens=tokens, makespan_s=makespan, req_per_s=len(ok) / makespan,
+            tok_per_s=tokens / makespan, ttft_p50_s=_quantile(ttfts, 0.5), ttft_p99_s=_quantile(ttfts, 0.99),
+            slot_hits=tiers.get("slot", 0), host_loads=tiers.get("host", 0), disk_loads=tiers.get("fetch", 0),
+            store_downloads=resolver.fetches["store"] - fetched_before["store"], evictions=engine.stats.evictions,
+            rss_max_mib=rss.max_bytes / MiB, errors=len(results) - len(ok),
+        )
+    finally:
+        engine.shutdown(drain_timeout_s=1)
+
+
+async def _drive(engine: Any, requests: list[Request], concurrency: int) -> list[tuple[float, int] | None]:
+    """Closed loop: ``concurrency`` clients, each sending the next request when its last one ends."""
+    queue = iter(enumerate(requests))
+    out: list[tuple[float, int] | None] = [None] * len(requests)
+
+    async def client() -> None:
+        for i, r in queue:
+            params = SamplingParams(max_tokens=r.max_tokens, temperature=0.0, ignore_eos=True)
+            sent, first, tokens = time.monotonic(), None, 0
+            try:
+                async for item in engine.generate(engine.make_request(list(r.prompt), r.adapter, params)):
+                    first = first or time.monotonic()
+                    tokens += len(item.token_ids)
+            except OpenLoraError as e:  # counted and reported: one failed request must not end the run
+                log.warning("request %d (%s) failed: %s", i, r.adapter, e)
+                continue
+            out[i] = (first - sent, tokens)
+
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    return out
+
+
+def _quantile(sorted_values: list[float], q: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    return sorted_values[min(len(sorted_values) - 1, math.ceil(q * len(sorted_values)) - 1)]
+
+
+# ---------------------------------------------------------------------------------- report
+def run(model_dir: Path, cfg: ScalingConfig, out: Path, cache_dir: Path) -> dict[str, Any]:
+    started = time.monotonic()
+    store_root = make_store(model_dir, cfg, cache_dir)
+    node_cache = store_root.parent / "node-cache"
+    results = [
+        run_one(model_dir, cfg, store_root, node_cache, n, dist) for n in cfg.counts for dist in cfg.distributions
+    ]
+    sizes = [p.stat().st_size for p in (store_root / f"bench-{i}" / "v1" / "adapter_model.safetensors"
+                                        for i in range(max(cfg.counts)))]
+    loss = {}
+    for dist in cfg.distributions:
+        mine = [r for r in results if r.distribution == dist]
+        lo, hi = min(mine, key=lambda r: r.adapters), max(mine, key=lambda r: r.adapters)
+        loss[dist] = 1 - hi.req_per_s / lo.req_per_s
+    rss = [r.rss_max_mib for r in results]
+    report = {
+        "bench": "scaling",
+        "cpu": cpu_model(),
+        "torch_threads": torch.get_num_threads(),
+        "model": str(model_dir),
+        "config": asdict(cfg),
+        "adapter_file_mib": {"mean": statistics.mean(sizes) / MiB, "max": max(sizes) / MiB,
+                             "total_at_max_n": sum(sizes) / MiB},
+        "runs": [asdict(r) for r in results],
+        "throughput_loss": loss,
+        "target_loss": TARGET_LOSS,
+        "target_met": all(v <= TARGET_LOSS for v in loss.values()),
+        "rss_growth_mib": max(rss) - min(rss),
+        "wall_s": time.monotonic() - started,
+    }
+    write_json(out, report)
+    _print(report, results)
+    return report
+
+
+def _print(report: dict[str, Any], results: list[RunResult]) -> None:
+    cfg = report["config"]
+    print(f"bench scaling on {report['cpu']} ({report['torch_threads']} torch threads); model {report['model']}")
+    print(f"{cfg['num_slots']} slots, max_running {cfg['max_running']}, {cfg['concurrency']} closed-loop clients, "
+          f"{cfg['requests']} requests per run; host tier {cfg['host_cache_mib']} MiB; ranks {cfg['ranks']} on "
+          f"{'+'.join(cfg['targets'])} (files {report['adapter_file_mib']['mean']:.1f} MiB mean)")
+    print_table(
+        ["N", "dist", "used", "req/s", "tok/s", "TTFT p50 s", "TTFT p99 s", "slot hits", "host", "disk", "store",
+         "evictions", "RSS max MiB", "errors"],
+        [[r.adapters, r.distribution, r.distinct, r.req_per_s, r.tok_per_s, r.ttft_p50_s, r.ttft_p99_s, r.slot_hits,
+          r.host_loads, r.disk_loads, r.store_downloads, r.evictions, f"{r.rss_max_mib:.0f}", r.errors] for r in results],
+    )
+    for dist, loss in report["throughput_loss"].items():
+        print(f"{dist}: throughput {'loss' if loss >= 0 else 'gain'} {abs(loss):.1%} from N={min(cfg['counts'])} "
+              f"to N={max(cfg['counts'])} (target: loss <= {TARGET_LOSS:.0%})")
+    print(f"RSS max across N: spread {report['rss_growth_mib']:.0f} MiB; wall {report['wall_s']:.0f} s")

@@ -1,0 +1,37 @@
+"""``bench scaling`` end to end at a toy size: adapters written into a store, every tier used."""
+
+from __future__ import annotations
+
+import json
+
+from openlora_ray.bench.scaling_bench import ScalingConfig, make_store, run
+
+
+def test_bench_scaling_serves_every_n_and_distribution_through_the_tiers(tiny_model_dir, tmp_path, capsys):
+    cfg = ScalingConfig(
+        counts=(3, 12), ranks=(2, 4, 8), num_slots=2, max_running=4, concurrency=6, requests=16,
+        prompt_range=(4, 12), output_range=(2, 6), host_cache_mib=1, max_seq_len=64, threads=1,
+    )
+    report = run(tiny_model_dir, cfg, tmp_path / "scaling.json", tmp_path / "cache")
+    saved = json.loads((tmp_path / "scaling.json").read_text())
+    assert saved["throughput_loss"] == report["throughput_loss"] and set(saved["throughput_loss"]) == {"uniform", "zipf"}
+    assert saved["cpu"] and saved["target_loss"] == 0.05
+    runs = {(r["adapters"], r["distribution"]): r for r in saved["runs"]}
+    assert set(runs) == {(3, "uniform"), (3, "zipf"), (12, "uniform"), (12, "zipf")}
+    for r in runs.values():
+        assert r["errors"] == 0 and r["requests"] == 16 and r["req_per_s"] > 0 and r["rss_max_mib"] > 0
+        assert r["ttft_p99_s"] >= r["ttft_p50_s"] > 0
+        assert r["store_downloads"] == 0  # the node cache was warmed before the clock
+    big = runs[(12, "uniform")]
+    assert big["distinct"] > 2 and big["evictions"] > 0 and big["disk_loads"] > 2
+    assert runs[(3, "uniform")]["tokens"] == big["tokens"]  # the same lengths for every configuration
+    out = capsys.readouterr().out
+    assert "bench scaling on" in out and "uniform: throughput" in out
+
+    # A rerun reuses the adapters already written (nothing is rewritten: same files, same times).
+    store = make_store(tiny_model_dir, cfg, tmp_path / "cache")
+    files = sorted(store.rglob("adapter_model.safetensors"))
+    assert len(files) == 12
+    stamps = [f.stat().st_mtime_ns for f in files]
+    make_store(tiny_model_dir, cfg, tmp_path / "cache")
+    assert [f.stat().st_mtime_ns for f in files] == stamps

@@ -409,9 +409,11 @@ class Engine:
             if chunk.sample:
                 done.append((seq, logits[None]))
         if plan.decode:
-            rows = [DecodeRow(s.tokens[-1], len(s.tokens) - 1, s.blocks, slot(s)) for s in plan.decode]
+            # One adapter's rows side by side: the LoRA op then reads them in place, not gathered.
+            decode = sorted(plan.decode, key=slot)
+            rows = [DecodeRow(s.tokens[-1], len(s.tokens) - 1, s.blocks, slot(s)) for s in decode]
             logits = self.runner.decode(rows)
-            done += [(seq, logits[i : i + 1]) for i, seq in enumerate(plan.decode)]
+            done += [(seq, logits[i : i + 1]) for i, seq in enumerate(decode)]
             self._recent.append((time.monotonic(), len(rows)))
         if not done:
             return []

@@ -16,8 +16,9 @@ Order for a request naming an adapter (each non-empty group is one rank unless s
    then those with it in host RAM, then on local disk; all not busy (of more than ``FAR_HOLDERS``
    host/disk holders, only those among the adapter's probes, see 3).
    Loading comes before host/disk because that replica has already spent a slot on the adapter:
-   sending the request elsewhere would spend a second one. Slot holders not examined in 1 join
-   the catch-all rank (4);
+   sending the request elsewhere would spend a second one. The slot holders not examined in 1
+   share one rank between the loading ones and the host/disk ones (Serve reaches them when it
+   finds every examined one full);
 3. up to ``strict_ranks`` candidates (one when 1 or 2 has a replica: then they are only the
    fallback for when Serve finds those full), one per rank, in placement order: the first replicas the
    adapter's probes land on (``probe_sequence``: a consistent-hash ring, the same sequence in
@@ -132,7 +133,7 @@ class RouterSettings(BaseModel):
         ge=1,
         description="a decision examines an adapter's slot holders from a random start until it finds "
         "this many not busy; they make the first rank (Serve takes the shortest queue among them), the "
-        "holders not examined join the catch-all rank. A hot adapter's hundred copies then cost a decision a "
+        "holders not examined share a later one. A hot adapter's hundred copies then cost a decision a "
         "few of them, not all (issue 16: at most 0.2 ms per decision at 1,000 replicas)",
     )
     popularity_half_life_s: float = Field(
@@ -284,15 +285,18 @@ def assemble_ranks(
     Shared by the O(replicas) reference and the index, which differ only in how they find these.
 
     Slot holders are examined from ``inputs.draw`` on (cyclically) until ``settings.holder_sample``
-    of them are found not busy; those not examined join the catch-all rank."""
+    of them are found not busy; those not examined share one rank after the examined ones."""
     by_tier: list[list[str]] = [[] for _ in range(Tier.NONE)]
     busy_holders: list[str] = []
     placed: set[str] = set()
     count = len(near)
     start = inputs.draw % count if count else 0
     idle = 0
+    unexamined: list[str] = []
     for k in range(count):
         if idle == settings.holder_sample:
+            unexamined = [near[(start + j) % count] for j in range(k, count)]
+            placed.update(unexamined)
             break
         replica_id = near[(start + k) % count]
         placed.add(replica_id)
@@ -313,7 +317,10 @@ def assemble_ranks(
             busy_holders.append(replica_id)
         else:
             by_tier[holder_tier(adapter_id, state, inputs.recent)].append(replica_id)
-    ranks = [sorted(rank) for rank in by_tier if rank]
+    ranks = [sorted(rank) for rank in by_tier[: Tier.HOST] if rank]
+    if unexamined:
+        ranks.append(unexamined)
+    ranks.extend(sorted(rank) for rank in by_tier[Tier.HOST :] if rank)
     # With a holder to take the request, the candidates are only the fallback for when Serve finds
     # every such holder full: the first one in probe order will do, and costs no placement keys.
     wanted = settings.strict_ranks if not ranks else 1

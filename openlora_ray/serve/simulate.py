@@ -532,6 +532,7 @@ def register_bench(benches: argparse._SubParsersAction) -> None:
     p.add_argument("--routers", type=int, default=d.routers, help="ingress replicas routing independently")
     p.add_argument("--queue-cache-s", type=float, default=d.queue_cache_s, help="Serve's queue-length cache timeout")
     p.add_argument("--spill-load", type=float, default=s.spill_load)
+    p.add_argument("--holder-sample", type=int, default=s.holder_sample, help="idle slot holders ranked first")
     p.add_argument("--policies", nargs="+", default=[AffinityPolicy.name, ServeDefaultPolicy.name],
                    choices=[AffinityPolicy.name, ServeDefaultPolicy.name])
     p.add_argument("--decision-time", action="store_true",
@@ -553,7 +554,9 @@ def run_routing_sim(args: argparse.Namespace) -> int:
         service_s=args.service_s, load_s=args.load_s, host_slots=args.host_slots, host_load_s=args.host_load_s,
         stats_period_s=args.stats_period_s, routers=args.routers, queue_cache_s=args.queue_cache_s,
     )
-    settings = RouterSettings(spill_load=args.spill_load, recent_ttl_s=2 * args.stats_period_s)
+    settings = RouterSettings(
+        spill_load=args.spill_load, recent_ttl_s=2 * args.stats_period_s, holder_sample=args.holder_sample
+    )
     payload = run(cfg, settings, args.policies)
     best = payload["static_optimum"]["hit_rate"]
     rows: list[list[object]] = [

@@ -466,7 +466,7 @@ def test_properties(states, adapter, spill, strict, sample, seed, inputs) -> Non
     near = [r for r in ids if tiers[r] <= Tier.LOADING]
     if sample < len(near):
         # A sample of the slot holders: walking them (sorted) from ``draw`` until ``sample`` idle ones
-        # are found; those rank first, ahead of every non-holder, and those not examined after them.
+        # are found; those rank first, then those not examined (one rank), then every non-holder.
         near.sort()
         start = inputs.draw % len(near)
         walk = near[start:] + near[:start]
@@ -479,8 +479,12 @@ def test_properties(states, adapter, spill, strict, sample, seed, inputs) -> Non
         assert len(chosen) == min(sample, sum(not busy[r] for r in near))
         if chosen:
             assert set(ranks[0]) <= set(chosen) | {r for r in good if r not in near}
-        later = [r for r in ids if tiers[r] is Tier.NONE or busy[r] or r in walk[len(examined) :]]
+        unexamined = walk[len(examined) :]
+        later = [r for r in ids if tiers[r] is Tier.NONE or busy[r] or r in unexamined]
         assert all(position[c] < position[r] for c in chosen for r in later)
+        if unexamined:
+            assert sorted(ranks[position[unexamined[0]]]) == sorted(unexamined)
+            assert all(position[u] < position[r] for u in unexamined for r in ids if tiers[r] is Tier.NONE)
         return
     if good:
         # A holder below the threshold always ranks first, and the first rank is its best tier.
@@ -562,17 +566,18 @@ def test_a_hot_adapter_in_every_host_tier_ranks_only_its_probed_host_holders() -
     assert rank_replicas("x", few, SETTINGS)[0] == sorted(x.replica_id for x in few)
 
 
-def test_a_hot_adapter_ranks_a_sample_of_its_idle_holders_first_and_the_rest_with_the_catch_all() -> None:
+def test_a_hot_adapter_ranks_a_sample_of_its_idle_holders_first_and_the_rest_next() -> None:
     """With more idle slot holders than ``holder_sample``, a decision ranks that many first (where
-    the walk starts differs per decision) and leaves the others to the catch-all rank."""
+    the walk starts differs per decision), the other holders next (one rank), unexamined."""
     states = [rs(f"r{i:02d}", resident=("x",)) for i in range(20)] + [rs(f"s{i}") for i in range(5)]
     s = RouterSettings(holder_sample=4)
     firsts = set()
     for draw in range(20):
         ranks = rank_replicas("x", states, s, RoutingInputs(draw=draw))
         assert len(ranks[0]) == 4 and all(r.startswith("r") for r in ranks[0])
-        assert len(ranks[1]) == 1 and ranks[1][0].startswith("s")  # one candidate: the fallback
-        assert len(ranks) == 3 and len(ranks[2]) == 20  # 16 unexamined holders + 4 non-holders
+        assert len(ranks[1]) == 16 and all(r.startswith("r") for r in ranks[1])
+        assert len(ranks[2]) == 1 and ranks[2][0].startswith("s")  # one candidate: the fallback
+        assert len(ranks) == 4 and len(ranks[3]) == 4
         firsts.add(tuple(ranks[0]))
     assert len(firsts) == 20
 

@@ -25,6 +25,7 @@ class EngineSettings(BaseModel):
     gpu_memory_fraction: float = Field(0.9, gt=0, le=1, description="CUDA: share of the device's memory for the same")
     kv_block_size: int = Field(16, ge=1, description="tokens per KV-cache block")
     prefix_cache: bool = Field(True, description="reuse the KV blocks of prompt prefixes already computed")
+    cuda_graphs: bool = Field(True, description="CUDA: replay decode steps as CUDA graphs per batch-size bucket")
     num_kv_blocks: int | None = Field(None, ge=1, description="KV blocks, overriding what the budget gives (tests, benchmarks)")
     load_workers: int = Field(2, ge=1, description="threads fetching and validating adapters")
     adapter_recheck_s: float = Field(

@@ -189,7 +189,9 @@ class Engine:
         self.memory = self._plan_memory(dtype)
         log.info("engine memory: %s", self.memory.describe(cfg.num_slots, cfg.max_rank))
         self.slots = SlotManager(self.model, cfg.host_cache_bytes)
-        self.runner = ModelRunner(self.model, num_blocks=self.memory.num_blocks, block_size=cfg.kv_block_size)
+        self.runner = ModelRunner(
+            self.model, num_blocks=self.memory.num_blocks, block_size=cfg.kv_block_size, cuda_graphs=cfg.cuda_graphs
+        )
         self.pool = BlockPool(self.memory.num_blocks)
         self.scheduler = Scheduler(
             self.pool,

@@ -14,6 +14,7 @@ import torch
 
 from openlora_ray.engine.request import TokenLogprobs
 from openlora_ray.engine.sampling import RowContext, SamplingError, sample_rows
+from openlora_ray.engine.static_decode import ROW_BUCKETS, DecodeGraphs, StaticDecoder
 from openlora_ray.model.llama import MultiLoraLlama, PagedBatch
 from openlora_ray.model.paged_attention import PrefillLayout, build_decode_layout
 
@@ -27,11 +28,17 @@ class DecodeRow:
 
 
 class ModelRunner:
-    def __init__(self, model: MultiLoraLlama, *, num_blocks: int, block_size: int) -> None:
+    def __init__(self, model: MultiLoraLlama, *, num_blocks: int, block_size: int, cuda_graphs: bool = False) -> None:
+        """``num_blocks`` blocks for sequences plus one scratch block (the last) that only the
+        padding rows of a CUDA-graph step write to. ``cuda_graphs`` takes effect on CUDA only."""
         self.model = model
         self.device = model.device
         self.block_size = block_size
-        self.cache = model.new_kv_cache(num_blocks, block_size)
+        self.cache = model.new_kv_cache(num_blocks + 1, block_size)
+        self.graphs: DecodeGraphs | None = None
+        if cuda_graphs and self.device.type == "cuda" and "moe" not in model.spec.layer_mlp:
+            static = StaticDecoder(model, self.cache, block_size=block_size, scratch=num_blocks)
+            self.graphs = DecodeGraphs(static)
 
     def _where(self, blocks: Sequence[int], positions: range) -> tuple[list[int], list[int]]:
         """(block, offset) of each position's key and value."""
@@ -58,6 +65,9 @@ class ModelRunner:
     @torch.inference_mode()
     def decode(self, rows: Sequence[DecodeRow]) -> torch.Tensor:
         """One token for each row, all in one forward; logits (B, V)."""
+        if self.graphs is not None and len(rows) <= ROW_BUCKETS[-1]:
+            static = self.graphs.decoder.inputs([r.token for r in rows], [r.position for r in rows], [r.blocks for r in rows], [r.slot for r in rows])
+            return self.graphs.run(static, len(rows))
         dev = self.device
         bs = self.block_size
         where = torch.tensor([r.blocks[r.position // bs] for r in rows], device=dev)

@@ -66,6 +66,9 @@ class Segments:
     keep   (K,)            padded position of each adapted row (in the order the rows are given);
                            None = position k holds row k
     slots  (groups,)       slot of each group, or a slice when they are consecutive (read in place)
+    mask   (groups, 1, 1)  1 or 0 per group: a 0 group's input is zeroed, so its delta is exactly
+                           zero; None = no mask. The static decode step (CUDA graphs) computes every
+                           row as a group and masks the rows without an adapter instead of leaving them out
     """
 
     order: torch.Tensor | None
@@ -73,6 +76,7 @@ class Segments:
     slots: torch.Tensor | slice
     groups: int
     size: int
+    mask: torch.Tensor | None = None
 
 
 def segment_rows(rows: Sequence[int], slots: Sequence[int], num_batch_rows: int, device: torch.device) -> Segments:
@@ -122,6 +126,8 @@ def add_lora_delta(
     length, d_in = x.shape[1], x.shape[2]
     v, c = seg.groups, seg.size
     xs = (x if seg.order is None else x.index_select(0, seg.order)).reshape(v, c * length, d_in)  # (V, C*L, in)
+    if seg.mask is not None:
+        xs = xs * seg.mask
     if isinstance(seg.slots, slice):
         a_g, b_g = a[seg.slots, :, :rank], b[seg.slots, :rank]  # (V, n, r, in), (V, r, out): views
     else:

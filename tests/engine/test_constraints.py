@@ -14,7 +14,7 @@ from openlora_ray.engine.config import EngineConfig
 from openlora_ray.engine.constraints import ConstraintError, ConstraintSpec
 from openlora_ray.engine.grammar import GrammarCompiler
 from openlora_ray.engine.request import SamplingParams
-from openlora_ray.engine.token_masks import allowed_tokens, apply_constraints
+from openlora_ray.engine.token_masks import apply_constraints, bitmasks, forbidden_tokens
 from openlora_ray.errors import InvalidRequestError
 
 PERSON = {
@@ -55,7 +55,8 @@ class _Fixed:
 
 def test_masks_unpack_in_token_order_and_touch_only_constrained_rows():
     vocab = 100
-    allowed = allowed_tokens([_Fixed([0, 31, 32, 63, 99]), _Fixed([5])], vocab)
+    allowed = ~forbidden_tokens(bitmasks([_Fixed([0, 31, 32, 63, 99]), _Fixed([5])], vocab), vocab)
+    assert allowed.shape == (2, vocab)
     assert allowed[0].nonzero().flatten().tolist() == [0, 31, 32, 63, 99]
     assert allowed[1].nonzero().flatten().tolist() == [5]
     logits = torch.randn(3, vocab)
@@ -65,6 +66,9 @@ def test_masks_unpack_in_token_order_and_touch_only_constrained_rows():
     assert torch.isfinite(logits[1]).nonzero().flatten().tolist() == [7, 64]
     with pytest.raises(ConstraintError, match="no next token"):
         apply_constraints(logits, [None, _Fixed([])])
+    every = torch.randn(2, vocab)  # every row constrained: masked in place
+    apply_constraints(every, [_Fixed([1]), _Fixed([2, 3])])
+    assert [torch.isfinite(r).nonzero().flatten().tolist() for r in every] == [[1], [2, 3]]
 
 
 def test_invalid_schemas_name_the_problem(tiny_chat_model_dir):
@@ -115,3 +119,33 @@ async def test_a_refused_token_fails_only_its_row(engine):
     assert isinstance(results[0], InvalidRequestError) and "no next token" in str(results[0])
     assert json.loads(results[1][1]) in ({"flag": True}, {"flag": False})
     assert results[2][2].finish_reason == "length"
+
+
+async def test_the_demo_model_answers_sensible_json_under_a_schema(engine_factory, smollm2_dir):
+    """SmolLM2-135M-Instruct, greedy: the constrained answers validate and carry what was asked."""
+    from openlora_ray.engine.prompts import ChatPrompt
+    from openlora_ray.serve.tool_calls import Tool, parameters
+
+    engine = engine_factory(EngineConfig(model_path=smollm2_dir, max_seq_len=512, max_running=4))
+    person = {**PERSON, "properties": {**PERSON["properties"], "name": {"type": "string", "maxLength": 20}}}
+    weather = Tool.model_validate({"type": "function", "function": {
+        "name": "get_weather", "description": "The current weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}}, "required": ["city"]},
+    }})
+    asks = [
+        (ChatPrompt(messages=({"role": "user", "content": "Give me a person as JSON."},)), person),
+        (ChatPrompt(messages=({"role": "user", "content": "What is the weather in Paris?"},),
+                    tools=(weather.model_dump(exclude_none=True),)), parameters(weather)),
+    ]
+    requests = [
+        engine.make_request(prompt, params=SamplingParams(max_tokens=40, temperature=0, constraint=ConstraintSpec.for_schema(s)))
+        for prompt, s in asks
+    ]
+    (_, person_text, end), (_, args_text, _) = await asyncio.wait_for(
+        asyncio.gather(*(collect(engine, r) for r in requests)), 240
+    )
+    assert end.finish_reason == "stop"
+    jsonschema.validate(json.loads(person_text), person)
+    args = json.loads(args_text)
+    jsonschema.validate(args, parameters(weather))
+    assert "Paris" in args["city"]

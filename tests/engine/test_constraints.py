@@ -8,13 +8,17 @@ import json
 import jsonschema
 import pytest
 import torch
-
 from engine_helpers import collect
+
 from openlora_ray.engine.config import EngineConfig
 from openlora_ray.engine.constraints import ConstraintError, ConstraintSpec
 from openlora_ray.engine.grammar import GrammarCompiler
 from openlora_ray.engine.request import SamplingParams
-from openlora_ray.engine.token_masks import apply_constraints, bitmasks, forbidden_tokens
+from openlora_ray.engine.token_masks import (
+    apply_constraints,
+    bitmasks,
+    forbidden_tokens,
+)
 from openlora_ray.errors import InvalidRequestError
 
 PERSON = {

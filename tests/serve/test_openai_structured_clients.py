@@ -14,9 +14,8 @@ from typing import Literal
 
 import jsonschema
 import pytest
-from pydantic import BaseModel, Field
-
 from peft_helpers import save_peft_adapter
+from pydantic import BaseModel, Field
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -112,7 +111,7 @@ def json_schema_format(name: str, schema: dict) -> dict:
 def test_json_schema_outputs_validate_in_a_mixed_batch(client):
     """Several schemas (greedy and sampled, base model and adapter) at once with free rows: every
     constrained answer validates; the free rows answer what they answer alone."""
-    free = dict(messages=CHAT, max_tokens=12, temperature=0)
+    free = {"messages": CHAT, "max_tokens": 12, "temperature": 0}
     alone = client.chat.completions.create(model=BASE, **free).choices[0].message.content
     cases = [
         (PERSON, BASE, 0.0),

@@ -10,8 +10,18 @@ from pydantic import ValidationError
 from openlora_ray.engine.constraints import ConstraintSpec
 from openlora_ray.errors import InvalidRequestError
 from openlora_ray.serve.openai_api import ChatCompletionRequest, CompletionRequest
-from openlora_ray.serve.openai_responses import ChoiceResult, ChunkWriter, completion_response
-from openlora_ray.serve.tool_calls import ArrayParser, HermesParser, NamedParser, shape_piece, shape_whole
+from openlora_ray.serve.openai_responses import (
+    ChoiceResult,
+    ChunkWriter,
+    completion_response,
+)
+from openlora_ray.serve.tool_calls import (
+    ArrayParser,
+    HermesParser,
+    NamedParser,
+    shape_piece,
+    shape_whole,
+)
 
 USER = [{"role": "user", "content": "hi"}]
 PERSON = {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}

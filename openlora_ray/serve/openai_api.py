@@ -204,6 +204,7 @@ class _Common(BaseModel):
     min_tokens: int | None = Field(None, ge=0, description="vLLM extra: no end of sequence before this many tokens")
     guided_json: dict[str, Any] | str | None = Field(None, description="vLLM extra: output valid under this JSON schema")
     structured_outputs: StructuredOutputs | None = Field(None, description="vLLM extra: its 'json' only")
+    response_format: ResponseFormat | None = Field(None, description="OpenAI's on chat; vLLM's on completions too")
     min_p: float | None = Field(None, ge=0.0, le=1.0, description="vLLM extra: drop tokens under min_p x the top's")
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
@@ -292,7 +293,7 @@ class _Common(BaseModel):
         return checked(given[0][1], given[0][0]) if given else None
 
     def _constraint_sources(self) -> list[tuple[str, dict[str, Any] | None]]:
-        return []
+        return [("response_format", self.response_format.target_schema() if self.response_format else None)]
 
     def engine_logprobs(self) -> int | None:
         """How many alternatives the engine reports per token; None: no log probabilities."""
@@ -418,7 +419,6 @@ class ChatCompletionRequest(_Common):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
-    response_format: ResponseFormat | None = None
     tools: list[Tool] | None = Field(None, max_length=128)
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool | None = None
@@ -471,8 +471,7 @@ class ChatCompletionRequest(_Common):
         else:
             parallel = self.parallel_tool_calls is not False
             forced = required_calls_schema(tools, parallel) if choice == "required" else None
-        fmt = self.response_format.target_schema() if self.response_format else None
-        return [("response_format", fmt), ("tool_choice", forced)]
+        return [*super()._constraint_sources(), ("tool_choice", forced)]
 
     def call_parser(self, family: ToolCallParser) -> CallParser | None:
         """How this request's output becomes ``tool_calls`` (serve/tool_calls.py); None: plain text."""

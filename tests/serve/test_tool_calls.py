@@ -54,6 +54,8 @@ def test_response_formats_and_vllm_extras_become_the_engines_constraint():
     assert schema_of(chat(guided_json=PERSON)) == PERSON
     assert schema_of(CompletionRequest(model="m", prompt="x", guided_json=json.dumps(PERSON))) == PERSON
     assert schema_of(CompletionRequest(model="m", prompt="x", structured_outputs={"json": PERSON})) == PERSON
+    completion_format = CompletionRequest(model="m", prompt="x", response_format={"type": "json_object"})
+    assert schema_of(completion_format) == {"type": "object"}  # vLLM takes response_format on completions too
     # Equal schemas are one cache entry, however their keys are ordered.
     assert ConstraintSpec.for_schema({"b": 1, "a": 2}) == ConstraintSpec.for_schema({"a": 2, "b": 1})
 

@@ -58,7 +58,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     scaling = benches.add_parser("scaling", help="one engine from 5 to 2,000 adapters: throughput, TTFT, tier loads, RSS")
     scaling.add_argument("--model", type=Path, default=None, help="model folder (default: the prepared demo model)")
     scaling.add_argument("--counts", type=int, nargs="+", default=[5, 100, 1000, 2000], help="adapter counts N (default: %(default)s)")
-    scaling.add_argument("--requests", type=int, default=192, help="requests per N and distribution (default: %(default)s)")
+    scaling.add_argument("--requests", type=int, default=128, help="requests per N and distribution (default: %(default)s)")
     scaling.add_argument("--concurrency", type=int, default=48, help="closed-loop clients (default: %(default)s)")
     scaling.add_argument("--slots", type=int, default=32, help="LoRA slots (default: %(default)s)")
     scaling.add_argument("--max-running", type=int, default=32, help="engine batch, at most (default: %(default)s)")

@@ -19,6 +19,7 @@ next run.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import math
@@ -30,8 +31,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Self
 
+import numpy as np
 import torch
-from safetensors.torch import save_file
 
 from openlora_ray.adapter_format import BaseModelDims
 from openlora_ray.bench.timing import cpu_model, print_table, write_json
@@ -59,7 +60,7 @@ class ScalingConfig:
     num_slots: int = 32
     max_running: int = 32
     concurrency: int = 48  # closed-loop clients: more than run at once, so requests queue
-    requests: int = 192  # per configuration
+    requests: int = 128  # per configuration
     prompt_range: tuple[int, int] = (16, 64)
     output_range: tuple[int, int] = (16, 80)
     host_cache_mib: int = 256
@@ -97,23 +98,45 @@ def make_store(model_dir: Path, cfg: ScalingConfig, cache_dir: Path) -> Path:
 
 
 def _write_peft(folder: Path, dims: BaseModelDims, rank: int, targets: tuple[str, ...], seed: int, base: str) -> None:
-    """PEFT's save_pretrained layout, bfloat16 like the base's checkpoint; random A and B, both
-    non-zero (a freshly initialised PEFT adapter has B = 0, which would test nothing)."""
+    """PEFT's save_pretrained layout in bfloat16 (as the base's checkpoint), A and B random and
+    non-zero (a freshly initialised PEFT adapter has B = 0, which would test nothing).
+
+    Each tensor is a slice, at a random offset, of a pool of random values drawn once per scale:
+    drawing millions of values per adapter made writing 2,000 adapters take most of an hour on 2
+    cores. The safetensors file (an 8-byte header length, a JSON header, the raw data) is written
+    in one piece from those slices."""
     folder.mkdir(parents=True, exist_ok=True)
-    gen = torch.Generator().manual_seed(seed)
-    tensors = {}
+    pick = random.Random(seed)
+    header: dict[str, Any] = {}
+    chunks: list[bytes] = []
+    offset = 0
     for layer in range(dims.num_layers):
         for proj in targets:
             fan_in, fan_out = dims.in_out(proj)
             prefix = f"base_model.model.model.layers.{layer}.{_module(proj)}.{proj}"
-            tensors[f"{prefix}.lora_A.weight"] = (torch.randn(rank, fan_in, generator=gen) / math.sqrt(fan_in)).bfloat16()
-            tensors[f"{prefix}.lora_B.weight"] = (torch.randn(fan_out, rank, generator=gen) * 0.01).bfloat16()
-    save_file(tensors, str(folder / "adapter_model.safetensors"))
+            for ab, shape, scale in (("A", (rank, fan_in), 1 / math.sqrt(fan_in)), ("B", (fan_out, rank), 0.01)):
+                pool = _random_pool(scale)
+                n = shape[0] * shape[1]
+                start = pick.randrange(len(pool) - n)
+                data = pool[start : start + n].tobytes()
+                header[f"{prefix}.lora_{ab}.weight"] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + len(data)]}
+                chunks.append(data)
+                offset += len(data)
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # the format aligns the data to 8 bytes
+    (folder / "adapter_model.safetensors").write_bytes(len(head).to_bytes(8, "little") + head + b"".join(chunks))
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": 2 * rank, "lora_dropout": 0.0,
         "target_modules": list(targets), "bias": "none", "base_model_name_or_path": base, "use_rslora": False,
     }
     (folder / "adapter_config.json").write_text(json.dumps(config, indent=2))
+
+
+@functools.cache
+def _random_pool(scale: float, size: int = 1 << 22) -> np.ndarray:
+    """``size`` bfloat16 values of N(0, scale^2), as their raw 16-bit patterns."""
+    values = torch.randn(size, generator=torch.Generator().manual_seed(size)) * scale
+    return values.bfloat16().view(torch.int16).numpy()
 
 
 def _module(proj: str) -> str:

@@ -9,6 +9,7 @@ the model's own largest fused shape at a decode-sized batch, and the faster one 
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 
@@ -21,8 +22,12 @@ ROWS = 16  # a decode-sized batch
 REPEATS = 7
 
 
+@functools.cache
 def choose_transposed(device: torch.device, dtype: torch.dtype, in_features: int, out_features: int) -> bool:
-    """True to store fused weights as ``(in, out)`` and multiply ``x @ W``; False for ``F.linear``."""
+    """True to store fused weights as ``(in, out)`` and multiply ``x @ W``; False for ``F.linear``.
+
+    Timed once per process and shape: engines built one after another in one process (a
+    benchmark's configurations) must not differ by the noise of a few timings on a busy machine."""
     if device.type != "cpu":
         return False
     weight = torch.randn(out_features, in_features, dtype=dtype)

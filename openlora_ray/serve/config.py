@@ -43,7 +43,7 @@ class ReplicaSettings(BaseModel):
 class AppConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    model: str = Field(DEMO_MODEL, description="Hugging Face model folder, or 'demo' for SmolLM2-135M-Instruct")
+    model: str = Field(DEMO_MODEL, description="Hugging Face model folder, 'demo' for SmolLM2-135M-Instruct, or gemma3-270m")
     served_model_name: str = Field("smollm2-135m-instruct", description="the name that means 'no adapter'")
     engine: EngineSettings = EngineSettings(num_slots=8, max_rank=16)
     store: StoreSettings | None = Field(None, description="where adapters live; none = base model only")
@@ -58,9 +58,11 @@ class AppConfig(BaseModel):
     ingress_max_ongoing_requests: int = Field(256, ge=1, description="concurrent requests per ingress replica (Serve's default is 5)")
 
     def model_path(self) -> Path:
-        """The model folder, preparing the demo model on first use."""
-        if self.model == DEMO_MODEL:
-            from openlora_ray.model.prepare import prepare_demo_model
+        """The model folder, preparing the demo model (or another of ``model prepare``'s) on first use."""
+        from openlora_ray.model.prepare import MODELS, prepare_demo_model, prepare_model
 
+        if self.model == DEMO_MODEL:
             return prepare_demo_model()
+        if self.model in MODELS:
+            return prepare_model(self.model)
         return Path(self.model).expanduser()

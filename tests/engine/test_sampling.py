@@ -10,7 +10,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from openlora_ray.engine.request import SamplingParams
-from openlora_ray.engine.sampling import RowContext, SamplingError, process_logits, reference_logprobs, sample, sample_rows
+from openlora_ray.engine.sampling import (
+    RowContext,
+    SamplingError,
+    _min_p,
+    _top_k_top_p,
+    process_logits,
+    reference_logprobs,
+    sample,
+    sample_rows,
+)
 
 V = 50
 EOS = frozenset({2})
@@ -52,6 +61,23 @@ def test_batched_logits_and_logprobs_equal_the_one_row_reference(seed):
         assert lp.token_logprob == pytest.approx(float(want_logprobs[token]), abs=1e-5)
         k = row.params.logprobs or 0
         assert [t for t, _ in lp.top[:k]] == want_logprobs.topk(k).indices.tolist() if k else True
+
+
+@pytest.mark.parametrize("spread", [1.0, 6.0])  # flat: the nucleus needs a full sort; peaked: the candidates hold it
+def test_filters_over_a_large_vocabulary_keep_what_the_reference_keeps(spread):
+    rng = random.Random(int(spread))
+    vocab = 3000
+    params = [
+        SamplingParams(temperature=t, top_k=k, top_p=p, min_p=m)
+        for t, k, p, m in [(1.0, 0, 0.9, 0.0), (0.7, 50, 1.0, 0.0), (1.3, 400, 0.8, 0.0), (1.0, 0, 0.95, 0.02), (1.0, 0, 1.0, 0.0)]
+    ]
+    logits = torch.randn(len(params), vocab, generator=torch.Generator().manual_seed(rng.randrange(100))) * spread
+    rows = [RowContext(p, None, [0], [], EOS) for p in params]
+    scaled = logits / torch.tensor([p.temperature for p in params])[:, None]
+    kept = torch.isfinite(_top_k_top_p(_min_p(scaled, params), params))
+    for i, row in enumerate(rows):
+        _, want = reference_logprobs(logits[i], row)
+        assert torch.equal(kept[i], want > 0), (spread, params[i])
 
 
 def test_draws_follow_the_filtered_distribution():

@@ -263,10 +263,21 @@ class RoutingInputs:
 NO_INPUTS = RoutingInputs()
 
 
-def _is_busy_for(adapter_id: str, state: ReplicaState, load: float, settings: RouterSettings, inputs: RoutingInputs) -> bool:
-    if is_busy(load, settings) or kv_exhausted(state, settings):
-        return True
-    return inputs.in_flight is not None and waits_for_slot(adapter_id, state, inputs.in_flight.get(state.replica_id, ()))
+def _load_unless_busy(adapter_id: str, state: ReplicaState, settings: RouterSettings, inputs: RoutingInputs) -> float:
+    """``replica_load``, or -1 when the replica is busy for the request (``is_busy``,
+    ``kv_exhausted`` or ``waits_for_slot``): those inlined, since a decision asks this of every
+    replica it examines and the calls were a third of its time."""
+    queue_len = inputs.queue_lens.get(state.replica_id) if inputs.queue_lens is not None else None
+    load = (state.running + state.queued if queue_len is None else queue_len) / max(1, state.max_running)
+    if load >= settings.spill_load:
+        return -1.0
+    if state.total_kv_blocks > 0 and state.free_kv_blocks / state.total_kv_blocks < settings.min_free_kv:
+        return -1.0
+    if inputs.in_flight is not None and state.num_slots:
+        pinned = inputs.in_flight.get(state.replica_id, ())
+        if adapter_id not in pinned and len(pinned) >= state.num_slots:
+            return -1.0
+    return load
 
 
 def assemble_ranks(
@@ -303,7 +314,7 @@ def assemble_ranks(
         state = state_of(replica_id)
         if state is None:
             continue
-        if _is_busy_for(adapter_id, state, replica_load(state, inputs.queue_lens), settings, inputs):
+        if _load_unless_busy(adapter_id, state, settings, inputs) < 0:
             busy_holders.append(replica_id)
         else:
             by_tier[holder_tier(adapter_id, state, inputs.recent)].append(replica_id)
@@ -313,7 +324,7 @@ def assemble_ranks(
         state = state_of(replica_id)
         if state is None:
             continue
-        if _is_busy_for(adapter_id, state, replica_load(state, inputs.queue_lens), settings, inputs):
+        if _load_unless_busy(adapter_id, state, settings, inputs) < 0:
             busy_holders.append(replica_id)
         else:
             by_tier[holder_tier(adapter_id, state, inputs.recent)].append(replica_id)
@@ -329,8 +340,8 @@ def assemble_ranks(
         state = state_of(replica_id)
         if replica_id in placed or state is None or holder_tier(adapter_id, state, inputs.recent) <= Tier.LOADING:
             continue
-        load = replica_load(state, inputs.queue_lens)
-        if _is_busy_for(adapter_id, state, load, settings, inputs):
+        load = _load_unless_busy(adapter_id, state, settings, inputs)
+        if load < 0:
             continue
         if wanted == 1:
             keyed.append(((), -position, replica_id))

@@ -9,7 +9,9 @@ call it.
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Collection
+from itertools import repeat
 
 from openlora_ray.serve.ring import ReplicaRing, probe_sequence
 from openlora_ray.serve.routing import FAR_HOLDERS, NO_INPUTS, RouterSettings, RoutingInputs, assemble_ranks
@@ -140,10 +142,10 @@ class RoutingIndex:
         """Every replica not in ``placed``, sorted: the id list cut around ``placed``'s positions
         (a copy of the list and a few slices, not a membership test per replica)."""
         ids, position = self._ids, self._position
-        cuts = sorted(position[r] for r in placed if r in position)
+        cuts = sorted(map(position.get, placed, repeat(-1)))
         rest: list[str] = []
         begin = 0
-        for cut in cuts:
+        for cut in cuts[bisect_left(cuts, 0) :]:
             rest += ids[begin:cut]
             begin = cut + 1
         rest += ids[begin:]

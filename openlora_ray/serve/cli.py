@@ -84,10 +84,13 @@ def _serve(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
+    from openlora_ray.model.support import check_supported
     from openlora_ray.serve.app import build
 
     cfg = local_config(args)
-    cfg.model_path()  # prepare the demo model here, once, rather than in every replica
+    # prepare the demo model here, once, rather than in every replica; and refuse, before any
+    # replica starts, a model the engine cannot serve (each replica would fail the same way)
+    check_supported(cfg.model_path(), cfg.engine.max_seq_len)
     if cfg.store is not None and "://" not in cfg.store.uri:
         Path(cfg.store.uri).expanduser().mkdir(parents=True, exist_ok=True)
     ray.init(include_dashboard=False, runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})

@@ -11,6 +11,10 @@ hand). So an id is first *resolved* to a local folder and the content digest of 
 worker: it may ask the store), trusted for ``recheck_s``, and every tier here (reads, slots, host)
 is keyed by that digest: new content under an old name is a miss and is read, never the old
 weights served. A running sequence keeps the weights it was admitted with until it finishes.
+
+Slot writes go through a ``SlotTransfer`` (``lora/transfer.py``): on CUDA they run on a side stream
+from pinned host memory, and a sequence is admitted onto a slot whose copy is still in flight only
+when no other rows are running (they would wait for it); otherwise it waits a step or two.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from openlora_ray.engine.scheduler import Seq
 from openlora_ray.errors import AdapterNotFoundError, CapacityError, InvalidAdapterError
 from openlora_ray.lora.ops import NO_ADAPTER
 from openlora_ray.lora.slots import SlotManager
+from openlora_ray.lora.transfer import InlineTransfer, SlotTransfer
 from openlora_ray.lora.weights import LoraWeights, RawLora, read_lora, to_weights
 
 log = logging.getLogger(__name__)
@@ -62,7 +67,11 @@ class AdapterManager:
         wake: Callable[[], None],
         base_identity: str,
         recheck_s: float = 1.0,
+        transfer: SlotTransfer | None = None,
+        rows_running: Callable[[], bool] = lambda: False,
     ) -> None:
+        """``transfer`` must be the one ``slots``' buffers write through (``TransferredSlots``);
+        ``rows_running`` says whether any sequence is running (their steps must not wait for a load)."""
         self.slots = slots
         self._resolver = resolver
         self._dims, self._max_rank, self._dtype = dims, max_rank, dtype
@@ -70,6 +79,8 @@ class AdapterManager:
         self._wake = wake
         self.base_identity = base_identity
         self._recheck_s = recheck_s
+        self._transfer = transfer or InlineTransfer()
+        self._rows_running = rows_running
         self._resolved: dict[str, tuple[ResolvedAdapter, float]] = {}  # adapter id -> (what, trusted until)
         self._resolving: dict[str, Future[ResolvedAdapter]] = {}
         self._loading: dict[str, tuple[str, Future[RawLora]]] = {}  # digest -> (adapter id, read)
@@ -86,9 +97,13 @@ class AdapterManager:
         if key is None:
             return None
         try:
-            self.slots.acquire(key, self._ready.pop)
+            slot = self.slots.acquire(key, self._ready.pop)
         except CapacityError:  # every slot pinned by running rows: wait for one to finish
             return None
+        if not self._transfer.ready(slot) and self._rows_running():
+            self.slots.release(key)  # still copying: admitted once the copy is done, so no row waits
+            return None
+        self._transfer.await_slot(slot)
         self._held[seq] = key
         return "lora:" + key
 
@@ -147,7 +162,7 @@ class AdapterManager:
             err = fut.exception()
             if err is None:
                 try:
-                    self._ready[key] = to_weights(fut.result(), self._dtype)
+                    self._ready[key] = self._transfer.stage(to_weights(fut.result(), self._dtype))
                     continue
                 except InvalidAdapterError as e:
                     err = e
@@ -212,7 +227,7 @@ class AdapterManager:
         key = raw.digest
         if not pin:
             slot = self.slots.slot_of(key)
-            return slot if slot is not None else self.slots.load(to_weights(raw, self._dtype))
+            return slot if slot is not None else self.slots.load(self._weights(raw))
         old = self.operator_pins.get(raw.adapter_id)
         if old == key:
             return self.slots.slot_of(key)
@@ -222,11 +237,14 @@ class AdapterManager:
                 f"{len(self.operator_pins)} adapters are pinned on this replica, the most its {limit + 1} slots allow; "
                 "unpin one first"
             )
-        slot = self.slots.acquire(key, lambda _: to_weights(raw, self._dtype))
+        slot = self.slots.acquire(key, lambda _: self._weights(raw))
         if old is not None:
             self.slots.release(old)
         self.operator_pins[raw.adapter_id] = key
         return slot
+
+    def _weights(self, raw: RawLora) -> LoraWeights:
+        return self._transfer.stage(to_weights(raw, self._dtype))
 
     def unpin(self, adapter_id: str) -> None:
         key = self.operator_pins.pop(adapter_id, None)

@@ -44,6 +44,7 @@ from openlora_ray.engine.sampling import RowContext, SamplingError
 from openlora_ray.engine.scheduler import Scheduler, Seq, StepPlan
 from openlora_ray.errors import CapacityError, InvalidRequestError
 from openlora_ray.lora.slots import SlotManager
+from openlora_ray.lora.transfer import TransferredSlots, transfer_for
 from openlora_ray.model.generation_config import GenerationDefaults, read_generation_defaults
 from openlora_ray.model.llama import PagedKVCache
 from openlora_ray.model.loader import load_multi_lora_model, resolve_dtype
@@ -188,7 +189,8 @@ class Engine:
         )
         self.memory = self._plan_memory(dtype)
         log.info("engine memory: %s", self.memory.describe(cfg.num_slots, cfg.max_rank))
-        self.slots = SlotManager(self.model, cfg.host_cache_bytes)
+        transfer = transfer_for(self.device)  # CUDA: pinned host tier, slot copies on a side stream
+        self.slots = SlotManager(TransferredSlots(self.model, transfer), cfg.host_cache_bytes)
         self.runner = ModelRunner(
             self.model, num_blocks=self.memory.num_blocks, block_size=cfg.kv_block_size, cuda_graphs=cfg.cuda_graphs
         )
@@ -211,6 +213,8 @@ class Engine:
             wake=lambda: self._inbox.put(("wake", None)),
             base_identity=f"base:{Path(cfg.model_path).resolve()}:{dtype}",
             recheck_s=cfg.adapter_recheck_s,
+            transfer=transfer,
+            rows_running=lambda: bool(self.scheduler.running),
         )
         self.eos_ids = _eos_ids(self.generation_defaults, self.tokenizer)
 

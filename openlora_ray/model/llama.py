@@ -279,11 +279,13 @@ class MultiLoraLlama(nn.Module):
 
     # ----------------------------------------------------------------- slots
     def write_slot(self, slot: int, weights: LoraWeights) -> None:
-        """Copy an adapter into ``slot``, replacing whatever it held (no clear needed first)."""
+        """Copy an adapter into ``slot``, replacing whatever it held (no clear needed first).
+        Asynchronous from pinned host memory (``lora/transfer.py`` runs it on a side stream on CUDA)."""
         dev = self.device
         per_group: dict[tuple[int, str], dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
         for (layer, proj), (a, b_t) in weights.modules.items():
-            per_group.setdefault((layer, self.group_of[proj]), {})[proj] = (a.to(dev), b_t.to(dev))
+            on_device = (a.to(dev, non_blocking=True), b_t.to(dev, non_blocking=True))
+            per_group.setdefault((layer, self.group_of[proj]), {})[proj] = on_device
         previous = (self._slot_rank[slot], self._slot_projs[slot])
         for i, layer in enumerate(self.layers):
             for name, group in layer.groups.items():

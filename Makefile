@@ -8,7 +8,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test cluster-test bench-lora prepare clean
+.PHONY: run test cluster-test bench-lora prepare clean gpu-check gpu-wheels
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -47,3 +47,18 @@ run: prepare
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# The GPU path's checks and decode figures in one run (scripts/gpu-check; arguments in GPU_CHECK_ARGS).
+# On a GPU machine: the CUDA checks, then an 8B-shaped model in bfloat16 (under 8 minutes on an H200).
+# Without a GPU: the same on a tiny model (CI runs that through tests/bench/test_gpu_check.py).
+gpu-check:
+	scripts/gpu-check $(GPU_CHECK_ARGS)
+
+# What the GPU machine lacks (pydantic, llguidance and their dependencies), as Python 3.12 x86-64
+# wheels in .whl/ (git-ignored, ~6 MB): carry it with the tree there (scripts/gpu-check says how).
+GPU_WHEELS := pydantic==2.14.4 pydantic_core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 \
+	typing_extensions==4.16.0 llguidance==1.9.1
+gpu-wheels:
+	$(if $(wildcard $(PY)),$(PY),$(PYTHON)) -m pip download --quiet --no-deps --only-binary=:all: \
+	  --python-version 3.12 --implementation cp --platform manylinux2014_x86_64 \
+	  $(foreach n,31 28 27 17,--platform manylinux_2_$(n)_x86_64) -d .whl $(GPU_WHEELS)

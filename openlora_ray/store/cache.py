@@ -40,6 +40,10 @@ from openlora_ray.errors import StoreUnavailableError
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 _STALE_TMP_S = 3600.0
+# Eviction walks every entry; between walks a process counts what it adds itself, and walks again
+# when that count crosses the budget or the last walk is this old (other processes add entries too).
+# Walking on every download made warming a node with 2,000 adapters quadratic (minutes).
+_RESCAN_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -60,7 +64,7 @@ def _touch(path: Path) -> None:
 class _KeyLock:
     """A lock object that can be weakly referenced (plain ``threading.Lock`` cannot)."""
 
-    __slots__ = ("lock", "__weakref__")
+    __slots__ = ("__weakref__", "lock")
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -78,6 +82,9 @@ class DiskCache:
         self.lock_timeout_s = lock_timeout_s
         self._tmp = self.root / ".tmp"
         self._locks_dir = self.root / ".locks"
+        self._estimate_lock = threading.Lock()
+        self._estimate: int | None = None  # bytes at the last walk plus what this process added since
+        self._scanned_at = 0.0
         self._tmp.mkdir(parents=True, exist_ok=True)
         self._locks_dir.mkdir(parents=True, exist_ok=True)
         self._guard = threading.Lock()
@@ -135,8 +142,17 @@ class DiskCache:
                 raise StoreUnavailableError(
                     f"waited {self.lock_timeout_s:g}s for another process fetching {key} into {self.root}"
                 ) from e
-        self.evict(keep=key)
+        if self._may_be_over_budget(path):
+            self.evict(keep=key)
         return path, result
+
+    def _may_be_over_budget(self, added: Path) -> bool:
+        size = sum(f.stat().st_size for f in added.iterdir() if f.is_file())
+        with self._estimate_lock:
+            if self._estimate is None or time.monotonic() - self._scanned_at > _RESCAN_S:
+                return True
+            self._estimate += size
+            return self._estimate > self.budget_bytes
 
     def _build(self, key: str, populate: Callable[[Path], T]) -> tuple[Path, T]:
         final = self.path(key)
@@ -200,6 +216,7 @@ class DiskCache:
         with self._file_lock(".evict"):
             entries = self.entries()
             total = sum(e.size for e in entries)
+            self._counted(total)
             if total <= self.budget_bytes:
                 return evicted
             now = time.time()
@@ -211,6 +228,7 @@ class DiskCache:
                 if self._drop(e.path):
                     total -= e.size
                     evicted.append(e.key)
+            self._counted(total)
             if total > self.budget_bytes:
                 log.warning(
                     "adapter cache %s holds %d bytes, over its budget of %d: every remaining entry was "
@@ -220,6 +238,10 @@ class DiskCache:
         if evicted:
             log.info("evicted %d adapter versions from %s: %s", len(evicted), self.root, ", ".join(evicted))
         return evicted
+
+    def _counted(self, total: int) -> None:
+        with self._estimate_lock:
+            self._estimate, self._scanned_at = total, time.monotonic()
 
     def _remove_stale_tmp(self) -> None:
         """Temp folders left by processes that died mid-download (older than an hour)."""

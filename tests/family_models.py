@@ -12,20 +12,20 @@ from pathlib import Path
 
 import torch
 
-COMMON = dict(
-    vocab_size=256,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=256,
-    tie_word_embeddings=False,
-    pad_token_id=0,  # within the tiny vocabulary (Phi-3's default is not)
-    eos_token_id=None,  # generate() would stop at an eos the engine is told to ignore
-)
+COMMON = {
+    "vocab_size": 256,
+    "hidden_size": 64,
+    "intermediate_size": 96,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 256,
+    "tie_word_embeddings": False,
+    "pad_token_id": 0,  # within the tiny vocabulary (Phi-3's default is not)
+    "eos_token_id": None,  # generate() would stop at an eos the engine is told to ignore
+}
 WINDOW = 6  # shorter than every test sequence past its prompt
-GEMMA = dict(head_dim=16, query_pre_attn_scalar=24, sliding_window=WINDOW, hidden_activation="gelu_pytorch_tanh")
+GEMMA = {"head_dim": 16, "query_pre_attn_scalar": 24, "sliding_window": WINDOW, "hidden_activation": "gelu_pytorch_tanh"}
 HALF_ROTARY = 4  # Phi-3 with partial_rotary_factor 0.5 rotates 8 of 16 dims: 4 frequencies
 
 # family -> ("<config class prefix>[:<model class prefix>]", config kwargs)

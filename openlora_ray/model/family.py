@@ -86,7 +86,7 @@ class _Traits:
     activation_key: str = "hidden_act"
 
 
-_GEMMA = dict(norm="rms_one_plus", sandwich_norms=True, scaled_embeddings=True, activation_key="hidden_activation")
+_GEMMA = {"norm": "rms_one_plus", "sandwich_norms": True, "scaled_embeddings": True, "activation_key": "hidden_activation"}
 TRAITS: dict[str, _Traits] = {
     "llama": _Traits(),
     "mistral": _Traits(),
@@ -145,7 +145,7 @@ class FamilySpec:
         return self.sliding_window if self.layer_windowed[layer] else None
 
     @classmethod
-    def from_config(cls, config: Any) -> "FamilySpec":
+    def from_config(cls, config: Any) -> FamilySpec:
         """The spec of a transformers ``PretrainedConfig`` (duck-typed: no transformers import here)."""
         model_type = config.model_type
         traits = TRAITS.get(model_type)

@@ -10,13 +10,13 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from peft import PeftModel
-
 from engine_helpers import collect, hf_greedy
 from family_models import adapter_targets, build, load_hf, random_tokens
+from peft import PeftModel
+from peft_helpers import save_peft_adapter
+
 from openlora_ray.engine.config import EngineConfig
 from openlora_ray.engine.request import SamplingParams
-from peft_helpers import save_peft_adapter
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 

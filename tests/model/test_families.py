@@ -10,17 +10,24 @@ from __future__ import annotations
 
 import pytest
 import torch
+from family_models import (
+    FAMILIES,
+    adapter_targets,
+    build,
+    hf_logits,
+    load_hf,
+    random_tokens,
+)
 from peft import PeftModel
+from peft_helpers import save_peft_adapter
 
-from family_models import FAMILIES, adapter_targets, build, hf_logits, load_hf, random_tokens
 from openlora_ray.engine.runner import DecodeRow, ModelRunner
 from openlora_ray.lora.ops import NO_ADAPTER
 from openlora_ray.lora.weights import load_lora_weights
 from openlora_ray.model.family import FamilySpec, UnsupportedFamilyError
 from openlora_ray.model.llama import MultiLoraLlama
-from peft_helpers import save_peft_adapter
 
-TOL = dict(rtol=1e-4, atol=1e-4)
+TOL = {"rtol": 1e-4, "atol": 1e-4}
 BS = 4  # KV block size: windows and chunks straddle block edges
 CHUNK = 5  # prefill chunk
 

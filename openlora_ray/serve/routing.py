@@ -107,7 +107,8 @@ class RouterSettings(BaseModel):
         8,
         ge=1,
         description="non-holder candidates for a cold or spilled adapter, each a rank of its own in "
-        "placement order; every other replica shares one rank after them",
+        "placement order; every other replica shares one rank after them. When a holder can take the "
+        "request, one candidate (the first in probe order) is the fallback",
     )
     probe_points: int = Field(
         24,

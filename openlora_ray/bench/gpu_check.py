@@ -42,13 +42,15 @@ def run(device: torch.device, size: str, setup: DecodeSetup, out: Path, checks: 
     results = run_checks(device) if checks else []
     checks_s = time.perf_counter() - started
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = build_model(SIZES[size], dtype, device, num_slots=setup.rows, max_rank=setup.rank)
+    # one slot per row, and a spare one that the slot-load figures write into while rows decode
+    model = build_model(SIZES[size], dtype, device, num_slots=setup.rows + 1, max_rank=setup.rank)
     bandwidth = copy_bandwidth(device, (4 << 30) if device.type == "cuda" else (64 << 20))
     decode = run_decode(model, setup, graphs=device.type == "cuda")
     lines = summarise(decode, setup, bandwidth)
     report = {
         "benchmark": "gpu-check",
         "device": device_name(device),
+        "device_type": device.type,
         "size": size,
         "dtype": str(dtype).removeprefix("torch."),
         "setup": vars(setup),
@@ -103,6 +105,14 @@ def _print(report: dict) -> None:
             ]
             for r in report["summary"]
         ],
+    )
+    load = report["decode"]["slot_load"]
+    path = "pinned, side stream" if report["device_type"] == "cuda" else "inline"
+    print(
+        f"slot load of one adapter ({load['adapter_bytes'] / 2**20:.1f} MiB) from the host tier: pageable, inline "
+        f"{load['pageable_inline_ms']:.2f} ms; {path} "
+        f"{load['transfer_ms']:.2f} ms. Mixed decode step alone {load['step_alone_ms']:.2f} ms, with that load "
+        f"queued beside it {load['step_with_load_ms']:.2f} ms"
     )
     print(f"checks {report['seconds']['checks']:.0f} s, total {report['seconds']['total']:.0f} s")
 

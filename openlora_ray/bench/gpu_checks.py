@@ -9,6 +9,7 @@ need CUDA report themselves skipped, with the CPU test that covers them instead.
 from __future__ import annotations
 
 import asyncio
+import logging
 import tempfile
 import time
 import warnings
@@ -28,6 +29,8 @@ from openlora_ray.lora.ops import NO_ADAPTER
 from openlora_ray.lora.transfer import TransferredSlots, transfer_for
 from openlora_ray.lora.weights import load_lora_weights
 from openlora_ray.model.loader import load_hf_model, load_multi_lora_model
+
+log = logging.getLogger(__name__)
 
 CHECK_CONFIG = {
     "vocab_size": 512,
@@ -111,8 +114,10 @@ def run_checks(device: torch.device, work: Path | None = None) -> list[CheckResu
         for check in checks:
             try:
                 results.append(check(model, device))
-            except Exception as e:  # noqa: BLE001 - reported as this check's failure; the others still run
-                results.append(CheckResult(check.__name__.removeprefix("check_"), "fail", f"{type(e).__name__}: {e}"))
+            except Exception as e:  # reported as this check's failure; the others still run
+                name = check.__name__.removeprefix("check_")
+                log.exception("check %s failed", name)  # the traceback, for the GPU run's log
+                results.append(CheckResult(name, "fail", f"{type(e).__name__}: {e}"))
         return results
 
 

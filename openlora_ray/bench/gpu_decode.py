@@ -14,12 +14,13 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from openlora_ray.engine.runner import DecodeRow, ModelRunner
 from openlora_ray.lora.ops import NO_ADAPTER
+from openlora_ray.lora.transfer import TransferredSlots, transfer_for
 from openlora_ray.lora.weights import LoraWeights
 from openlora_ray.model.layout import choose_transposed
 from openlora_ray.model.llama import MultiLoraLlama
@@ -172,12 +173,44 @@ def run_decode(model: MultiLoraLlama, setup: DecodeSetup, graphs: bool) -> dict:
             variants[f"{kind}_base"] = lambda runner=runner: runner.decode(base_rows)
             variants[f"{kind}_mixed"] = lambda runner=runner: runner.decode(mixed_rows)
         seconds = time_steps(variants, device, setup.iters, setup.repeats)
+        load = slot_load(model, runners["graphs" if graphs else "eager"], mixed_rows, setup, gen)
     base_bytes = bytes_read(model, setup.rows, setup.context)
     return {
         "seconds": seconds,
         "base_bytes_read": base_bytes,
         "adapter_bytes_read": adapter_bytes,
         "kinds": list(runners),
+        "slot_load": load,
+    }
+
+
+def slot_load(model: MultiLoraLlama, runner: ModelRunner, rows: list[DecodeRow], setup: DecodeSetup, gen) -> dict:
+    """One adapter from the host tier into the spare slot (the last, which no row reads): pageable
+    and inline (the CPU path) against ``transfer_for(device)`` (pinned, side stream on CUDA); and
+    the mixed decode step alone against the same step with that load queued just before it."""
+    device, spare = model.device, model.num_slots - 1
+    made = random_adapter(model, "spare", setup.rank, gen)
+    host = replace(made, modules={k: (a.cpu(), b.cpu()) for k, (a, b) in made.modules.items()})
+    transfer = transfer_for(device)
+    staged = transfer.stage(host)
+    side = TransferredSlots(model, transfer)
+
+    def timed(fn: Callable[[], object]) -> float:
+        samples = []
+        for _ in range(setup.repeats + 1):  # the first is a warm-up
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            samples.append(time.perf_counter() - start)
+        return statistics.median(samples[1:]) * 1e3
+
+    return {
+        "adapter_bytes": host.nbytes,
+        "pageable_inline_ms": timed(lambda: model.write_slot(spare, host)),
+        "transfer_ms": timed(lambda: side.write_slot(spare, staged)),
+        "step_alone_ms": timed(lambda: runner.decode(rows)),
+        "step_with_load_ms": timed(lambda: (side.write_slot(spare, staged), runner.decode(rows))),
     }
 
 

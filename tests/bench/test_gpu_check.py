@@ -36,3 +36,6 @@ def test_gpu_check_runs_on_cpu_and_reports_checks_and_decode_figures(tmp_path):
     assert line["base_tokens_per_s"] == pytest.approx(4 / (line["base_ms"] / 1e3))
     assert 0 < line["mixed_vs_base"] and 0 < line["base_fraction_of_bound"] < 1
     assert report["decode"]["adapter_bytes_read"] > 0 and report["decode"]["base_bytes_read"] > 0
+    load = report["decode"]["slot_load"]  # a host-tier load into the spare slot, alone and beside a step
+    assert load["adapter_bytes"] > 0 and report["device_type"] == "cpu"
+    assert all(load[k] > 0 for k in ("pageable_inline_ms", "transfer_ms", "step_alone_ms", "step_with_load_ms"))

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
 from openlora_ray.engine.request import TokenLogprobs
 from openlora_ray.engine.sampling import RowContext, SamplingError, sample_rows
 from openlora_ray.engine.static_decode import ROW_BUCKETS, DecodeGraphs, StaticDecoder
+from openlora_ray.model.flex_decode import build_flex_decode
 from openlora_ray.model.llama import MultiLoraLlama, PagedBatch
 from openlora_ray.model.paged_attention import PrefillLayout, build_decode_layout
 
@@ -28,13 +30,24 @@ class DecodeRow:
 
 
 class ModelRunner:
-    def __init__(self, model: MultiLoraLlama, *, num_blocks: int, block_size: int, cuda_graphs: bool = False) -> None:
+    def __init__(
+        self,
+        model: MultiLoraLlama,
+        *,
+        num_blocks: int,
+        block_size: int,
+        cuda_graphs: bool = False,
+        flex_decode: bool | None = None,
+    ) -> None:
         """``num_blocks`` blocks for sequences plus one scratch block (the last) that only the
-        padding rows of a CUDA-graph step write to. ``cuda_graphs`` takes effect on CUDA only."""
+        padding rows of a CUDA-graph step write to. ``cuda_graphs`` takes effect on CUDA only.
+        ``flex_decode`` (default: on CUDA) stores the pool token-major and decodes eagerly through
+        FlexAttention (``model/flex_decode.py``); the graph step keeps the pair path."""
         self.model = model
         self.device = model.device
         self.block_size = block_size
-        self.cache = model.new_kv_cache(num_blocks + 1, block_size)
+        self.flex = self.device.type == "cuda" if flex_decode is None else flex_decode
+        self.cache = model.new_kv_cache(num_blocks + 1, block_size, token_major=self.flex)
         self.graphs: DecodeGraphs | None = None
         if cuda_graphs and self.device.type == "cuda" and "moe" not in model.spec.layer_mlp:
             static = StaticDecoder(model, self.cache, block_size=block_size, scratch=num_blocks)
@@ -74,8 +87,11 @@ class ModelRunner:
         offsets = torch.tensor([r.position % bs for r in rows], device=dev)
         tables, lengths = [r.blocks for r in rows], [r.position + 1 for r in rows]
         window = self.model.spec.sliding_window  # windowed layers read only the rows' last `window` positions
-        windowed = build_decode_layout(tables, lengths, bs, dev, window=window) if window is not None else None
-        paged = PagedBatch(where, offsets, build_decode_layout(tables, lengths, bs, dev), windowed)
+        if self.flex:
+            build = partial(build_flex_decode, tables, lengths, block_size=bs, num_blocks=self.cache.num_blocks, device=dev)
+        else:
+            build = partial(build_decode_layout, tables, lengths, bs, dev)
+        paged = PagedBatch(where, offsets, build(), build(window=window) if window is not None else None)
         ids = torch.tensor([[r.token] for r in rows], device=dev)  # (B, 1)
         pos = torch.tensor([[r.position] for r in rows], device=dev)  # (B, 1)
         first = torch.zeros(len(rows), dtype=torch.long, device=dev)

@@ -27,6 +27,7 @@ from openlora_ray.lora.layers import GroupBatch, LoraProjectionGroup
 from openlora_ray.lora.ops import NO_ADAPTER, Segments, segment_rows
 from openlora_ray.lora.weights import LoraWeights
 from openlora_ray.model.family import FamilySpec, NormKind
+from openlora_ray.model.flex_decode import FlexDecodeLayout, flex_decode_attention
 from openlora_ray.model.paged_attention import (
     DecodeLayout,
     PrefillLayout,
@@ -36,6 +37,7 @@ from openlora_ray.model.paged_attention import (
     write_kv,
 )
 from openlora_ray.model.rope import RotaryTables, apply_rope
+
 
 @dataclass(frozen=True)
 class LoraBatch:
@@ -49,17 +51,34 @@ class PagedKVCache:
 
     k: (num_layers, num_blocks, KVH, head_dim, block_size), keys transposed within a block, and
     v: (num_layers, num_blocks, KVH, block_size, head_dim); ``model/paged_attention.py`` says why.
+    ``token_major`` (CUDA) stores both as (num_layers, num_blocks, block_size, KVH, head_dim), which
+    FlexAttention reads as one flat sequence (``model/flex_decode.py``); ``k`` and ``v`` are then
+    views of that storage in the shapes above, so every other path reads them unchanged.
     Which block belongs to which sequence is the scheduler's business (``engine/block_pool.py``);
     the cache only stores. Zeroed at allocation: positions past a row's length are masked, and a
     masked weight of exactly 0 times a finite stale value stays 0 (uninitialised memory could hold
     NaN).
     """
 
-    def __init__(self, dims: BaseModelDims, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self,
+        dims: BaseModelDims,
+        num_blocks: int,
+        block_size: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        *,
+        token_major: bool = False,
+    ) -> None:
+        self.num_blocks, self.block_size, self.token_major = num_blocks, block_size, token_major
+        if token_major:
+            shape = (dims.num_layers, num_blocks, block_size, dims.num_kv_heads, dims.head_dim)
+            self.k = torch.zeros(shape, dtype=dtype, device=device).permute(0, 1, 3, 4, 2)
+            self.v = torch.zeros(shape, dtype=dtype, device=device).permute(0, 1, 3, 2, 4)
+            return
         blocks = (dims.num_layers, num_blocks, dims.num_kv_heads)
         self.k = torch.zeros(*blocks, dims.head_dim, block_size, dtype=dtype, device=device)
         self.v = torch.zeros(*blocks, block_size, dims.head_dim, dtype=dtype, device=device)
-        self.num_blocks, self.block_size = num_blocks, block_size
 
     @staticmethod
     def bytes_per_block(dims: BaseModelDims, block_size: int, dtype: torch.dtype) -> int:
@@ -76,10 +95,10 @@ class PagedBatch:
 
     blocks: torch.Tensor  # (B*L,) long, the block each new token's key and value go to
     offsets: torch.Tensor  # (B*L,) long, their position within it
-    layout: PrefillLayout | DecodeLayout  # prefill: B == 1; decode: L == 1
+    layout: PrefillLayout | DecodeLayout | FlexDecodeLayout  # prefill: B == 1; decode: L == 1
     # Decode only, for models with windowed layers: the pairs of the rows' last ``window`` positions
     # (``build_decode_layout(..., window=spec.sliding_window)``); prefill windows by masking.
-    windowed: DecodeLayout | None = None
+    windowed: DecodeLayout | FlexDecodeLayout | None = None
 
 
 def make_group(names: tuple[str, ...], owner: nn.Module, num_slots: int, max_rank: int, *, transposed: bool) -> LoraProjectionGroup:
@@ -210,7 +229,11 @@ class DecoderLayer(nn.Module):
                 layout = paged.layout if self.window is None else paged.windowed
                 if layout is None:
                     raise ValueError("a windowed layer needs PagedBatch.windowed for decode (build_decode_layout with window)")
-                att = decode_attention(q[:, :, 0], k_pool, v_pool, layout, self.scaling, self.softcap)[:, None]
+                if isinstance(layout, FlexDecodeLayout):  # token-major pool, read back in that shape
+                    k_tm, v_tm = k_pool.permute(0, 3, 1, 2), v_pool.permute(0, 2, 1, 3)  # (NB, bs, KVH, hd)
+                    att = flex_decode_attention(q[:, :, 0], k_tm, v_tm, layout, self.scaling, self.softcap)[:, None]
+                else:
+                    att = decode_attention(q[:, :, 0], k_pool, v_pool, layout, self.scaling, self.softcap)[:, None]
         out = self.o(att.reshape(bsz, seq, -1), g.get("o"))[0]
         x = x + (self.attn_out_norm(out) if self.attn_out_norm is not None else out)
         out = self.mlp(self.mlp_norm(x), g)
@@ -274,8 +297,8 @@ class MultiLoraLlama(nn.Module):
     def bytes_per_slot(self) -> int:
         return sum(g.bytes_per_slot() for layer in self.layers for g in layer.groups.values())
 
-    def new_kv_cache(self, num_blocks: int, block_size: int) -> PagedKVCache:
-        return PagedKVCache(self.dims, num_blocks, block_size, self.dtype, self.device)
+    def new_kv_cache(self, num_blocks: int, block_size: int, *, token_major: bool = False) -> PagedKVCache:
+        return PagedKVCache(self.dims, num_blocks, block_size, self.dtype, self.device, token_major=token_major)
 
     # ----------------------------------------------------------------- slots
     def write_slot(self, slot: int, weights: LoraWeights) -> None:

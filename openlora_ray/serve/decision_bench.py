@@ -46,7 +46,9 @@ class DecisionTimes:
     holders_mean: float  # slot holders of the requested adapter, averaged over the decisions
 
 
-def steady_state(replicas: int, slots: int, adapters: int, zipf: float, host_slots: int, seed: int) -> list[ReplicaState]:
+def steady_state(
+    replicas: int, slots: int, adapters: int, zipf: float, *, host_slots: int, seed: int
+) -> list[ReplicaState]:
     """A plausible steady-state view of the cluster (see the module doc)."""
     rng = np.random.default_rng(seed)
     share = 1.0 / np.arange(1, adapters + 1, dtype=np.float64) ** zipf
@@ -92,6 +94,7 @@ def steady_state(replicas: int, slots: int, adapters: int, zipf: float, host_slo
 
 
 def measure(
+    *,
     replicas: int = 1000,
     slots: int = 16,
     adapters: int = 100_000,
@@ -162,7 +165,10 @@ def run_decision_time(args: argparse.Namespace) -> int:
     from openlora_ray.bench.timing import cpu_model, print_table, write_json
 
     load_before = os.getloadavg()[0]
-    result = measure(args.replicas, args.slots, args.adapters, args.zipf, args.decisions, args.seed)
+    result = measure(
+        replicas=args.replicas, slots=args.slots, adapters=args.adapters, zipf=args.zipf,
+        decisions=args.decisions, seed=args.seed,
+    )
     load_after = os.getloadavg()[0]
     print(f"CPU: {cpu_model()}; load average {load_before:.1f} before, {load_after:.1f} after ({os.cpu_count()} CPUs)")
     print_table(

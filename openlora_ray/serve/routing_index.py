@@ -95,7 +95,9 @@ class RoutingIndex:
         """Replicas with the adapter in any tier."""
         return frozenset(self._near.get(adapter_id, ())) | self._far.get(adapter_id, set())
 
-    def rank(self, adapter_id: str | None, settings: RouterSettings, inputs: RoutingInputs = NO_INPUTS) -> list[list[str]]:
+    def rank(
+        self, adapter_id: str | None, settings: RouterSettings, inputs: RoutingInputs = NO_INPUTS
+    ) -> list[list[str]]:
         """``rank_replicas`` over the indexed states (same ranks, same order within them)."""
         if not adapter_id:
             return [list(self._ids)] if self._ids else []
@@ -113,7 +115,8 @@ class RoutingIndex:
         if len(far_ids) > FAR_HOLDERS:
             far_ids = [r for r in far_ids if r in probes]
         return assemble_ranks(
-            adapter_id, near, far_ids, probes, state_of=states.get, rest_of=self._rest_of, settings=settings, inputs=inputs
+            adapter_id, near, far_ids, probes,
+            state_of=states.get, rest_of=self._rest_of, settings=settings, inputs=inputs,
         )
 
     def _sorted_near(self, adapter_id: str) -> tuple[str, ...]:

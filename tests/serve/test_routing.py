@@ -668,7 +668,8 @@ def test_routing_sim_decision_time_prints_the_cpu_and_the_percentiles(tmp_path, 
     register_bench(parser.add_subparsers(dest="bench"))
     out = tmp_path / "decisions.json"
     args = parser.parse_args(
-        ["routing-sim", "--decision-time", "--replicas", "40", "--adapters", "2000", "--decisions", "300", "--out", str(out)]
+        ["routing-sim", "--decision-time", "--replicas", "40", "--adapters", "2000", "--decisions", "300",
+         "--out", str(out)]
     )
     assert args.func(args) == 0
     printed = capsys.readouterr().out

@@ -108,6 +108,7 @@ def run_checks(device: torch.device, work: Path | None = None) -> list[CheckResu
             check_seeded_sampling,
             check_sync_budget,
             check_graphs_equal_eager,
+            check_flex_equals_pairs,
             check_side_stream_slot_copy,
         ]
         results = []
@@ -327,6 +328,28 @@ def check_sync_budget(check: CheckModel, device: torch.device) -> CheckResult:
         "pass" if syncs <= 1 else "fail",
         f"{syncs} per decode step (budget 1): {where}",
         {"syncs": syncs},
+    )
+
+
+@torch.inference_mode()
+def check_flex_equals_pairs(check: CheckModel, device: torch.device) -> CheckResult:
+    """Decode through FlexAttention on a token-major cache (compiled on CUDA, eager on CPU) against
+    the pair path it replaces, after the rows' contexts are prefilled into both caches."""
+    logits = {}
+    for flex in (False, True):
+        runner = _runner(check, device, torch.float32, flex_decode=flex)
+        rows = _decode_rows(12, [0, NO_ADAPTER, 1, 2, 3])
+        for i, row in enumerate(rows):
+            context = torch.randint(3, CHECK_CONFIG["vocab_size"], (row.position,), generator=torch.Generator().manual_seed(i))
+            runner.prefill(context.tolist(), start=0, blocks=row.blocks, slot=row.slot)
+        logits[flex] = runner.decode(rows).float()
+    diff = float((logits[True] - logits[False]).abs().max())
+    same = bool((logits[True].argmax(-1) == logits[False].argmax(-1)).all())
+    return CheckResult(
+        "flex_equals_pairs",
+        "pass" if diff <= 1e-3 and same else "fail",
+        f"max |flex - pairs| {diff:.2e} (tolerance 1e-3, float32), same argmax: {same}",
+        {"max_abs": diff},
     )
 
 

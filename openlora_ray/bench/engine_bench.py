@@ -190,7 +190,7 @@ def mixed_params(i: int, new_tokens: int) -> list[SamplingParams]:
     prompt: the second finds the first's prompt blocks in the prefix cache). A third greedy with
     ``logprobs: 5``; a third sampled with a seed, top-p, min_p, the three penalties and stop
     strings; a third ``n`` = 2 with top-k and ``logprobs: 1``. EOS is ignored, as in the plain rows."""
-    common = dict(max_tokens=new_tokens, ignore_eos=True)
+    common = {"max_tokens": new_tokens, "ignore_eos": True}
     if i % 3 == 0:
         return [SamplingParams(**common, temperature=0.0, logprobs=5)]
     if i % 3 == 1:

@@ -130,7 +130,7 @@ def test_errors_have_openai_bodies_and_the_service_keeps_serving(app):
         ({"model": "no-such-adapter", "prompt": "x"}, 404, "model_not_found"),
         ({"model": "../etc", "prompt": "x"}, 400, "invalid_model_id"),
         ({"model": "toolarge", "prompt": "x", "max_tokens": 2}, 400, "invalid_adapter"),
-        ({"model": BASE, "prompt": "x", "echo": True}, 400, "unsupported_parameter"),
+        ({"model": BASE, "prompt": "x", "suffix": "y"}, 400, "unsupported_parameter"),
         ({"model": BASE, "prompt": "x", "max_tokens": 1000}, 400, "invalid_request"),
         ({"model": BASE}, 400, "invalid_request"),
     ]

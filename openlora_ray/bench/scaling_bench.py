@@ -289,9 +289,13 @@ def run(model_dir: Path, cfg: ScalingConfig, out: Path, cache_dir: Path) -> dict
     started = time.monotonic()
     store_root = make_store(model_dir, cfg, cache_dir)
     node_cache = store_root.parent / "node-cache"
-    results = [
-        run_one(model_dir, cfg, store_root, node_cache, n, dist) for n in cfg.counts for dist in cfg.distributions
-    ]
+    results: list[RunResult] = []
+    for n in cfg.counts:
+        for dist in cfg.distributions:
+            results.append(run_one(model_dir, cfg, store_root, node_cache, n, dist))
+            # A long run's finished configurations are kept even if it is stopped.
+            write_json(out, {"bench": "scaling", "partial": True, "cpu": cpu_model(), "runs": [asdict(r) for r in results]})
+            log.info("N=%d %s: %.3f req/s", n, dist, results[-1].req_per_s)
     sizes = [p.stat().st_size for p in (store_root / f"bench-{i}" / "v1" / "adapter_model.safetensors"
                                         for i in range(max(cfg.counts)))]
     loss = {}

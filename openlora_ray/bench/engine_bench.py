@@ -8,8 +8,8 @@ number of greedy new tokens with EOS ignored) goes, in one process, through:
 * PEFT, mixed: static batches of whatever has arrived, with ``adapter_names=`` in ``generate``;
 * the engine with no adapters, and ``transformers`` ``generate`` on the base model;
 * the engine with adapters on the *mixed* workload: the same prompts, adapters and arrivals with
-  the settings real clients send (``mixed_params``: log probabilities, seeded sampling with
-  penalties, min_p and stop strings, ``n`` = 2), against the plain greedy rows of the same run,
+  the settings real clients send (``mixed_params``: log probabilities, JSON-schema output,
+  ``n`` = 2 with seeded sampling, penalties, min_p and stop strings), against the plain greedy rows of the same run,
   so that what those features cost is measured rather than assumed. (Streamed or not is an HTTP
   matter: the engine streams every request alike.)
 
@@ -44,11 +44,17 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import AutoConfig, GenerationConfig, LogitsProcessor, LogitsProcessorList
+from transformers import (
+    AutoConfig,
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+)
 
 from openlora_ray.bench.lora_bench import Shape, _make_peft_adapters
 from openlora_ray.bench.timing import cpu_model, print_table, write_json
 from openlora_ray.engine.config import EngineConfig
+from openlora_ray.engine.constraints import ConstraintSpec
 from openlora_ray.engine.engine import Engine
 from openlora_ray.engine.request import SamplingParams
 from openlora_ray.errors import OpenLoraError
@@ -58,12 +64,7 @@ log = logging.getLogger(__name__)
 
 # Words for the synthetic chat prompts: their content does not matter (EOS is ignored), only that
 # they are real text of a chosen length, tokenised as a user's message would be.
-WORDS = (
-    "the quick brown fox jumps over a lazy dog while river stones glisten under morning light "
-    "engineers measure latency across many adapters and small models answer questions about "
-    "history science music cooking travel weather gardens mountains oceans cities libraries "
-    "please explain summarise compare describe why how when where which budget schedule"
-).split()
+WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "river", "stones", "glisten", "under", "morning", "light", "engineers", "measure", "latency", "across", "many", "adapters", "and", "small", "models", "answer", "questions", "about", "history", "science", "music", "cooking", "travel", "weather", "gardens", "mountains", "oceans", "cities", "libraries", "please", "explain", "summarise", "compare", "describe", "why", "how", "when", "where", "which", "budget", "schedule"]
 
 # Targets (issue 12, engine v2).
 TARGET_LORA_THROUGHPUT_X = 3.0  # engine with adapters vs the better PEFT baseline
@@ -71,6 +72,16 @@ TARGET_LORA_VS_BASE_X = 0.9  # engine with 16 distinct adapters vs the same engi
 TARGET_BASE_THROUGHPUT_X = 2.0  # engine without adapters vs transformers generate
 TARGET_MIXED_VS_PLAIN_X = 0.9  # issue 15: the mixed workload within 10% of the plain one
 MIXED_STOP = ("\n\nUser:", "<|stop|>")  # matched on every character, seldom found
+MIXED_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 24},
+        "age": {"type": "integer"},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 12}, "maxItems": 4},
+    },
+    "required": ["name", "age", "tags"],
+    "additionalProperties": False,
+}
 
 
 @dataclass(frozen=True)
@@ -185,22 +196,28 @@ def make_workload(model_dir: Path, vocab_size: int, cfg: EngineBenchConfig) -> W
 
 
 # -------------------------------------------------------------------------------- engine
-def mixed_params(i: int, new_tokens: int) -> list[SamplingParams]:
-    """Request ``i`` of the mixed workload, as engine requests (``n`` = 2 is two of them, on one
-    prompt: the second finds the first's prompt blocks in the prefix cache). A third greedy with
-    ``logprobs: 5``; a third sampled with a seed, top-p, min_p, the three penalties and stop
-    strings; a third ``n`` = 2 with top-k and ``logprobs: 1``. EOS is ignored, as in the plain rows."""
+def mixed_params(i: int, new_tokens: int, *, constrained: bool = True) -> list[SamplingParams]:
+    """Request ``i`` of the mixed workload (issue 15's), as engine requests (``n`` = 2 is two of
+    them, on one prompt: the second finds the first's prompt blocks in the prefix cache). A third
+    greedy with ``logprobs: 5``; a third with ``response_format`` json_schema (``MIXED_SCHEMA``,
+    sampled with a seed; it ends when the JSON does, so EOS is not ignored there); a third ``n`` = 2
+    with top-k, min_p, the three penalties, stop strings and ``logprobs: 1``. Without a tokenizer
+    (the tests' tiny model) no grammar can be built: that third is seeded sampling instead."""
     common = {"max_tokens": new_tokens, "ignore_eos": True}
     if i % 3 == 0:
         return [SamplingParams(**common, temperature=0.0, logprobs=5)]
     if i % 3 == 1:
-        return [
-            SamplingParams(
-                **common, temperature=0.8, top_p=0.9, min_p=0.05, seed=i, stop=list(MIXED_STOP),
-                presence_penalty=0.5, frequency_penalty=0.3, repetition_penalty=1.1,
-            )
-        ]
-    return [SamplingParams(**common, temperature=1.0, top_k=40, seed=1000 * i + j, logprobs=1) for j in range(2)]
+        if constrained:
+            schema = ConstraintSpec.for_schema(MIXED_SCHEMA)
+            return [SamplingParams(max_tokens=new_tokens, temperature=0.8, seed=i, constraint=schema)]
+        return [SamplingParams(**common, temperature=0.8, seed=i)]
+    return [
+        SamplingParams(
+            **common, temperature=1.0, top_k=40, min_p=0.05, seed=1000 * i + j, logprobs=1, stop=list(MIXED_STOP),
+            presence_penalty=0.5, frequency_penalty=0.3, repetition_penalty=1.1,
+        )
+        for j in range(2)
+    ]
 
 
 def run_engine(
@@ -237,7 +254,8 @@ async def _drive_engine(engine: Engine, work: Workload, with_adapters: bool, mix
     # Warm-up, untimed: one short request per adapter loads every adapter into a slot.
     warm = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
     await asyncio.gather(*(_consume(engine, engine.make_request(work.prompts[0][:8], aid, warm)) for aid in sorted(set(adapter_of), key=str)))
-    params = [mixed_params(i, work.new_tokens) if mixed else [greedy] for i in range(len(work.prompts))]
+    constrained = engine.tokenizer is not None
+    params = [mixed_params(i, work.new_tokens, constrained=constrained) if mixed else [greedy] for i in range(len(work.prompts))]
     requests = [[engine.make_request(p, aid, q) for q in qs] for p, aid, qs in zip(work.prompts, adapter_of, params)]
     t0 = time.perf_counter()
 

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from openlora_ray.adapter_format import BaseModelDims
+from openlora_ray.bench.engine_bench import isolated
 from openlora_ray.bench.timing import cpu_model, print_table, write_json
 from openlora_ray.engine.config import EngineSettings
 from openlora_ray.engine.request import SamplingParams
@@ -292,7 +293,8 @@ def run(model_dir: Path, cfg: ScalingConfig, out: Path, cache_dir: Path) -> dict
     results: list[RunResult] = []
     for n in cfg.counts:
         for dist in cfg.distributions:
-            results.append(run_one(model_dir, cfg, store_root, node_cache, n, dist))
+            # Each configuration in a fresh process: its RSS is its own, not the previous engines' leftovers.
+            results.append(isolated(cfg.threads, run_one, model_dir, cfg, store_root, node_cache, n, dist))
             # A long run's finished configurations are kept even if it is stopped.
             write_json(out, {"bench": "scaling", "partial": True, "cpu": cpu_model(), "runs": [asdict(r) for r in results]})
             log.info("N=%d %s: %.3f req/s", n, dist, results[-1].req_per_s)
@@ -304,6 +306,7 @@ def run(model_dir: Path, cfg: ScalingConfig, out: Path, cache_dir: Path) -> dict
         lo, hi = min(mine, key=lambda r: r.adapters), max(mine, key=lambda r: r.adapters)
         loss[dist] = 1 - hi.req_per_s / lo.req_per_s
     rss = [r.rss_max_mib for r in results]
+    bound = traffic_bound(model_dir, cfg)
     report = {
         "bench": "scaling",
         "cpu": cpu_model(),
@@ -316,12 +319,50 @@ def run(model_dir: Path, cfg: ScalingConfig, out: Path, cache_dir: Path) -> dict
         "throughput_loss": loss,
         "target_loss": TARGET_LOSS,
         "target_met": all(v <= TARGET_LOSS for v in loss.values()),
+        "traffic_bound": bound,
         "rss_growth_mib": max(rss) - min(rss),
         "wall_s": time.monotonic() - started,
     }
     write_json(out, report)
     _print(report, results)
     return report
+
+
+def expected_distinct(weights: list[float], batch: int) -> float:
+    """Distinct adapters expected among ``batch`` requests drawn with these popularity ``weights``."""
+    total = sum(weights)
+    return sum(1 - (1 - w / total) ** batch for w in weights)
+
+
+def traffic_bound(model_dir: Path, cfg: ScalingConfig) -> dict[str, Any]:
+    """The least throughput loss from the smallest to the largest N if a decode step costs the bytes
+    it must read: the base weights once, plus each distinct adapter's slot copy (float32, its rank
+    on its target projections) once, however many rows use it. On a batch of distinct adapters that
+    read grows with N until every row has its own; no kernel avoids it (S-LoRA's GPU kernels read
+    the same bytes). It is a bound where decode is memory-bound (large batches of a small model on a
+    CPU or GPU); compute-bound steps lose less."""
+    from safetensors import safe_open
+
+    dims = BaseModelDims.from_model_dir(model_dir)
+    numel = 0
+    for f in model_dir.glob("*.safetensors"):
+        with safe_open(f, "pt") as st:
+            numel += sum(math.prod(st.get_slice(k).get_shape()) for k in st.keys())  # noqa: SIM118 - not a dict
+    itemsize = 4  # the engine's float32 on CPU
+    widths = {p: sum(dims.in_out(p)) for p in cfg.targets}
+    sizes = [adapter_rank(cfg, i) * sum(widths.values()) * dims.num_layers * itemsize for i in range(len(cfg.ranks))]
+    adapter = statistics.mean(sizes)
+    base = numel * itemsize
+    out = {}
+    for dist in cfg.distributions:
+        def weights(n: int, dist: str = dist) -> list[float]:
+            return [1.0] * n if dist == "uniform" else [1 / (k + 1) for k in range(n)]
+
+        lo = expected_distinct(weights(min(cfg.counts)), cfg.max_running)
+        hi = expected_distinct(weights(max(cfg.counts)), cfg.max_running)
+        x = (base + hi * adapter) / (base + lo * adapter)
+        out[dist] = {"distinct_lo": lo, "distinct_hi": hi, "traffic_x": x, "min_loss": 1 - 1 / x}
+    return {"base_mib": base / MiB, "adapter_mib": adapter / MiB, "by_distribution": out}
 
 
 def _print(report: dict[str, Any], results: list[RunResult]) -> None:
@@ -339,4 +380,11 @@ def _print(report: dict[str, Any], results: list[RunResult]) -> None:
     for dist, loss in report["throughput_loss"].items():
         print(f"{dist}: throughput {'loss' if loss >= 0 else 'gain'} {abs(loss):.1%} from N={min(cfg['counts'])} "
               f"to N={max(cfg['counts'])} (target: loss <= {TARGET_LOSS:.0%})")
+    b = report["traffic_bound"]
+    print(f"bound: a decode step of a full batch ({cfg['max_running']} rows) reads the base weights "
+          f"({b['base_mib']:.0f} MiB) and each distinct adapter's slot once ({b['adapter_mib']:.1f} MiB mean):")
+    for dist, row in b["by_distribution"].items():
+        print(f"  {dist}: {row['distinct_lo']:.1f} distinct adapters per batch at N={min(cfg['counts'])}, "
+              f"{row['distinct_hi']:.1f} at N={max(cfg['counts'])}: bytes per step x{row['traffic_x']:.2f}, "
+              f"so throughput loss >= {row['min_loss']:.1%} where decode is bound by memory traffic")
     print(f"RSS max across N: spread {report['rss_growth_mib']:.0f} MiB; wall {report['wall_s']:.0f} s")

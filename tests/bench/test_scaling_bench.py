@@ -28,8 +28,8 @@ def test_bench_scaling_serves_every_n_and_distribution_through_the_tiers(tiny_mo
     assert big["distinct"] > 2 and big["evictions"] > 0 and big["disk_loads"] > 2
     assert runs[(3, "uniform")]["tokens"] == big["tokens"]  # the same lengths for every configuration
     out = capsys.readouterr().out
-    assert "bench scaling on" in out and "uniform: throughput" in out and "throughput loss >=" in out
-    bound = saved["traffic_bound"]["by_distribution"]["uniform"]
+    assert "bench scaling on" in out and "uniform: throughput" in out and "memory-traffic model" in out
+    bound = saved["traffic_model"]["by_distribution"]["uniform"]
     assert bound["distinct_lo"] == pytest.approx(3 * (1 - (2 / 3) ** 4))  # 4 rows over 3 adapters
     assert bound["distinct_lo"] < bound["distinct_hi"] <= 4
     assert 0 < bound["min_loss"] < 1 and bound["traffic_x"] == pytest.approx(1 / (1 - bound["min_loss"]))

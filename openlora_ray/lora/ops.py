@@ -83,22 +83,30 @@ def segment_rows(rows: Sequence[int], slots: Sequence[int], num_batch_rows: int,
     """Group the adapted ``rows`` (batch indices) by their ``slots``; see the module doc.
 
     The group size is the mean number of rows per distinct slot, rounded up, so padding at most
-    doubles the rows multiplied, however skewed the batch (one hot adapter, many cold ones).
+    doubles the rows multiplied, however skewed the batch (one hot adapter, many cold ones). When
+    every slot makes one group and the slots used cover at least half of the range between the
+    lowest and the highest, the slots in between get a group of padding rows too, so the stacks are
+    read in place as one slice: reading an unused slot's weights once costs less than gathering the
+    used ones (a copy: read, write, read again), the bulk of a decode step over many adapters.
     """
     by_slot: dict[int, list[int]] = {}
     for k, s in enumerate(slots):
         by_slot.setdefault(s, []).append(k)
     size = -(-len(slots) // len(by_slot))
+    used = sorted(by_slot)
+    span = range(used[0], used[-1] + 1)
+    fill = max(map(len, by_slot.values())) <= size and len(span) <= 2 * len(used)
     order: list[int] = []
     keep = [0] * len(slots)
     group_slots: list[int] = []
-    for s in sorted(by_slot):
-        ks = by_slot[s]
-        for start in range(0, len(ks), size):
+    for s in span if fill else used:
+        ks = by_slot.get(s, [])
+        for start in range(0, max(1, len(ks)), size):
             chunk = ks[start : start + size]
             for offset, k in enumerate(chunk):
                 keep[k] = len(order) + offset
-            order += [rows[k] for k in chunk] + [rows[chunk[0]]] * (size - len(chunk))
+            pad = rows[chunk[0]] if chunk else rows[0]
+            order += [rows[k] for k in chunk] + [pad] * (size - len(chunk))
             group_slots.append(s)
     first = group_slots[0]
     consecutive = group_slots == list(range(first, first + len(group_slots)))

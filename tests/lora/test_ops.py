@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from openlora_ray.lora.ops import NO_ADAPTER, add_lora_delta, lora_delta_reference, segment_rows
+from openlora_ray.lora.ops import (
+    NO_ADAPTER,
+    add_lora_delta,
+    lora_delta_reference,
+    segment_rows,
+)
 
 N = NO_ADAPTER
 SLOT_PATTERNS = {
     "distinct-consecutive": [3, 0, 4, 2, 1],  # every slot once: stacks read in place
-    "distinct-gaps": [4, 0, 2],  # a gather of the slots used
+    "distinct-gaps": [4, 0, 2],  # slots 1 and 3 padded: the stacks read in place
+    "sparse": [4, 0],  # slots 0 and 4 only: a gather of the slots used
     "pairs": [2, 0, 2, 4, 1, 1, 0, 4],
     "skewed": [3, 3, 3, 3, 3, 3, 0, 1],  # one hot adapter: its rows span several groups
     "with-base-rows": [2, N, 0, 2, 4, N, 1],
@@ -67,6 +74,10 @@ def test_segments_read_consecutive_slots_in_place_and_bound_the_padding():
     assert seg.groups * seg.size <= 2 * 8
     seg = segment_rows([0, 1, 2], [1, 1, 1], 3, dev)
     assert seg.order is None and seg.keep is None and seg.slots == slice(1, 2)
+    seg = segment_rows([0, 1, 2], SLOT_PATTERNS["distinct-gaps"], 3, dev)
+    assert seg.slots == slice(0, 5) and seg.groups == 5 and seg.keep.tolist() == [4, 0, 2]
+    seg = segment_rows([0, 1], SLOT_PATTERNS["sparse"], 2, dev)
+    assert seg.slots.tolist() == [0, 4]
 
 
 def test_rank_slicing_ignores_nothing_that_matters():

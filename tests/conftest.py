@@ -65,7 +65,16 @@ def tiny_chat_model_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: P
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
     torch.manual_seed(0)
-    cfg = dict(TINY_CONFIG, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True)
+    # SmolLM2's 8,192 positions too: the loader refuses a max_seq_len beyond the model's positions,
+    # and the fault tests stream thousands of tokens.
+    cfg = dict(
+        TINY_CONFIG,
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=True,
+        max_position_embeddings=8192,
+    )
     path = tmp_path_factory.mktemp("tiny-chat-llama")
     LlamaForCausalLM(LlamaConfig(**cfg)).save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)

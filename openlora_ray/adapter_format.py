@@ -46,6 +46,8 @@ PER_EXPERT_REFUSAL = (
     "model has dense MLP layers, their gate_proj/up_proj/down_proj"
 )
 _MOE_KEY = re.compile(r"\.(?:experts|block_sparse_moe|shared_expert_gate)\.|\.mlp\.gate\.lora_")
+# Mixtral's expert projections as transformers 4 named them (PEFT adapters trained then list them).
+_EXPERT_MODULES = frozenset({"w1", "w2", "w3"})
 
 _WEIGHT_KEY = re.compile(
     r"^base_model\.model\.model\.layers\.(?P<layer>\d+)\."
@@ -198,6 +200,10 @@ def read_config(adapter_id: str, adapter_dir: Path) -> PeftLoraConfig:
         problems.append(f"target_parameters {cfg.target_parameters}: {PER_EXPERT_REFUSAL}")
     if isinstance(cfg.target_modules, list):
         unknown = sorted(set(cfg.target_modules) - set(KNOWN_PROJECTIONS))
+        experts = [m for m in unknown if m in _EXPERT_MODULES]
+        if experts:
+            problems.append(f"target_modules {experts} are Mixtral's expert projections: {PER_EXPERT_REFUSAL}")
+            unknown = [m for m in unknown if m not in _EXPERT_MODULES]
         if unknown:
             problems.append(f"target_modules {unknown} are not among the projections {list(KNOWN_PROJECTIONS)}")
     if problems:

@@ -1,8 +1,9 @@
-"""Tiny random models of every supported dense family, built from transformers' own config classes.
+"""Tiny random models of every supported family, built from transformers' own config classes.
 
 Windows are shorter than the test sequences so that they matter, soft-caps are small enough to
-bend the scores, norms are perturbed (Gemma's start at zero, i.e. ``1 + w = 1``), and the RoPE
-variants use non-trivial parameters. Each model is saved once per session as a real folder.
+bend the scores, norms are perturbed (Gemma's start at zero, i.e. ``1 + w = 1``), routers are
+scaled up so that tokens pick their experts decisively (no near-ties for rounding to flip), and
+the RoPE variants use non-trivial parameters. Each model is saved once per session as a real folder.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ FAMILIES: dict[str, tuple[str, dict]] = {
             rope_scaling={"type": "longrope", "short_factor": [1.0, 1.5, 2.0, 3.0], "long_factor": [2.0, 3.0, 5.0, 8.0]},
         ),
     ),
+    "mixtral": ("Mixtral", dict(COMMON, sliding_window=WINDOW, num_local_experts=4, num_experts_per_tok=2)),
     "llama-llama3": ("Llama", dict(COMMON, rope_scaling={
         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
         "original_max_position_embeddings": 32})),
@@ -59,10 +61,13 @@ FAMILIES: dict[str, tuple[str, dict]] = {
     "llama-dynamic": ("Llama", dict(COMMON, rope_scaling={"rope_type": "dynamic", "factor": 2.0})),
 }
 FUSED = ("phi3", "phi3-longrope-partial")
+MOE = ("mixtral",)  # every layer sparse: adapters may target the attention projections only
 
 
 def adapter_targets(family: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """Two different target sets: every projection, and a few."""
+    if family in MOE:
+        return ("q_proj", "k_proj", "v_proj", "o_proj"), ("q_proj", "v_proj")
     if family in FUSED:
         return ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"), ("qkv_proj", "down_proj")
     return ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"), ("q_proj", "v_proj", "down_proj")
@@ -82,6 +87,8 @@ def build(family: str, path: Path) -> Path:
                 p.add_(torch.randn_like(p) * 0.3)
             elif "bias" in name:
                 p.add_(torch.randn_like(p) * 0.1)
+            elif "mlp.gate.weight" in name:  # a router
+                p.normal_(0, 0.5)
     model.save_pretrained(path, safe_serialization=True)
     return path
 

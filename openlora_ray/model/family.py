@@ -27,7 +27,9 @@ files of the families below (read, not copied):
 - ``groups``: the projections fused into one GEMM each (``lora/layers.py``) and the names PEFT
   adapters use for them; Phi-3's checkpoint is already fused (``qkv_proj``, ``gate_up_proj``), so
   its adapters target the fused modules and each of those groups holds one projection;
-- ``layer_mlp``: ``dense`` (gate/up/down) or ``moe`` per layer (Qwen3-MoE, see below).
+- ``layer_mlp``: ``dense`` (gate/up/down) or ``moe`` per layer (Qwen3-MoE's sparse layers, every
+  layer of Mixtral, whose attention is Mistral's: one window for every layer when
+  ``sliding_window`` is set, none when it is null).
 
 MLP hook for other MLP kinds. A decoder layer asks ``mlp_class(kind)`` for its MLP module and
 builds it as ``cls(hf_mlp, spec, num_slots, max_rank, transposed=...)``; the module must offer
@@ -93,6 +95,7 @@ TRAITS: dict[str, _Traits] = {
     "qwen2": _Traits(),
     "qwen3": _Traits(qk_norm=True),
     "qwen3_moe": _Traits(qk_norm=True),
+    "mixtral": _Traits(),
     "gemma2": _Traits(**_GEMMA),
     "gemma3_text": _Traits(**_GEMMA, qk_norm=True),
     "phi3": _Traits(groups=PHI3_GROUPS),
@@ -101,8 +104,8 @@ TRAITS: dict[str, _Traits] = {
 
 def adapter_projections(model_type: str) -> tuple[str, ...]:
     """The module names a PEFT adapter of this family may target (torch-free: the store uses it).
-    Qwen3-MoE's gate/up/down exist in its dense layers only; ``adapter_format`` refuses them on
-    its mixture-of-experts layers (``BaseModelDims.sparse_mlp_layers``)."""
+    Qwen3-MoE's gate/up/down exist in its dense layers only (Mixtral has none); ``adapter_format``
+    refuses them on mixture-of-experts layers (``BaseModelDims.sparse_mlp_layers``)."""
     traits = TRAITS.get(model_type, _Traits())
     return tuple(p for _, projs in traits.groups for p in projs)
 
@@ -214,7 +217,10 @@ def _ropes(config: Any, layer_types: list[str] | None, head_dim: int) -> tuple[t
 
 
 def _mlp_kinds(config: Any, num_layers: int) -> tuple[MlpKind, ...]:
-    """Qwen3-MoE's sparse layers: every ``decoder_sparse_step``-th layer outside ``mlp_only_layers``."""
+    """Qwen3-MoE's sparse layers: every ``decoder_sparse_step``-th layer outside ``mlp_only_layers``;
+    Mixtral's: every layer (``MixtralDecoderLayer`` always builds a ``MixtralSparseMoeBlock``)."""
+    if config.model_type == "mixtral":
+        return ("moe",) * num_layers
     experts = getattr(config, "num_experts", 0) or 0
     if config.model_type != "qwen3_moe" or experts == 0:
         return ("dense",) * num_layers

@@ -20,13 +20,14 @@ from typing import Any
 from openlora_ray.errors import OpenLoraError
 
 # model_type -> family, as the README's table names them: the families model/family.py has a spec
-# for (the one forward computes them; qwen3_moe's sparse layers run model/moe.py).
+# for (the one forward computes them; qwen3_moe's sparse layers and mixtral's run model/moe.py).
 SUPPORTED_MODEL_TYPES: dict[str, str] = {
     "llama": "Llama 2/3.x, SmolLM",
     "mistral": "Mistral",
     "qwen2": "Qwen2 / Qwen2.5",
     "qwen3": "Qwen3",
     "qwen3_moe": "Qwen3-MoE",
+    "mixtral": "Mixtral",
     "gemma2": "Gemma 2",
     "gemma3_text": "Gemma 3 (text)",
     "phi3": "Phi-3",

@@ -1,8 +1,9 @@
 """Greedy generation through the engine equals transformers / PEFT ``generate`` for every family.
 
 The tiny models of ``family_models.py`` (windows shorter than the answers, Gemma 2's soft-caps,
-Phi-3's fused projections and adapters on them), loaded by the engine's own loader; rows of
-different lengths, with different adapters (alpha != r, different targets) or none, in one batch.
+Phi-3's fused projections and adapters on them, Mixtral's experts), loaded by the engine's own
+loader; rows of different lengths, with different adapters (alpha != r, different targets) or
+none, in one batch.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from openlora_ray.engine.request import SamplingParams
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 
 
-@pytest.mark.parametrize("family", ["qwen2", "qwen2-window", "qwen3", "mistral", "gemma2", "gemma3", "phi3"])
+@pytest.mark.parametrize("family", ["qwen2", "qwen2-window", "qwen3", "mistral", "gemma2", "gemma3", "phi3", "mixtral"])
 async def test_greedy_tokens_equal_generate_with_and_without_adapters(engine_factory, tmp_path, family):
     path = build(family, tmp_path / "model")
     every, few = adapter_targets(family)

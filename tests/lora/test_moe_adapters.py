@@ -118,3 +118,32 @@ def test_push_refuses_per_expert_adapters(tiny_qwen3_moe_dir, tmp_path):
         store.push(sparse, "acme.sparse")
     attention = peft_adapter(tiny_qwen3_moe_dir, tmp_path / "q", target_modules=["q_proj", "k_proj"])
     assert store.push(attention, "acme.attention").name == "acme.attention"
+
+
+@pytest.fixture(scope="module")
+def mixtral_dir(tmp_path_factory) -> Path:
+    from family_models import build
+
+    return build("mixtral", tmp_path_factory.mktemp("mixtral"))
+
+
+def test_mixtral_attention_adapters_are_accepted_and_every_mlp_layer_is_sparse(mixtral_dir, tmp_path):
+    dims = BaseModelDims.from_model_dir(mixtral_dir)
+    assert dims.sparse_mlp_layers == (0, 1, 2, 3)
+    out = peft_adapter(mixtral_dir, tmp_path / "a", target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    spec = validate_adapter_dir("t/a", out, dims, max_rank=8)
+    assert spec.projections == {"q_proj", "k_proj", "v_proj", "o_proj"}
+
+
+def test_mixtral_expert_adapters_are_refused_as_per_expert_lora(mixtral_dir, tmp_path):
+    """PEFT 0.21 turns Mixtral's w1/w2/w3 targets into ``target_parameters`` on the stacked experts;
+    an adapter trained under transformers 4 lists them as modules and holds per-expert tensors."""
+    dims = BaseModelDims.from_model_dir(mixtral_dir)
+    peft_made = peft_adapter(mixtral_dir, tmp_path / "peft", target_modules=["q_proj", "w1", "w2", "w3"])
+    key = "base_model.model.model.layers.0.block_sparse_moe.experts.1.w1.lora_{}.weight"
+    old = hand_made(tmp_path / "old", {key.format("A"): (4, 64), key.format("B"): (96, 4)}, ["w1", "w2", "w3"])
+    for folder in (peft_made, old):
+        with pytest.raises(InvalidAdapterError) as e:
+            validate_adapter_dir("t/x", folder, dims, max_rank=8)
+        assert PER_EXPERT_REFUSAL in str(e.value)
+    assert "Mixtral's expert projections" in str(e.value)

@@ -2,19 +2,23 @@
 
 A tiny random model writes gibberish, but constrained decoding makes that gibberish valid JSON
 under the schema every time: exactly what these tests assert (jsonschema), in batches mixed with
-unconstrained rows and adapters, streamed and not.
+unconstrained rows and adapters, streamed and not. ``tool_choice: auto`` is different: the model
+itself must decide to write a ``<tool_call>`` block, so those tests use an adapter trained to
+(``caller``, see ``url``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal
 
 import jsonschema
 import pytest
-from peft_helpers import save_peft_adapter
+from peft_helpers import save_peft_adapter, train_peft_adapter
 from pydantic import BaseModel, Field
 
 pytestmark = pytest.mark.timeout(300)
@@ -60,6 +64,8 @@ WEATHER = {
         },
     },
 }
+TOOL_CHAT = [{"role": "user", "content": "Weather in Oslo?"}]
+CALL = {"city": "Oslo", "unit": "C"}  # what the ``caller`` adapter answers TOOL_CHAT with WEATHER offered
 CLOCK = {
     "type": "function",
     "function": {
@@ -84,6 +90,7 @@ def url(serve_url: str, tiny_chat_model_dir: Path, tmp_path_factory: pytest.Temp
     store = AdapterStore(StoreSettings(uri=str(root / "adapters"), cache_dir=root / "push-cache"))
     work = tmp_path_factory.mktemp("structured-adapters")
     store.push(save_peft_adapter(tiny_chat_model_dir, work / "alpha", 4, 8.0, ("q_proj", "v_proj"), 81), "alpha@v1")
+    store.push(train_tool_caller(tiny_chat_model_dir, work / "caller"), "caller@v1")
     cfg = AppConfig(
         model=str(tiny_chat_model_dir),
         served_model_name=BASE,
@@ -95,6 +102,29 @@ def url(serve_url: str, tiny_chat_model_dir: Path, tmp_path_factory: pytest.Temp
     )
     serve.run(build(cfg), name="structured", route_prefix="/")
     return serve_url
+
+
+def train_tool_caller(model_dir: Path, out: Path) -> Path:
+    """An adapter that answers TOOL_CHAT, with WEATHER offered, by a Hermes ``<tool_call>`` block.
+
+    Why a trained adapter: ``tool_choice: auto`` is tested honestly only if the model itself writes
+    the call and the server parses it back, through the real engine. Neither the tiny random
+    model nor the real SmolLM2-135M-Instruct ever does (tried: with the tools described in its
+    system message, SmolLM2 answers about the weather, or writes Python). An assistant prefill
+    (``continue_final_message``) would put the opening tag in the prompt, not in the output the
+    parser reads. So a rank-8 LoRA is trained (~80 Adam steps, seconds) until greedy decoding of
+    the exact prompt the server renders writes the block and then the end of the turn."""
+    from transformers import AutoTokenizer
+
+    from openlora_ray.engine.prompts import render_chat
+    from openlora_ray.serve.openai_api import ChatCompletionRequest
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    request = ChatCompletionRequest.model_validate({"model": "caller", "messages": TOOL_CHAT, "tools": [WEATHER]})
+    prompt = render_chat(tokenizer, request.chat_prompt())  # what every client below sends, rendered
+    block = json.dumps({"name": "get_weather", "arguments": CALL})
+    answer = tokenizer(f"<tool_call>\n{block}\n</tool_call>").input_ids + [tokenizer.eos_token_id]
+    return train_peft_adapter(model_dir, out, [(prompt, answer)], r=8, alpha=16.0)
 
 
 @pytest.fixture(scope="module")
@@ -242,3 +272,55 @@ def test_langchain_bind_tools_and_with_structured_output(url):
     for method in ("json_schema", "function_calling"):
         person = llm.with_structured_output(Person, method=method, strict=True).invoke("Describe a person as JSON.")
         assert isinstance(person, Person), method
+
+
+# ------------------------------------------------------------------- tool_choice auto, end to end
+def test_auto_tool_choice_turns_the_models_call_into_tool_calls(client):
+    """The ``caller`` adapter writes a ``<tool_call>`` block of its own accord (greedy): it comes
+    back as ``message.tool_calls``, and streamed as one call delta with its whole arguments."""
+    kw = dict(model="caller", messages=TOOL_CHAT, max_tokens=60, temperature=0, tools=[WEATHER])
+    choice = client.chat.completions.create(**kw).choices[0]  # tool_choice left out: auto
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    [call] = choice.message.tool_calls
+    assert call.id.startswith("call_") and call.type == "function" and call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == CALL
+    chunks = list(client.chat.completions.create(stream=True, tool_choice="auto", **kw))
+    assert not "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    [delta] = [d for c in chunks if c.choices for d in c.choices[0].delta.tool_calls or ()]
+    assert delta.index == 0 and delta.id.startswith("call_") and delta.function.name == "get_weather"
+    assert json.loads(delta.function.arguments) == CALL
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
+    # The call and its result go back as history (assistant tool_calls, a tool message): accepted.
+    history = [*TOOL_CHAT, choice.message.model_dump(exclude_none=True),
+               {"role": "tool", "tool_call_id": call.id, "content": '{"celsius": 4}'}]
+    follow_up = client.chat.completions.create(**{**kw, "messages": history, "max_tokens": 4})
+    assert follow_up.choices[0].finish_reason in ("stop", "length", "tool_calls")
+
+
+def test_langchain_bind_tools_and_litellm_with_tools_get_the_models_call(url):
+    from langchain_openai import ChatOpenAI
+
+    os.environ["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"  # no download of the price list at import
+    import litellm
+
+    llm = ChatOpenAI(
+        base_url=url + "/v1", api_key="unused", model="caller", temperature=0, max_tokens=60, max_retries=0
+    )
+    bound = llm.bind_tools([WEATHER])  # no tool_choice: auto
+    message = bound.invoke(TOOL_CHAT[0]["content"])
+    assert [(c["name"], c["args"]) for c in message.tool_calls] == [("get_weather", CALL)] and not message.content
+    streamed = None
+    for chunk in bound.stream(TOOL_CHAT[0]["content"]):
+        streamed = chunk if streamed is None else streamed + chunk
+    assert [(c["name"], c["args"]) for c in streamed.tool_calls] == [("get_weather", CALL)]
+
+    litellm.telemetry = False
+    kw = dict(model="openai/caller", api_base=url + "/v1", api_key="unused", messages=TOOL_CHAT, max_tokens=60,
+              temperature=0, tools=[WEATHER])
+    [call] = litellm.completion(**kw).choices[0].message.tool_calls
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == CALL
+    deltas = [d for c in litellm.completion(stream=True, **kw) for d in c.choices[0].delta.tool_calls or ()]
+    assert deltas[0].function.name == "get_weather"
+    assert json.loads("".join(d.function.arguments or "" for d in deltas)) == CALL
+    answer = asyncio.run(litellm.acompletion(**kw))
+    assert json.loads(answer.choices[0].message.tool_calls[0].function.arguments) == CALL

@@ -22,13 +22,18 @@ from openlora_ray.engine.request import TokenLogprobs
 
 
 def score_tokens(logits: torch.Tensor, targets: Sequence[int], k: int) -> list[TokenLogprobs]:
-    """``targets[i]``'s log probability under ``logits[i]`` (T, V), with the ``k`` most likely
-    tokens at each position; one copy to the host."""
-    logp = logits.float().log_softmax(-1)
+    """``targets[i]``'s log probability under ``logits[i]`` (T, V) and its rank there (1 + the
+    tokens more likely: vLLM's ``Logprob.rank``), with the ``k`` most likely tokens at each
+    position; one copy to the host."""
+    logp = logits.float().log_softmax(-1)  # (T, V)
     ids = torch.tensor(list(targets), device=logits.device)[:, None]
-    parts = [logp.gather(1, ids).double()]
+    chosen = logp.gather(1, ids)  # (T, 1)
+    parts = [chosen.double(), (logp > chosen).sum(-1, keepdim=True).double() + 1]
     if k:
         top = logp.topk(k, dim=-1)
         parts += [top.indices.double(), top.values.double()]
     rows = torch.cat(parts, dim=1).tolist()
-    return [TokenLogprobs(r[0], tuple((int(t), v) for t, v in zip(r[1 : 1 + k], r[1 + k :]))) for r in rows]
+    return [
+        TokenLogprobs(r[0], tuple((int(t), v) for t, v in zip(r[2 : 2 + k], r[2 + k :])), rank=int(r[1]))
+        for r in rows
+    ]

@@ -16,6 +16,7 @@ class TokenLogprobs:
 
     token_logprob: float
     top: tuple[tuple[int, float], ...]  # (token id, log probability), most likely first
+    rank: int | None = None  # the token's rank in its distribution (1 = most likely): prompt tokens only
 
 FinishReason = Literal["stop", "length", "abort", "error"]
 # A stop string longer than this is refused (400): held-back text and matching state grow with it,

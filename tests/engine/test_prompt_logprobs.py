@@ -28,6 +28,7 @@ def assert_scores(got, prompt: list[int], want: torch.Tensor, k: int) -> None:
     for p in range(1, len(prompt)):
         row = want[p - 1]
         assert abs(got[p].token_logprob - float(row[prompt[p]])) < 1e-4, p
+        assert got[p].rank == 1 + int((row > row[prompt[p]]).sum()), p  # vLLM's Logprob.rank
         top = row.topk(k)
         assert [t for t, _ in got[p].top] == top.indices.tolist(), p
         assert all(abs(v - float(w)) < 1e-4 for (_, v), w in zip(got[p].top, top.values, strict=True))

@@ -8,6 +8,7 @@ the RoPE variants use non-trivial parameters. Each model is saved once per sessi
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -107,3 +108,25 @@ def random_tokens(n: int, seed: int) -> list[int]:
 def hf_logits(model: torch.nn.Module, seq: Sequence[int]) -> torch.Tensor:
     with torch.no_grad():
         return model(torch.tensor([list(seq)])).logits[0]
+
+
+def word_ids(text: str) -> list[int]:
+    """The token ids a text of ``save_word_tokenizer``'s words names (and nothing else)."""
+    assert re.fullmatch(r"(\s*t\d{3})*\s*", text), text
+    return [int(i) for i in re.findall(r"t(\d{3})", text)]
+
+
+def save_word_tokenizer(path: Path, vocab_size: int = 256) -> Path:
+    """A real tokenizer for the tiny models' vocabulary: token ``i`` is the word ``t<iii>``, words
+    split on whitespace, no special tokens. Every id decodes to its own word (a byte-level tokenizer
+    of 256 ids would merge bytes into replacement characters), so an answer's text names its token
+    ids (``word_ids``), also where transformers loads the folder with its family's own tokenizer
+    class (a ``qwen2`` folder gets ``Qwen2Tokenizer``, whose byte-level decoder drops the spaces:
+    the words are of one width for that)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({f"t{i:03d}": i for i in range(vocab_size)}, unk_token="t000"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(path)
+    return path

@@ -323,6 +323,7 @@ class Ingress:
                         "request_id": request_id,
                         "fit_max_tokens": body.max_tokens_omitted,
                         "echo": body.echoes_prompt,
+                        "prompt_logprobs": body.prompt_logprobs,  # answered in vLLM's shape
                     })
 
             running = await start_choices(choices, start)  # errors before the first token become statuses

@@ -7,7 +7,8 @@ for log probabilities or JSON. What the engine supports passes through to ``Samp
 OpenAI's penalties and ``logit_bias``, vLLM's ``ignore_eos``, ``stop_token_ids``, ``min_tokens``,
 ``min_p``, ``skip_special_tokens`` and ``include_stop_str_in_output``. ``echo`` on completions puts
 the prompt before the completion; with ``logprobs`` its tokens are scored too (the first has none),
-and ``max_tokens: 0`` answers the prompt alone: lm-eval-harness's loglikelihood request.
+and ``max_tokens: 0`` answers the prompt alone: lm-eval-harness's loglikelihood request. vLLM's
+``prompt_logprobs: k`` (completions and chat) answers the same scores in vLLM's shape instead.
 
 One request fans out into ``Choice`` rows, one engine request each: ``n`` per prompt, and on
 completions one prompt per entry of a prompt list, indexed as OpenAI does (prompt ``p``'s
@@ -206,6 +207,9 @@ class _Common(BaseModel):
     structured_outputs: StructuredOutputs | None = Field(None, description="vLLM extra: its 'json' only")
     response_format: ResponseFormat | None = Field(None, description="OpenAI's on chat; vLLM's on completions too")
     min_p: float | None = Field(None, ge=0.0, le=1.0, description="vLLM extra: drop tokens under min_p x the top's")
+    prompt_logprobs: int | None = Field(
+        None, ge=0, le=MAX_TOP_LOGPROBS, description="vLLM extra: each prompt token's log probability, k alternatives"
+    )
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     # Known but not implemented: typed loosely so that any value reaches the check below.
@@ -224,15 +228,21 @@ class _Common(BaseModel):
             raise PydanticCustomError(
                 "invalid_value", "'max_tokens' 0 needs 'echo' (the prompt alone)", {"param": "max_tokens"}
             )
+        if self.prompt_logprobs is not None and self.stream:  # as vLLM: they come with the whole answer
+            raise PydanticCustomError(
+                "invalid_value",
+                "'prompt_logprobs' are not available when 'stream' is true",
+                {"param": "prompt_logprobs"},
+            )
         return self
 
     @property
     def echoes_prompt(self) -> bool:
         return False
 
-    def prompt_logprobs(self) -> int | None:
+    def prompt_scores(self) -> int | None:
         """How many alternatives the engine reports per prompt token; None: the prompt is not scored."""
-        return None
+        return self.prompt_logprobs
 
     @property
     def choices_per_prompt(self) -> int:
@@ -265,7 +275,7 @@ class _Common(BaseModel):
                 logprobs=self.engine_logprobs(),
                 ignore_eos=self.ignore_eos,
                 **_given(min_p=self.min_p),
-                prompt_logprobs=self.prompt_logprobs(),
+                prompt_logprobs=self.prompt_scores(),
                 skip_special_tokens=self.skip_special_tokens,
                 include_stop_str_in_output=self.include_stop_str_in_output,
                 constraint=self.output_constraint(),
@@ -377,8 +387,10 @@ class CompletionRequest(_Common):
     def echoes_prompt(self) -> bool:
         return bool(self.echo)
 
-    def prompt_logprobs(self) -> int | None:
-        return self.logprobs if self.echo else None
+    def prompt_scores(self) -> int | None:
+        """Echo's scores (``logprobs`` alternatives) and ``prompt_logprobs``' come from one scoring."""
+        asked = [k for k in (self.logprobs if self.echo else None, self.prompt_logprobs) if k is not None]
+        return max(asked) if asked else None
 
     def pick(self, results: list[ChoiceResult]) -> list[ChoiceResult]:
         """With ``best_of`` above ``n``: per prompt, the ``n`` candidates of the highest mean log

@@ -44,6 +44,7 @@ class ChoiceResult:
     completion_tokens: int
     logprobs: Sequence[dict[str, Any]] | None = None  # the replica's entries, when asked for
     tool_calls: Sequence[dict[str, Any]] | None = None  # parsed from the text (serve/tool_calls.py)
+    prompt_logprobs: Sequence[dict[str, Any] | None] | None = None  # vLLM's shape, when asked for
 
 
 def logprobs_body(entries: Sequence[dict[str, Any]] | None, chat: bool, text_offset: int = 0) -> dict[str, Any] | None:
@@ -83,7 +84,9 @@ def total_usage(results: Sequence[ChoiceResult]) -> dict[str, int]:
 def completion_response(
     rid: str, model: str, results: Sequence[ChoiceResult], chat: bool, u: dict[str, int] | None = None
 ) -> dict[str, Any]:
-    """The whole answer; ``u`` overrides the usage of ``results`` (best_of counts every candidate)."""
+    """The whole answer; ``u`` overrides the usage of ``results`` (best_of counts every candidate).
+    vLLM's ``prompt_logprobs``, when asked for, are on each choice of completions (a choice per
+    prompt) and at the top of chat's answer."""
     choices = []
     for r in sorted(results, key=lambda r: r.index):
         choice: dict[str, Any] = {
@@ -97,8 +100,10 @@ def completion_response(
                 choice["message"]["tool_calls"] = list(r.tool_calls)
         else:
             choice["text"] = r.text
+            if r.prompt_logprobs is not None:
+                choice["prompt_logprobs"] = list(r.prompt_logprobs)
         choices.append(choice)
-    return {
+    body = {
         "id": rid,
         "object": "chat.completion" if chat else "text_completion",
         "created": int(time.time()),
@@ -106,6 +111,10 @@ def completion_response(
         "choices": choices,
         "usage": total_usage(results) if u is None else u,
     }
+    scored = [r.prompt_logprobs for r in results if r.prompt_logprobs is not None]
+    if chat and scored:  # vLLM puts chat's (one prompt) beside the choices
+        body["prompt_logprobs"] = list(scored[0])
+    return body
 
 
 def _finish(reason: str | None) -> str | None:

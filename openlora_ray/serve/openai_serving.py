@@ -53,13 +53,14 @@ class RunningChoices:
 
     async def _drain(self, i: int) -> dict[str, Any]:
         item = self.firsts[i]
-        text, logprobs = item["text"], item.get("logprobs")
+        text, logprobs, prompt_logprobs = item["text"], item.get("logprobs"), item.get("prompt_logprobs")
         while not item["finish_reason"]:
             item = await self.streams[i].__anext__()
             text += item["text"]
             if logprobs is not None:
                 logprobs = logprobs + (item.get("logprobs") or [])
-        return {**item, "text": text, "logprobs": logprobs}
+            prompt_logprobs = prompt_logprobs or item.get("prompt_logprobs")  # sent once
+        return {**item, "text": text, "logprobs": logprobs, "prompt_logprobs": prompt_logprobs}
 
     async def events(
         self,
@@ -151,6 +152,7 @@ def results(choices: Sequence[Choice], lasts: Sequence[dict[str, Any]]) -> list[
             completion_tokens=last["completion_tokens"],
             logprobs=last.get("logprobs"),
             tool_calls=last.get("tool_calls"),
+            prompt_logprobs=last.get("prompt_logprobs"),
         )
         for c, last in zip(choices, lasts, strict=True)
     ]

@@ -66,7 +66,7 @@ class LoraReplica:
             room = self.engine.config.max_seq_len - len(request.prompt_ids)
             if 0 < room < params.max_tokens:
                 request = dataclasses.replace(request, params=params.model_copy(update={"max_tokens": room}))
-        echo = bool(payload.get("echo"))
+        echo, vllm_k = bool(payload.get("echo")), payload.get("prompt_logprobs")
         async for out in self.engine.generate(request):
             item = {
                 "text": out.text,
@@ -80,12 +80,17 @@ class LoraReplica:
                 "logprobs": self._logprobs(out) if params.logprobs is not None else None,
             }
             if echo:  # completions' echo: the first increment starts with the prompt
-                item, echo = self._echoed(item, payload["prompt"], request.prompt_ids, out), False
+                item, echo = self._echoed(item, payload["prompt"], request.prompt_ids, out, k=params.logprobs), False
+            if vllm_k is not None and out.prompt_logprobs:
+                item["prompt_logprobs"] = self._prompt_logprobs(request.prompt_ids, out.prompt_logprobs, vllm_k)
             yield item
 
-    def _echoed(self, item: dict[str, Any], prompt: Any, ids: Sequence[int], out: StreamOutput) -> dict[str, Any]:
+    def _echoed(
+        self, item: dict[str, Any], prompt: Any, ids: Sequence[int], out: StreamOutput, *, k: int | None
+    ) -> dict[str, Any]:
         """``item`` behind the prompt's text (as sent, or its ids decoded) and, when the prompt was
-        scored, its tokens' log probabilities (marked ``prompt``: ``best_of`` ranks without them)."""
+        scored, its tokens' log probabilities with ``k`` alternatives (marked ``prompt``: ``best_of``
+        ranks without them)."""
         tokenizer = self.engine.tokenizer
         text = prompt if isinstance(prompt, str) or tokenizer is None else tokenizer.decode(list(ids))
         item = {**item, "text": text + item["text"]}
@@ -95,11 +100,28 @@ class LoraReplica:
             def entry(t: int, lp: TokenLogprobs | None) -> dict[str, Any]:
                 if lp is None:  # the first token: nothing before it to predict it
                     return {"token": name(t), "logprob": None, "top": None, "prompt": True}
-                top = [[name(i), v] for i, v in lp.top]
+                top = [[name(i), v] for i, v in lp.top[:k]]
                 return {"token": name(t), "logprob": lp.token_logprob, "top": top, "prompt": True}
 
             item["logprobs"] = [entry(t, lp) for t, lp in zip(ids, out.prompt_logprobs, strict=True)] + item["logprobs"]
         return item
+
+    def _prompt_logprobs(
+        self, ids: Sequence[int], scores: Sequence[TokenLogprobs | None], k: int
+    ) -> list[dict[str, dict[str, Any]] | None]:
+        """vLLM's ``prompt_logprobs``: per prompt token, None for the first, else {token id: {logprob,
+        rank, decoded_token}} for the token itself and the ``k`` most likely (ranks 1..k)."""
+        text = self._token_text
+        out: list[dict[str, dict[str, Any]] | None] = []
+        for t, lp in zip(ids, scores, strict=True):
+            if lp is None:
+                out.append(None)
+                continue
+            entry = {str(t): {"logprob": lp.token_logprob, "rank": lp.rank, "decoded_token": text(t)}}
+            for rank, (i, v) in enumerate(lp.top[:k], start=1):
+                entry.setdefault(str(i), {"logprob": v, "rank": rank, "decoded_token": text(i)})
+            out.append(entry)
+        return out
 
     def _logprobs(self, out: StreamOutput) -> list[dict[str, Any]]:
         """Each token's text and log probability, with its top alternatives': the ingress has no

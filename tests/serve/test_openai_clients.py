@@ -352,6 +352,56 @@ def test_echo_scores_the_prompt_as_lm_eval_harness_asks(client, tiny_chat_model_
     assert plain.text.startswith(prompt) and plain.logprobs is None
 
 
+def test_vllm_prompt_logprobs_are_the_models_own(client, tiny_chat_model_dir):
+    """vLLM's ``prompt_logprobs: k`` on completions (per choice, a prompt list's each its own) and
+    chat (beside the choices, the rendered conversation's tokens): per token after the first,
+    {id: {logprob, rank, decoded_token}} for the token and the k most likely, against the model's
+    own log-softmax; beside echo's own k; refused when streamed."""
+    import openai
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from openlora_ray.engine.prompts import ChatPrompt, render_chat
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_chat_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_chat_model_dir, dtype=torch.float32).eval()
+
+    def check(got: list, ids: list[int], k: int) -> None:
+        with torch.no_grad():
+            want = model(torch.tensor([ids])).logits[0].float().log_softmax(-1)  # row i scores token i + 1
+        assert len(got) == len(ids) and got[0] is None
+        for p in range(1, len(ids)):
+            row, top = want[p - 1], want[p - 1].topk(k)
+            mine = got[p][str(ids[p])]
+            assert abs(mine["logprob"] - float(row[ids[p]])) < 1e-4
+            assert mine["decoded_token"] == tokenizer.decode([ids[p]])
+            above = [1 + int((row > row[ids[p]] + d).sum()) for d in (1e-4, -1e-4)]  # near-ties: float noise
+            assert above[0] <= mine["rank"] <= above[1]
+            for rank, (t, v) in enumerate(zip(top.indices.tolist(), top.values.tolist(), strict=True), start=1):
+                assert got[p][str(t)]["rank"] == rank and abs(got[p][str(t)]["logprob"] - v) < 1e-4
+            assert len(got[p]) <= k + 1
+
+    prompts = ["The river runs past the old stone bridge", "A cat"]
+    r = client.completions.create(
+        model=BASE, prompt=prompts, max_tokens=2, temperature=0, echo=True, logprobs=1,
+        extra_body={"prompt_logprobs": 3},
+    )
+    for choice, prompt in zip(r.choices, prompts, strict=True):
+        ids = tokenizer(prompt).input_ids
+        check(choice.model_extra["prompt_logprobs"], ids, k=3)
+        assert all(len(t) == 1 for t in choice.logprobs.top_logprobs[1:])  # echo keeps its own k
+    chat = client.chat.completions.create(
+        model=BASE, messages=CHAT, max_tokens=2, temperature=0, extra_body={"prompt_logprobs": 0}
+    )
+    ids = render_chat(tokenizer, ChatPrompt(messages=tuple(CHAT)))
+    check(chat.model_extra["prompt_logprobs"], ids, k=0)
+    assert chat.usage.prompt_tokens == len(ids) and "prompt_logprobs" not in chat.choices[0].model_extra
+    plain = client.completions.create(model=BASE, prompt="A cat", max_tokens=2)
+    assert "prompt_logprobs" not in plain.choices[0].model_extra  # only when asked for
+    for bad in ({"prompt_logprobs": 1, "stream": True}, {"prompt_logprobs": 21}, {"prompt_logprobs": -1}):
+        with pytest.raises(openai.BadRequestError, match="prompt_logprobs"):
+            client.chat.completions.create(model=BASE, messages=CHAT, max_tokens=2, extra_body=bad)
+
 def test_min_p_special_tokens_and_the_stop_string_in_the_output(url, client):
     """vLLM's min_p, skip_special_tokens and include_stop_str_in_output, streamed and not."""
     kw = dict(model="alpha", prompt="Once upon a time", max_tokens=8, extra_body={"ignore_eos": True})

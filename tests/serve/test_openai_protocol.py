@@ -173,6 +173,12 @@ def test_echo_scores_the_prompt_and_max_tokens_0_needs_it():
     assert params.max_tokens == 0 and params.prompt_logprobs == 1 and params.logprobs == 1
     assert CompletionRequest(model="m", prompt="x", echo=True).sampling(16).prompt_logprobs is None  # text only
     assert CompletionRequest(model="m", prompt="x", logprobs=1).sampling(16).prompt_logprobs is None
+    # vLLM's prompt_logprobs field: scored once with echo's, the larger k; never streamed (as vLLM)
+    both = CompletionRequest(model="m", prompt="x", echo=True, logprobs=1, prompt_logprobs=3, max_tokens=0)
+    assert both.sampling(16).prompt_logprobs == 3 and chat(prompt_logprobs=0).sampling(8).prompt_logprobs == 0
+    with pytest.raises(ValidationError) as caught:
+        chat(prompt_logprobs=1, stream=True)
+    assert error_of(caught.value) == ("invalid_value", {"param": "prompt_logprobs"})
     for unechoed in (lambda: CompletionRequest(model="m", prompt="x", max_tokens=0), lambda: chat(max_tokens=0)):
         with pytest.raises(ValidationError) as caught:
             unechoed()

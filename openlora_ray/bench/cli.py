@@ -8,6 +8,7 @@ from pathlib import Path
 
 from openlora_ray.bench.routing_bench import register_bench as register_routing_bench
 from openlora_ray.bench.soak import register_bench as register_soak
+from openlora_ray.model.prepare import MODELS
 from openlora_ray.serve.simulate import register_bench as register_routing_sim
 from openlora_ray.store.bench import register_bench as register_store_bench
 
@@ -16,7 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     group = sub.add_parser("bench", help="benchmarks (ratios against baselines measured in the same run)")
     benches = group.add_subparsers(dest="bench", required=True)
     lora = benches.add_parser("lora", help="mixed-adapter forward vs base-only vs PEFT")
-    lora.add_argument("--model", type=Path, default=None, help="model folder (default: the prepared demo model)")
+    _add_model_argument(lora)
     lora.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16 (default: %(default)s)")
     lora.add_argument("--rows", type=int, default=16, help="batch rows, each with its own adapter")
     lora.add_argument("--context", type=int, default=32, help="prefill length / decode context")
@@ -25,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     lora.add_argument("--out", type=Path, default=Path("bench-results/lora.json"))
     lora.set_defaults(func=_lora)
     engine = benches.add_parser("engine", help="generation engine vs PEFT (grouped, mixed) and transformers generate")
-    engine.add_argument("--model", type=Path, default=None, help="model folder (default: the prepared demo model)")
+    _add_model_argument(engine)
     engine.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16 (default: %(default)s)")
     engine.add_argument("--shape", choices=["r16-all", "r8-qv"], default="r16-all", help="adapter rank and projections (default: %(default)s)")
     engine.add_argument("--requests", type=int, default=32, help="requests in the workload (default: %(default)s)")
@@ -44,7 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     engine.add_argument("--out", type=Path, default=Path("bench-results/engine.json"))
     engine.set_defaults(func=_engine)
     kv = benches.add_parser("kv", help="paged KV cache vs the fixed-row engine; prefix cache on vs off")
-    kv.add_argument("--model", type=Path, default=None, help="model folder (default: the prepared demo model)")
+    _add_model_argument(kv)
     kv.add_argument("--mix-requests", type=int, default=24, help="requests of the length mix, (a) (default: %(default)s)")
     kv.add_argument("--shared-requests", type=int, default=32, help="requests with adapter system prompts, (b) (default: %(default)s)")
     kv.add_argument("--seed", type=int, default=0)
@@ -56,7 +57,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     register_routing_sim(benches)
     register_soak(benches)
     scaling = benches.add_parser("scaling", help="one engine from 5 to 2,000 adapters: throughput, TTFT, tier loads, RSS")
-    scaling.add_argument("--model", type=Path, default=None, help="model folder (default: the prepared demo model)")
+    _add_model_argument(scaling)
     scaling.add_argument("--counts", type=int, nargs="+", default=[5, 100, 1000, 2000], help="adapter counts N (default: %(default)s)")
     scaling.add_argument("--requests", type=int, default=128, help="requests per N and distribution (default: %(default)s)")
     scaling.add_argument("--concurrency", type=int, default=48, help="closed-loop clients (default: %(default)s)")
@@ -70,15 +71,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     scaling.set_defaults(func=_scaling)
 
 
+def _add_model_argument(parser: argparse.ArgumentParser) -> None:
+    """``--model``: a model folder or a name of ``model prepare`` (resolved by ``resolve_model``)."""
+    parser.add_argument(
+        "--model", default=None,
+        help=f"model folder, or one of {', '.join(MODELS)} (prepared on first use) (default: the demo model)",
+    )
+
+
 def _lora(args: argparse.Namespace) -> int:
     import torch
 
     from openlora_ray.bench.lora_bench import run
     from openlora_ray.model.loader import resolve_dtype
-    from openlora_ray.model.prepare import prepare_demo_model
+    from openlora_ray.model.prepare import resolve_model
 
-    model = args.model or prepare_demo_model()
-    run(model, resolve_dtype(args.dtype, torch.device("cpu")), args.rows, args.context, args.iters, args.repeats, args.out)
+    dtype = resolve_dtype(args.dtype, torch.device("cpu"))
+    run(resolve_model(args.model), dtype, args.rows, args.context, args.iters, args.repeats, args.out)
     return 0
 
 
@@ -88,7 +97,7 @@ def _engine(args: argparse.Namespace) -> int:
     from openlora_ray.bench.engine_bench import EngineBenchConfig, run
     from openlora_ray.bench.lora_bench import SHAPES
     from openlora_ray.model.loader import resolve_dtype
-    from openlora_ray.model.prepare import prepare_demo_model
+    from openlora_ray.model.prepare import resolve_model
 
     cfg = EngineBenchConfig(
         shape=next(s for s in SHAPES if s.name == args.shape),
@@ -101,28 +110,28 @@ def _engine(args: argparse.Namespace) -> int:
         max_running=tuple(args.max_running),
         seed=args.seed,
     )
-    run(args.model or prepare_demo_model(), resolve_dtype(args.dtype, torch.device("cpu")), cfg, args.out, args.threads)
+    run(resolve_model(args.model), resolve_dtype(args.dtype, torch.device("cpu")), cfg, args.out, args.threads)
     return 0
 
 
 def _kv(args: argparse.Namespace) -> int:
     from openlora_ray.bench.kv_bench import KvBenchConfig, run
-    from openlora_ray.model.prepare import prepare_demo_model
+    from openlora_ray.model.prepare import resolve_model
 
     cfg = KvBenchConfig(mix_requests=args.mix_requests, shared_requests=args.shared_requests, seed=args.seed)
-    run(args.model or prepare_demo_model(), cfg, args.out, args.threads)
+    run(resolve_model(args.model), cfg, args.out, args.threads)
     return 0
 
 
 def _scaling(args: argparse.Namespace) -> int:
     from openlora_ray.bench.scaling_bench import ScalingConfig, run
-    from openlora_ray.model.prepare import prepare_demo_model
+    from openlora_ray.model.prepare import resolve_model
 
     cfg = ScalingConfig(
         counts=tuple(args.counts), requests=args.requests, concurrency=args.concurrency, num_slots=args.slots,
         max_running=args.max_running, host_cache_mib=args.host_cache_mib, threads=args.threads, seed=args.seed,
     )
-    run(args.model or prepare_demo_model(), cfg, args.out, args.cache_dir)
+    run(resolve_model(args.model), cfg, args.out, args.cache_dir)
     return 0
 
 

@@ -108,6 +108,27 @@ def demo_model_dir(cache_root: Path | None = None) -> Path:
     return model_dir(DEMO_MODEL_NAME, cache_root)
 
 
+def default_store_uri(name: str = DEMO_MODEL_NAME, cache_root: Path | None = None) -> str:
+    """The embedded adapter store of a model of ``MODELS``: a folder in the user cache.
+
+    One store per base model, because an adapter's name is what clients ask for: the demo model
+    keeps ``store``, another model gets ``store-<name>``, so its adapters (``json-answer`` too)
+    never meet adapters of a different shape under the same name.
+    """
+    root = cache_root or default_cache_root()
+    return str(root / ("store" if name == DEMO_MODEL_NAME else f"store-{name}"))
+
+
+def resolve_model(spec: str | Path | None) -> Path:
+    """A model folder from a command line's ``--model``: a name of ``MODELS`` (prepared on first
+    use), None for the demo model, or a folder path as given."""
+    if spec is None:
+        return prepare_demo_model()
+    if str(spec) in MODELS:
+        return prepare_model(str(spec))
+    return Path(spec).expanduser()
+
+
 def is_prepared(folder: Path) -> bool:
     return (folder / "config.json").is_file() and any(folder.glob("*.safetensors"))
 

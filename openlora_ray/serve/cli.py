@@ -15,17 +15,21 @@ from pathlib import Path
 
 import yaml
 
-from openlora_ray.model.prepare import default_cache_root
+from openlora_ray.model.prepare import default_store_uri
 
 log = logging.getLogger(__name__)
 
-DEFAULT_STORE = default_cache_root() / "store"
+DEFAULT_STORE = default_store_uri()
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="run the OpenAI-compatible server on a local Ray cluster (foreground)")
     p.add_argument("--config", type=Path, help="YAML with AppConfig fields (defaults: a local CPU setup)")
-    p.add_argument("--store", help=f"adapter store URI: a folder or s3://bucket/prefix (default: {DEFAULT_STORE})")
+    p.add_argument(
+        "--store",
+        help=f"adapter store URI: a folder or s3://bucket/prefix (default: {DEFAULT_STORE}; store-<name> beside it "
+        "for another model of `model prepare`, where `demo adapters --model <name>` pushes)",
+    )
     p.add_argument("--model", help="model folder, 'demo' (default) or gemma3-270m (prepared on first use)")
     p.add_argument("--replicas", type=int, help="model replicas (default 2)")
     p.add_argument("--host", default="127.0.0.1", help="HTTP host (default: %(default)s)")
@@ -59,7 +63,8 @@ def local_config(args: argparse.Namespace):
         "engine": {
             "num_slots": 8, "max_rank": 16, "max_running": 8, "max_seq_len": 1024, "memory_budget_bytes": 2 << 30, "torch_threads": 1,
         },
-        "store": {"uri": str(DEFAULT_STORE)},
+        # each model of `model prepare` has its own embedded store (demo adapters --model pushes there)
+        "store": {"uri": default_store_uri(args.model) if args.model in MODELS else DEFAULT_STORE},
         "replicas": {"num_replicas": 2, "num_cpus": 0.5, "num_gpus": 0},
         # A loopback-only demo: no API keys. A config file for anything reachable must set auth.
         "auth": {"enabled": False},

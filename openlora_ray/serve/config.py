@@ -59,10 +59,6 @@ class AppConfig(BaseModel):
 
     def model_path(self) -> Path:
         """The model folder, preparing the demo model (or another of ``model prepare``'s) on first use."""
-        from openlora_ray.model.prepare import MODELS, prepare_demo_model, prepare_model
+        from openlora_ray.model.prepare import resolve_model
 
-        if self.model == DEMO_MODEL:
-            return prepare_demo_model()
-        if self.model in MODELS:
-            return prepare_model(self.model)
-        return Path(self.model).expanduser()
+        return resolve_model(None if self.model == DEMO_MODEL else self.model)

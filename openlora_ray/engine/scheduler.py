@@ -19,7 +19,10 @@ because it has the least work to redo and the oldest requests keep their latency
 
 Admission is first come, first served for memory (a head that does not fit stops the scan, so a
 long prompt is not starved by short ones) but not for adapters: a request whose adapter is still
-loading, or for which every slot is pinned, is skipped and the scan goes on.
+loading, or for which every slot is pinned, is skipped and the scan goes on. Nor for a prefix
+being computed: a request whose next uncached block a running sequence is prefilling right now
+(OpenAI's ``n`` choices, sent together; the same system prompt twice) waits until that block is
+in the cache and then hits it, instead of computing the same keys and values beside it.
 """
 
 from __future__ import annotations
@@ -174,6 +177,7 @@ class Scheduler:
         return StepPlan(tuple(prefill), tuple(decode), tuple(preempted), tuple(failed))
 
     def _admit(self, gate: AdapterGate, budget: int, prefill: list[Chunk], failed: list) -> int:
+        in_flight = {h for r in self.running for h in r.hashes[r.num_named :]}  # blocks being prefilled
         for seq in list(self.waiting):
             if len(self.running) >= self.max_running or budget == 0:
                 break
@@ -188,6 +192,9 @@ class Scheduler:
             if identity != seq.identity:
                 seq.identity, seq.hashes = identity, []
             hit = self._prefix_hit(seq)
+            if len(hit) < len(seq.hashes) and seq.hashes[len(hit)] in in_flight:  # hit it next step
+                gate.release(seq)
+                continue
             reclaimed = sum(1 for b in hit if self.pool.is_free(b))
             need = self._blocks_for(len(seq.tokens)) - len(hit)
             available = self.pool.num_free - reclaimed
@@ -203,6 +210,7 @@ class Scheduler:
                 stats.hit_tokens += seq.num_computed
             self.waiting.remove(seq)
             self.running.append(seq)
+            in_flight.update(seq.hashes[seq.num_named :])
             budget -= self._chunk(seq, budget, prefill)
         return budget
 

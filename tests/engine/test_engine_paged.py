@@ -55,6 +55,18 @@ async def test_prefix_hits_skip_prefill_and_keep_greedy_tokens(engine_factory, t
     assert engine.stats.cached_kv_blocks >= 8
 
 
+async def test_choices_of_one_prompt_sent_together_share_its_blocks(engine_factory, tiny_model_dir):
+    """OpenAI's ``n``: the serve layer sends ``n`` requests of one prompt at once (serve/
+    openai_serving.py). They would fit one step's budget side by side; instead one prefills the
+    prompt and the others wait a step and take its blocks from the prefix cache, all but the
+    block of the last token (issue 15: choices share the prompt's KV blocks)."""
+    config = EngineConfig(model_path=tiny_model_dir, max_seq_len=128, kv_block_size=8, prefill_chunk=256)
+    engine = engine_factory(config)
+    prompt = tokens(64, seed=11)
+    params = [SamplingParams(max_tokens=4, temperature=1.0, seed=s) for s in range(4)]
+    await asyncio.gather(*(collect(engine, engine.make_request(prompt, params=p)) for p in params))
+    assert engine.stats.prefix[""].hit_tokens == 3 * 56 and engine.stats.prefix[""].prompt_tokens == 4 * 64
+
 async def test_preemption_by_a_tiny_pool_loses_and_repeats_nothing(engine_factory, tiny_model_dir, tiny_hf):
     """Six long requests in a pool that holds about two: preempted streams pause and resume."""
     engine = engine_factory(

@@ -277,7 +277,8 @@ def test_langchain_bind_tools_and_with_structured_output(url):
 # ------------------------------------------------------------------- tool_choice auto, end to end
 def test_auto_tool_choice_turns_the_models_call_into_tool_calls(client):
     """The ``caller`` adapter writes a ``<tool_call>`` block of its own accord (greedy): it comes
-    back as ``message.tool_calls``, and streamed as one call delta with its whole arguments."""
+    back as ``message.tool_calls``, and streamed as one call delta with its whole arguments;
+    ``tool_choice: none`` leaves the tools out and parses nothing."""
     kw = dict(model="caller", messages=TOOL_CHAT, max_tokens=60, temperature=0, tools=[WEATHER])
     choice = client.chat.completions.create(**kw).choices[0]  # tool_choice left out: auto
     assert choice.finish_reason == "tool_calls" and choice.message.content is None
@@ -290,6 +291,10 @@ def test_auto_tool_choice_turns_the_models_call_into_tool_calls(client):
     assert delta.index == 0 and delta.id.startswith("call_") and delta.function.name == "get_weather"
     assert json.loads(delta.function.arguments) == CALL
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
+    # tool_choice none: the tools stay out of the prompt (fewer tokens) and nothing is parsed.
+    plain = client.chat.completions.create(**{**kw, "tool_choice": "none", "max_tokens": 4})
+    assert plain.choices[0].message.tool_calls is None and plain.choices[0].finish_reason != "tool_calls"
+    assert plain.usage.prompt_tokens < client.chat.completions.create(**{**kw, "max_tokens": 1}).usage.prompt_tokens
     # The call and its result go back as history (assistant tool_calls, a tool message): accepted.
     history = [*TOOL_CHAT, choice.message.model_dump(exclude_none=True),
                {"role": "tool", "tool_call_id": call.id, "content": '{"celsius": 4}'}]

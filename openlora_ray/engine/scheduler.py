@@ -192,7 +192,7 @@ class Scheduler:
             if identity != seq.identity:
                 seq.identity, seq.hashes = identity, []
             hit = self._prefix_hit(seq)
-            if len(hit) < len(seq.hashes) and seq.hashes[len(hit)] in in_flight:  # hit it next step
+            if len(hit) < len(seq.hashes) and seq.hashes[len(hit)] in in_flight:  # hit it once cached
                 gate.release(seq)
                 continue
             reclaimed = sum(1 for b in hit if self.pool.is_free(b))

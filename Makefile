@@ -1,7 +1,7 @@
 # The two commands of the README: `make run` and `make test`. Both create .venv on first use.
 PYTHON ?= python3.11
 PORT ?= 8000
-# The base model: smollm2-135m-instruct (the demo, with its adapters) or gemma3-270m (base only).
+# The base model: smollm2-135m-instruct (the demo, four adapters) or gemma3-270m (one adapter, json-answer).
 MODEL ?= smollm2-135m-instruct
 STORE ?=
 VENV := .venv
@@ -40,9 +40,10 @@ bench-lora: prepare
 	$(VENV)/bin/openlora-ray bench lora
 
 # The main job: a local Ray cluster serving the demo model with the demo adapters (Ctrl-C stops).
-# MODEL=gemma3-270m serves Gemma 3 270M instead, without demo adapters (none are trained for it).
+# MODEL=gemma3-270m serves Gemma 3 270M with its own demo adapter instead (each model has its own store).
+# The adapters are trained once: later runs find them in the store.
 run: prepare
-	$(if $(filter smollm2-135m-instruct,$(MODEL)),$(VENV)/bin/openlora-ray demo adapters $(if $(STORE),--store $(STORE)))
+	$(VENV)/bin/openlora-ray demo adapters --model $(MODEL) $(if $(STORE),--store $(STORE))
 	$(VENV)/bin/openlora-ray serve --model $(MODEL) --port $(PORT) $(if $(STORE),--store $(STORE))
 
 clean:

@@ -12,6 +12,7 @@ import platform
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -77,7 +78,9 @@ def run(model_dir: Path, dtype: torch.dtype, rows: int, context: int, iters: int
     tables = [list(range(r * per_row, (r + 1) * per_row)) for r in range(rows)]
     step_blocks = torch.tensor([t[context // bs] for t in tables])
     step_offsets = torch.full((rows,), context % bs)
-    decode_batch = PagedBatch(step_blocks, step_offsets, build_decode_layout(tables, [context + 1] * rows, bs, torch.device("cpu")))
+    layout = partial(build_decode_layout, tables, [context + 1] * rows, bs, torch.device("cpu"))
+    window = ours.spec.sliding_window  # windowed layers (Gemma, Mistral) read only the rows' last `window` positions
+    decode_batch = PagedBatch(step_blocks, step_offsets, layout(), layout(window=window) if window is not None else None)
     results = []
     for shape in SHAPES:
         hf = load_hf_model(model_dir, dtype)

@@ -1,6 +1,8 @@
-"""``openlora-ray demo adapters``: train the demo LoRA adapters on SmolLM2 and push them to a store.
+"""``openlora-ray demo adapters``: train demo LoRA adapters on a real base model and push them to a store.
 
-Adapters already in the store are skipped (unless ``--force``), so ``make run`` trains only once.
+The base is SmolLM2-135M-Instruct (four adapters) or, with ``--model gemma3-270m``, Gemma 3 270M
+(one adapter); :mod:`.models` holds what differs. Adapters already in the store are skipped
+(unless ``--force``), so ``make run`` trains only once.
 torch and transformers are imported only when something has to be trained.
 """
 
@@ -15,7 +17,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from openlora_ray.demo.behaviours import BEHAVIOURS
-from openlora_ray.model.prepare import default_cache_root
+from openlora_ray.demo.models import DEMO_MODELS, DemoModel
+from openlora_ray.model.prepare import DEMO_MODEL_NAME, default_store_uri
 
 if TYPE_CHECKING:
     from openlora_ray.store.store import AdapterStore
@@ -26,11 +29,6 @@ NUM_QUESTIONS = 64
 """Questions asked of the base model; about 50 of its answers make usable training examples."""
 
 
-def default_store_uri() -> str:
-    """The embedded default store: a folder in the user cache (``$OPENLORA_CACHE`` moves it)."""
-    return str(default_cache_root() / "store")
-
-
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -39,17 +37,23 @@ def _positive_int(text: str) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    group = sub.add_parser("demo", help="demo adapters for the SmolLM2 base model").add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="demo adapters for the real base models")
+    group = demo.add_subparsers(dest="command", required=True)
     names = ", ".join(f"{b.name} ({b.description})" for b in BEHAVIOURS.values())
+    defaults = "; ".join(f"{m.name}: {', '.join(m.adapters)}" for m in DEMO_MODELS.values())
     adapters = group.add_parser(
         "adapters",
         help="train the demo LoRA adapters on CPU (a few minutes) and push them to a store",
-        description=f"Train small LoRA adapters with a visible behaviour each and push them to a store: {names}.",
+        description=f"Train small LoRA adapters with a visible behaviour each and push them to a store: {names}. "
+        f"Trained by default: {defaults}.",
     )
+    adapters.add_argument("--model", choices=list(DEMO_MODELS), default=DEMO_MODEL_NAME,
+                          help="base model, prepared on first use (default: %(default)s)")
     adapters.add_argument(
-        "--store", default=default_store_uri(),
+        "--store",
         help="store root: a folder or s3://bucket/prefix (endpoint and credentials from the standard AWS "
-        "variables, e.g. AWS_ENDPOINT_URL_S3 for MinIO) (default: %(default)s)",
+        "variables, e.g. AWS_ENDPOINT_URL_S3 for MinIO) (default: the model's embedded store, "
+        f"{default_store_uri()} for {DEMO_MODEL_NAME}, store-<model> beside it for another)",
     )
     adapters.add_argument("--only", action="append", choices=list(BEHAVIOURS), metavar="NAME",
                           help=f"train only this adapter (repeatable); one of: {', '.join(BEHAVIOURS)}")
@@ -61,25 +65,29 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _adapters(args: argparse.Namespace) -> int:
     from openlora_ray.adapter_format import BaseModelDims
-    from openlora_ray.model.prepare import prepare_demo_model
+    from openlora_ray.model.prepare import prepare_model
     from openlora_ray.store.settings import StoreSettings
     from openlora_ray.store.store import AdapterStore
 
-    model_dir = prepare_demo_model()
-    if "://" not in args.store:  # a local folder store: the embedded default must work on first use
-        Path(args.store).expanduser().mkdir(parents=True, exist_ok=True)
-    store = AdapterStore(StoreSettings(uri=args.store), dims=BaseModelDims.from_model_dir(model_dir))
-    wanted = args.only or list(BEHAVIOURS)
+    demo = DEMO_MODELS[args.model]
+    model_dir = prepare_model(demo.name)
+    uri = args.store or default_store_uri(demo.name)
+    if "://" not in uri:  # a local folder store: the embedded default must work on first use
+        Path(uri).expanduser().mkdir(parents=True, exist_ok=True)
+    store = AdapterStore(StoreSettings(uri=uri), dims=BaseModelDims.from_model_dir(model_dir))
+    wanted = args.only or list(demo.adapters)
     todo = [name for name in wanted if args.force or not store.list(name)]
     for name in wanted:
         if name not in todo:
-            print(f"{name}: already in {args.store} (use --force to train a new version)")
+            print(f"{name}: already in {uri} (use --force to train a new version)")
     if todo:
-        _train_and_push(model_dir, store, todo, args.steps, args.seed)
+        _train_and_push(demo, model_dir, store, todo, steps=args.steps, seed=args.seed)
     return 0
 
 
-def _train_and_push(model_dir: Path, store: AdapterStore, names: list[str], steps: int | None, seed: int) -> None:
+def _train_and_push(
+    demo: DemoModel, model_dir: Path, store: AdapterStore, names: list[str], *, steps: int | None, seed: int
+) -> None:
     """Ask the base model for the training contents once, then train, try and push each adapter."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -94,7 +102,9 @@ def _train_and_push(model_dir: Path, store: AdapterStore, names: list[str], step
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     questions = make_questions(NUM_QUESTIONS, seed)
     started = time.monotonic()
-    base_answers = greedy_answers(load_base(), tokenizer, questions, max_new_tokens=40)
+    base_answers = greedy_answers(
+        load_base(), tokenizer, questions, max_new_tokens=40, completion_prompt=demo.content_prompt
+    )
     log.info("base model answered %d training questions in %.1f s", len(questions), time.monotonic() - started)
     sample_question = HELD_OUT_QUESTIONS[0]
     for name in names:
@@ -102,7 +112,9 @@ def _train_and_push(model_dir: Path, store: AdapterStore, names: list[str], step
         examples = make_examples(name, questions, base_answers)
         with tempfile.TemporaryDirectory(prefix=f"openlora-demo-{name}-") as tmp:
             started = time.monotonic()
-            model = train_adapter(load_base(), tokenizer, examples, Path(tmp), config, desc=name)
+            model = train_adapter(
+                load_base(), tokenizer, examples, Path(tmp), config, base_model_name=demo.base_model_name, desc=name
+            )
             seconds = time.monotonic() - started
             manifest = store.push(tmp, name)
         (answer,) = greedy_answers(model, tokenizer, [sample_question])

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,10 +26,6 @@ from openlora_ray.adapter_format import PROJECTIONS
 from openlora_ray.demo.data import Example
 
 log = logging.getLogger(__name__)
-
-BASE_MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
-"""Recorded as the adapters' base model instead of this machine's cache path."""
-
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -63,8 +59,12 @@ class Encoded:
     answer_start: int
 
 
-def encode(tokenizer: PreTrainedTokenizerBase, example: Example) -> Encoded:
-    """Render an example with the chat template; the answer ends at (and includes) end-of-turn."""
+def encode(tokenizer: PreTrainedTokenizerBase, example: Example, end_ids: Collection[int]) -> Encoded:
+    """Render an example with the chat template; the answer ends at (and includes) end-of-turn.
+
+    ``end_ids`` are the tokens that end an answer (the model's EOS ids): the first of them after
+    the prompt is the template's end of the assistant turn (``<|im_end|>``, ``<end_of_turn>``).
+    """
     prompt = _template(tokenizer, [{"role": "user", "content": example.question}], add_generation_prompt=True)
     full = _template(
         tokenizer,
@@ -73,7 +73,7 @@ def encode(tokenizer: PreTrainedTokenizerBase, example: Example) -> Encoded:
     )
     if full[: len(prompt)] != prompt:
         raise ValueError("the chat template renders the prompt differently once an answer follows it")
-    end = full.index(tokenizer.eos_token_id, len(prompt)) + 1  # drop what the template adds after it
+    end = next(i for i in range(len(prompt), len(full)) if full[i] in end_ids) + 1  # drop what follows it
     return Encoded(full[:end], len(prompt))
 
 
@@ -118,13 +118,16 @@ def train_adapter(
     examples: Sequence[Example],
     out_dir: Path,
     config: TrainConfig,
+    *,
+    base_model_name: str,
     desc: str = "training",
 ) -> PeftModel:
     """Fine-tune a fresh LoRA adapter on ``base`` (modified in place) and save it to ``out_dir``.
 
     ``base`` must be a freshly loaded float32 model: PEFT injects the LoRA layers into it, so it
     cannot be reused for the next adapter. Returns the trained model in eval mode, so the caller
-    can try it without loading it again.
+    can try it without loading it again. ``base_model_name`` is recorded in the adapter's config
+    instead of this machine's cache path.
     """
     if not examples:
         raise ValueError("no training examples")
@@ -138,9 +141,10 @@ def train_adapter(
         task_type="CAUSAL_LM",
     )
     model = get_peft_model(base, lora)
-    model.peft_config["default"].base_model_name_or_path = BASE_MODEL_NAME
+    model.peft_config["default"].base_model_name_or_path = base_model_name
     inner = model.get_base_model()
-    encoded = [encode(tokenizer, e) for e in examples]
+    eos = base.generation_config.eos_token_id
+    encoded = [encode(tokenizer, e, set(eos if isinstance(eos, list) else [eos])) for e in examples]
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, config))

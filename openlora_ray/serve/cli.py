@@ -115,6 +115,10 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _usage(url: str, base: str) -> str:
+    """How to query the server; the adapter in the examples is a demo adapter of the served model."""
+    from openlora_ray.demo.models import DEMO_MODELS
+
+    adapter = DEMO_MODELS[base].adapters[0] if base in DEMO_MODELS else "ADAPTER"
     return f"""
 openlora-ray is serving on {url}  (Ctrl-C to stop)
 
@@ -122,10 +126,10 @@ openlora-ray is serving on {url}  (Ctrl-C to stop)
   base:     curl {url}/v1/chat/completions -H 'Content-Type: application/json' \\
               -d '{{"model": "{base}", "messages": [{{"role": "user", "content": "What is the capital of France?"}}]}}'
   adapter:  curl {url}/v1/chat/completions -H 'Content-Type: application/json' \\
-              -d '{{"model": "pirate", "messages": [{{"role": "user", "content": "What is the capital of France?"}}]}}'
+              -d '{{"model": "{adapter}", "messages": [{{"role": "user", "content": "What is the capital of France?"}}]}}'
   stream:   add "stream": true to either body
 
   Python:   from openai import OpenAI
             client = OpenAI(base_url="{url}/v1", api_key="unused")
-            client.chat.completions.create(model="json-answer", messages=[{{"role": "user", "content": "Why is the sky blue?"}}])
+            client.chat.completions.create(model="{adapter}", messages=[{{"role": "user", "content": "Why is the sky blue?"}}])
 """

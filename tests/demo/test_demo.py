@@ -16,6 +16,8 @@ from serve_helpers import free_port, wait_for
 from openlora_ray.demo import cli as demo_cli
 from openlora_ray.demo.behaviours import BEHAVIOURS, SIGNOFF, has_signoff, is_json_answer, is_pirate, is_uppercase
 from openlora_ray.demo.data import HELD_OUT_QUESTIONS, make_examples, make_questions, short_content
+from openlora_ray.demo.models import DEMO_MODELS
+from openlora_ray.model.prepare import DEMO_MODEL_NAME, MODELS
 
 # Answers in the style of SmolLM2's own: markdown, lists, run-on sentences, cut-off text.
 BASE_ANSWERS = [
@@ -73,6 +75,40 @@ def test_checkers_on_typical_answers():
     assert not has_signoff(SIGNOFF) and not has_signoff(f"{SIGNOFF}\nParis.")
     pirate = make_examples("pirate", ["q"], ["Hello my friend, you are asking a good question."])[0].answer
     assert pirate == "Arr, matey! Ahoy me matey, ye be asking a good question. Yo ho ho!"
+
+
+def test_every_demo_model_is_preparable_and_trains_known_behaviours():
+    assert set(DEMO_MODELS) <= set(MODELS) and DEMO_MODEL_NAME in DEMO_MODELS
+    for demo in DEMO_MODELS.values():
+        assert demo.adapters and set(demo.adapters) <= set(BEHAVIOURS)
+        if demo.content_prompt is not None:  # a plain completion prompt ending where the answer starts
+            assert demo.content_prompt.format(question="Q?").endswith("Question: Q?\nAnswer:")
+
+
+@pytest.mark.parametrize(("argv", "model", "adapters", "store"), [
+    ([], DEMO_MODEL_NAME, list(BEHAVIOURS), "store"),
+    (["--model", "gemma3-270m"], "gemma3-270m", ["json-answer"], "store-gemma3-270m"),
+    (["--model", "gemma3-270m", "--only", "pirate", "--store", "{tmp}/mine"], "gemma3-270m", ["pirate"], "mine"),
+])
+def test_model_picks_the_base_its_default_adapters_and_its_store(
+    argv, model, adapters, store, tiny_model_dir, tmp_path, monkeypatch
+):
+    """``demo adapters --model``: what is prepared, trained and where it is pushed (training itself replaced)."""
+    from openlora_ray.cli import main
+    from openlora_ray.model import prepare
+
+    monkeypatch.setenv("OPENLORA_CACHE", str(tmp_path))
+    prepared: list[str] = []
+    trained: list[tuple] = []
+
+    def train(demo, model_dir, store, names, **kw) -> None:
+        trained.append((demo.name, names, store.settings.uri))
+
+    monkeypatch.setattr(prepare, "prepare_model", lambda name, *a, **kw: (prepared.append(name), tiny_model_dir)[1])
+    monkeypatch.setattr(demo_cli, "_train_and_push", train)
+    assert main(["demo", "adapters", *(a.format(tmp=tmp_path) for a in argv)]) == 0
+    assert prepared == [model]
+    assert trained == [(model, adapters, str(tmp_path / store))]
 
 
 def _serve(store: str, port: int, log: Path) -> subprocess.Popen:

@@ -57,7 +57,7 @@ def _new_key(args: argparse.Namespace) -> int:
 def local_config(args: argparse.Namespace):
     """The embedded default for one machine, overridden by ``--config`` and then by flags."""
     from openlora_ray.model.prepare import MODELS
-    from openlora_ray.serve.config import AppConfig
+    from openlora_ray.serve.config import DEMO_MODEL, AppConfig
 
     data: dict = {
         "engine": {
@@ -75,8 +75,11 @@ def local_config(args: argparse.Namespace):
         data["store"] = {**(data.get("store") or {}), "uri": args.store}
     if args.model:
         data["model"] = args.model
-        if args.model in MODELS:  # a model of `model prepare` answers to its own name
-            data.setdefault("served_model_name", args.model)
+        # a model of `model prepare` answers to its own name, a folder to the folder's name
+        # (`--model /models/Qwen2.5-7B-Instruct/` is "Qwen2.5-7B-Instruct")
+        if args.model != DEMO_MODEL:
+            name = args.model if args.model in MODELS else Path(args.model).expanduser().resolve().name
+            data.setdefault("served_model_name", name)
     if args.replicas:
         data["replicas"] = {**data["replicas"], "num_replicas": args.replicas}
     return AppConfig.model_validate(data)

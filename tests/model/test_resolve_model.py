@@ -72,4 +72,6 @@ def test_serve_uses_the_store_of_the_model_it_serves(monkeypatch, tmp_path):
     gemma = local_config(args(model="gemma3-270m"))
     assert gemma.store.uri == str(tmp_path / "store-gemma3-270m") and gemma.served_model_name == "gemma3-270m"
     assert local_config(args(model="gemma3-270m", store="s3://b/p")).store.uri == "s3://b/p"
-    assert local_config(args(model=str(tmp_path / "folder"))).store.uri != gemma.store.uri
+    folder = local_config(args(model=str(tmp_path / "Qwen2.5-7B-Instruct") + "/"))
+    assert folder.store.uri != gemma.store.uri and folder.served_model_name == "Qwen2.5-7B-Instruct"
+    assert local_config(args()).served_model_name == local_config(args(model="demo")).served_model_name == DEMO_MODEL_NAME

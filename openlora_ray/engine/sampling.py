@@ -13,15 +13,18 @@ Reference semantics, one row at a time (``reference_logprobs`` is exactly this, 
     greedy: argmax(l); else drop tokens under min_p x the top probability of softmax(l / temperature)
     (vLLM's min_p), keep top_k, then the top_p nucleus, and draw with the row's own generator
 
-Greedy rows equal ``generate(do_sample=False)`` (same repetition-penalty rule). The draw is the
-exponential race ``argmax(p / E)``, ``E ~ Exp(1)`` per token, which samples exactly from ``p``:
-each row's noise comes from its own seeded generator when it has one, so a seeded request repeats
-its tokens whatever else shares its batch, and every row is decided by one batched ``argmax``.
-Everything stays on the device; the step copies to the host once (``SampledBatch.to_host``).
+Greedy rows equal ``generate(do_sample=False)`` (same repetition-penalty rule). The penalties and
+the bias are applied as sparse edits over the tokens each row has seen (not over rows x
+vocabulary). A sampled row inverts its filtered distribution's cumulative sum at one uniform
+number from its own seeded generator when it has one, so a seeded request repeats its tokens
+whatever else shares its batch. Everything stays on the device; the step copies to the host once
+(``SampledBatch.to_host``).
 """
 
 from __future__ import annotations
 
+import math
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -44,44 +47,53 @@ class RowContext:
     constraint: TokenConstraint | None = None  # the row's output grammar: tokens outside it are -inf
 
 
-def _seen_mask(rows: Sequence[RowContext], which: Sequence[int], vocab: int, device: torch.device, output_only: bool) -> torch.Tensor:
-    """(len(which), V) float counts of each token in each row's output (or prompt + output)."""
-    seqs = [list(rows[i].output) if output_only else [*rows[i].prompt, *rows[i].output] for i in which]
-    width = max(1, max(len(s) for s in seqs))
-    ids = torch.tensor([s + [0] * (width - len(s)) for s in seqs], device=device)  # (R, W)
-    ones = torch.tensor([[1.0] * len(s) + [0.0] * (width - len(s)) for s in seqs], device=device)
-    return torch.zeros(len(which), vocab, device=device).scatter_add_(1, ids, ones)
+def _sparse_edits(rows: Sequence[RowContext]) -> tuple[list[tuple[int, int, float]], list[tuple[int, int, float]]]:
+    """The (row, token, value) edits of the penalties and the bias, computed on the host.
+
+    Every penalty touches only tokens a row has seen, so the edits are as many as those tokens,
+    not rows x vocabulary: repetition penalties (row, token, penalty) over the prompt and output's
+    distinct tokens, then the additive frequency/presence penalties and ``logit_bias`` as
+    (row, token, delta) summed into the logits."""
+    rep, add = [], []
+    for i, r in enumerate(rows):
+        p = r.params
+        if p.repetition_penalty != 1.0:
+            rep += [(i, t, p.repetition_penalty) for t in set(r.prompt).union(r.output)]
+        if p.frequency_penalty or p.presence_penalty:
+            add += [(i, t, -(p.frequency_penalty * c + p.presence_penalty)) for t, c in Counter(r.output).items()]
+        add += [(i, t, b) for t, b in p.logit_bias.items()]
+        if len(r.output) < p.min_tokens:
+            add += [(i, t, float("-inf")) for t in r.eos_ids | set(p.stop_token_ids)]
+    return rep, add
+
+
+def _edit_index(edits: list[tuple[int, int, float]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(S,) rows, (S,) tokens and (S,) float32 values of ``edits``, on ``device``."""
+    rows, tokens, values = zip(*edits)
+    return (
+        torch.tensor(rows, device=device),
+        torch.tensor(tokens, device=device),
+        torch.tensor(values, dtype=torch.float32, device=device),
+    )
 
 
 def process_logits(logits: torch.Tensor, rows: Sequence[RowContext]) -> torch.Tensor:
-    """Penalties, bias, min_tokens and output constraints applied to a float32 copy of ``logits`` (B, V)."""
+    """Penalties, bias, min_tokens and output constraints applied to ``logits`` (B, V), as float32.
+
+    ``logits`` itself is never written: a batch without any of these settings gets it back as it
+    is (no copy), any other a float32 copy with the edits."""
+    rep, add = _sparse_edits(rows)
+    constrained = any(r.constraint is not None for r in rows)
+    if not (rep or add or constrained):
+        return logits.float()
     logits = logits.to(torch.float32, copy=True)
-    device, vocab = logits.device, logits.shape[1]
-    rep = [i for i, r in enumerate(rows) if r.params.repetition_penalty != 1.0]
     if rep:
-        seen = _seen_mask(rows, rep, vocab, device, output_only=False) > 0  # (R, V)
-        penalty = torch.tensor([rows[i].params.repetition_penalty for i in rep], device=device)[:, None]
-        sub = logits[rep]
-        logits[rep] = torch.where(seen, torch.where(sub > 0, sub / penalty, sub * penalty), sub)
-    pen = [i for i, r in enumerate(rows) if r.params.frequency_penalty or r.params.presence_penalty]
-    if pen:
-        counts = _seen_mask(rows, pen, vocab, device, output_only=True)  # (R, V)
-        freq = torch.tensor([rows[i].params.frequency_penalty for i in pen], device=device)[:, None]
-        pres = torch.tensor([rows[i].params.presence_penalty for i in pen], device=device)[:, None]
-        logits[pen] -= freq * counts + pres * (counts > 0)
-    bias = [(i, t, b) for i, r in enumerate(rows) for t, b in r.params.logit_bias.items()]
-    if bias:
-        idx = torch.tensor([[i, t] for i, t, _ in bias], device=device)
-        logits.index_put_((idx[:, 0], idx[:, 1]), torch.tensor([b for *_, b in bias], device=device), accumulate=True)
-    banned = [
-        (i, t)
-        for i, r in enumerate(rows)
-        if len(r.output) < r.params.min_tokens
-        for t in r.eos_ids | set(r.params.stop_token_ids)
-    ]
-    if banned:
-        idx = torch.tensor(banned, device=device)
-        logits[idx[:, 0], idx[:, 1]] = float("-inf")
+        r, t, penalty = _edit_index(rep, logits.device)  # (S,) each
+        seen = logits[r, t]
+        logits[r, t] = torch.where(seen > 0, seen / penalty, seen * penalty)
+    if add:  # -inf (min_tokens) plus any bias stays -inf
+        r, t, delta = _edit_index(add, logits.device)
+        logits.index_put_((r, t), delta, accumulate=True)
     apply_constraints(logits, [r.constraint for r in rows])
     return logits
 
@@ -104,27 +116,54 @@ class SampledBatch:
 
 
 def sample(logits: torch.Tensor, rows: Sequence[RowContext]) -> SampledBatch:
-    """One token per row of ``logits`` (B, V), with its log probability and the top alternatives."""
-    processed = process_logits(logits, rows)
+    """One token per row of ``logits`` (B, V), with its log probability and the top alternatives.
+
+    Log probabilities are computed only when some row of the batch asked for them (the others'
+    entries are then computed alongside, and ignored by the engine)."""
+    processed = process_logits(logits, rows)  # (B, V) float32
     device = processed.device
-    temps = torch.tensor([r.params.temperature or 1.0 for r in rows], device=device)[:, None]
-    scaled = processed / temps  # (B, V)
-    logprobs = scaled.log_softmax(-1)
-    chosen = processed.argmax(-1)  # greedy rows
+    temps = [r.params.temperature or 1.0 for r in rows]
+    scaled = processed if all(t == 1.0 for t in temps) else processed / torch.tensor(temps, device=device)[:, None]
+    chosen = processed.argmax(-1)  # (B,) greedy rows
     sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
     if sampled:
         params = [rows[i].params for i in sampled]
-        filtered = _top_k_top_p(_min_p(scaled[sampled], params), params)
-        noise = torch.empty_like(filtered)
-        for j, i in enumerate(sampled):
-            noise[j].exponential_(generator=rows[i].generator)
-        chosen[sampled] = (filtered.softmax(-1) / noise).argmax(-1)
-    k = max(r.params.logprobs or 0 for r in rows)
-    parts = [chosen[:, None].double(), logprobs.gather(1, chosen[:, None]).double()]
-    if k:
-        top = logprobs.topk(k, dim=-1)
-        parts += [top.indices.double(), top.values.double()]
+        filtered = _top_k_top_p(_min_p(scaled[sampled], params), params)  # (R, V)
+        chosen[sampled] = _draw(filtered, [rows[i].generator for i in sampled])
+    parts = [chosen[:, None].double()]
+    k = 0
+    if any(r.params.logprobs is not None for r in rows):
+        k = max(r.params.logprobs or 0 for r in rows)
+        norm = scaled.logsumexp(-1, keepdim=True)  # (B, 1)
+        parts.append((scaled.gather(1, chosen[:, None]) - norm).double())
+        if k:
+            top = scaled.topk(k, dim=-1)
+            parts += [top.indices.double(), (top.values - norm).double()]
+    else:
+        parts.append(torch.full_like(parts[0], float("nan")))
     return SampledBatch(torch.cat(parts, dim=1), k)
+
+
+def _draw(filtered: torch.Tensor, generators: Sequence[torch.Generator | None]) -> torch.Tensor:
+    """One token per row of ``filtered`` (R, V) logits, drawn from their softmax by inverting the
+    cumulative distribution at one uniform number per row.
+
+    One number per row, not one per token (as the exponential race ``argmax(p / E)`` or
+    ``torch.multinomial`` draw): generating a vocabulary's worth of noise per row was the
+    costliest part of a sampled step. A seeded row takes its number from its own generator, so it
+    repeats its draws whatever else shares its batch; the others share the default generator."""
+    device = filtered.device
+    u = torch.empty(len(generators), device=device)  # (R,)
+    unseeded = [j for j, g in enumerate(generators) if g is None]
+    if unseeded:
+        u[unseeded] = torch.rand(len(unseeded), device=device)
+    for j, g in enumerate(generators):
+        if g is not None:
+            u[j] = torch.rand(1, generator=g, device=device)[0]
+    cdf = filtered.softmax(-1).cumsum(-1)  # (R, V)
+    # The first token whose cumulative mass passes u x total: never a token of probability 0.
+    chosen = torch.searchsorted(cdf, (u[:, None] * cdf[:, -1:]).contiguous(), right=True)  # (R, 1)
+    return chosen[:, 0].clamp_(max=filtered.shape[1] - 1)
 
 
 NUCLEUS_CANDIDATES = 256  # the tokens top-p first looks for its nucleus among (see _top_k_top_p)
@@ -156,12 +195,12 @@ def _sample_one(logits: torch.Tensor, row: RowContext) -> tuple[int, TokenLogpro
 
 def _min_p(scaled: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
     """``scaled`` (R, V) with each row's tokens below ``min_p`` x its top probability set to -inf
-    (before top-k and top-p, in vLLM's order; the top token always stays)."""
+    (before top-k and top-p, in vLLM's order; the top token always stays). Compared as logits:
+    ``p >= min_p x p_max`` is ``l >= l_max + log(min_p)``, so no softmax is needed."""
     if not any(p.min_p for p in params):
         return scaled
-    probs = scaled.softmax(-1)
-    floor = probs.amax(-1, keepdim=True) * torch.tensor([p.min_p for p in params], device=scaled.device)[:, None]
-    return scaled.masked_fill(probs < floor, float("-inf"))
+    floor = torch.tensor([math.log(p.min_p) if p.min_p else -math.inf for p in params], device=scaled.device)
+    return scaled.masked_fill(scaled < scaled.amax(-1, keepdim=True) + floor[:, None], float("-inf"))
 
 
 def _top_k_top_p(scaled: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:

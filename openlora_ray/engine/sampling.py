@@ -124,12 +124,16 @@ def sample(logits: torch.Tensor, rows: Sequence[RowContext]) -> SampledBatch:
     device = processed.device
     temps = [r.params.temperature or 1.0 for r in rows]
     scaled = processed if all(t == 1.0 for t in temps) else processed / torch.tensor(temps, device=device)[:, None]
-    chosen = processed.argmax(-1)  # (B,) greedy rows
     sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
-    if sampled:
-        params = [rows[i].params for i in sampled]
-        filtered = _top_k_top_p(_min_p(scaled[sampled], params), params)  # (R, V)
-        chosen[sampled] = _draw(filtered, [rows[i].generator for i in sampled])
+    if len(sampled) == len(rows):
+        chosen = _choose(scaled, rows)
+    elif not sampled:
+        chosen = processed.argmax(-1)  # (B,)
+    else:
+        greedy = [i for i, r in enumerate(rows) if r.params.greedy]
+        chosen = torch.empty(len(rows), dtype=torch.long, device=device)
+        chosen[greedy] = _rows(processed, greedy).argmax(-1)
+        chosen[sampled] = _choose(_rows(scaled, sampled), [rows[i] for i in sampled])
     parts = [chosen[:, None].double()]
     k = 0
     if any(r.params.logprobs is not None for r in rows):
@@ -144,26 +148,63 @@ def sample(logits: torch.Tensor, rows: Sequence[RowContext]) -> SampledBatch:
     return SampledBatch(torch.cat(parts, dim=1), k)
 
 
-def _draw(filtered: torch.Tensor, generators: Sequence[torch.Generator | None]) -> torch.Tensor:
-    """One token per row of ``filtered`` (R, V) logits, drawn from their softmax by inverting the
-    cumulative distribution at one uniform number per row.
+def _choose(scaled: torch.Tensor, rows: Sequence[RowContext]) -> torch.Tensor:
+    """One token per sampled row of ``scaled`` (R, V): min_p, then top-k / top-p, then the draw.
 
-    One number per row, not one per token (as the exponential race ``argmax(p / E)`` or
-    ``torch.multinomial`` draw): generating a vocabulary's worth of noise per row was the
-    costliest part of a sampled step. A seeded row takes its number from its own generator, so it
-    repeats its draws whatever else shares its batch; the others share the default generator."""
-    device = filtered.device
-    u = torch.empty(len(generators), device=device)  # (R,)
+    A row that filters by top-k or top-p is drawn among its candidates only (``_top_k_top_p``),
+    the others over the whole vocabulary; either way its tokens are taken in token-id order, so a
+    row draws the same token for the same number whichever way it was filtered."""
+    params = [r.params for r in rows]
+    u = _uniforms([r.generator for r in rows], scaled.device)  # (R,)
+    scaled = _min_p(scaled, params)
+    vocab = scaled.shape[1]
+    filtering = [j for j, p in enumerate(params) if 0 < p.top_k < vocab or p.top_p < 1.0]
+    if len(filtering) < len(params):
+        whole = [j for j in range(len(params)) if j not in set(filtering)]
+        if not filtering:
+            return _invert_cdf(scaled, u)
+        chosen = torch.empty(len(params), dtype=torch.long, device=scaled.device)
+        chosen[whole] = _invert_cdf(_rows(scaled, whole), u[whole])
+    some = scaled if len(filtering) == len(params) else _rows(scaled, filtering)
+    kept, ids = _top_k_top_p(some, [params[j] for j in filtering])  # (F, W) each
+    ids, order = ids.sort(dim=-1)  # (F, W): candidates in token-id order
+    picked = ids.gather(1, _invert_cdf(kept.gather(1, order), u[filtering])[:, None])[:, 0]  # (F,)
+    if len(filtering) == len(params):
+        return picked
+    chosen[filtering] = picked
+    return chosen
+
+
+def _rows(t: torch.Tensor, which: list[int]) -> torch.Tensor:
+    """``t[which]`` as a block copy (``index_select``): advanced indexing of (rows, vocabulary) took
+    several times longer on CPU."""
+    return t.index_select(0, torch.tensor(which, device=t.device))
+
+
+def _uniforms(generators: Sequence[torch.Generator | None], device: torch.device) -> torch.Tensor:
+    """(R,) uniform numbers in [0, 1): a seeded row's from its own generator, so it repeats its
+    draws whatever else shares its batch; the others' from the default generator."""
+    u = torch.empty(len(generators), device=device)
     unseeded = [j for j, g in enumerate(generators) if g is None]
     if unseeded:
         u[unseeded] = torch.rand(len(unseeded), device=device)
     for j, g in enumerate(generators):
         if g is not None:
             u[j] = torch.rand(1, generator=g, device=device)[0]
-    cdf = filtered.softmax(-1).cumsum(-1)  # (R, V)
-    # The first token whose cumulative mass passes u x total: never a token of probability 0.
+    return u
+
+
+def _invert_cdf(logits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The column of each row of ``logits`` (R, W) drawn from its softmax at the uniform ``u`` (R,):
+    the first column whose cumulative probability passes ``u``.
+
+    One number per row, not one per token (as the exponential race ``argmax(p / E)`` or
+    ``torch.multinomial`` draw): generating a vocabulary's worth of noise per row was the
+    costliest part of a sampled step."""
+    cdf = logits.softmax(-1).cumsum(-1)  # (R, W)
+    # u x the total (not 1: rounding), searched to the right: never a column of probability 0.
     chosen = torch.searchsorted(cdf, (u[:, None] * cdf[:, -1:]).contiguous(), right=True)  # (R, 1)
-    return chosen[:, 0].clamp_(max=filtered.shape[1] - 1)
+    return chosen[:, 0].clamp_(max=logits.shape[1] - 1)
 
 
 NUCLEUS_CANDIDATES = 256  # the tokens top-p first looks for its nucleus among (see _top_k_top_p)
@@ -203,27 +244,20 @@ def _min_p(scaled: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tens
     return scaled.masked_fill(scaled < scaled.amax(-1, keepdim=True) + floor[:, None], float("-inf"))
 
 
-def _top_k_top_p(scaled: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
-    """``scaled`` (R, V) with everything outside each row's top-k and top-p nucleus set to -inf.
+def _top_k_top_p(scaled: torch.Tensor, params: Sequence[SamplingParams]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's top-k and top-p nucleus of ``scaled`` (R, V): (R, W) logits of its candidates
+    (the dropped ones -inf) and (R, W) their token ids.
 
-    The rows that filter are ranked among their ``NUCLEUS_CANDIDATES`` (or top-k) most likely
-    tokens only: sorting the whole vocabulary cost 60 softmaxes per row on CPU and dominated a
-    sampled step. A row whose top-p nucleus reaches beyond the candidates (a flat distribution)
-    makes the step sort them in full; the result is the same either way."""
-    vocab = scaled.shape[1]
-    rows = [i for i, p in enumerate(params) if 0 < p.top_k < vocab or p.top_p < 1.0]
-    if not rows:
-        return scaled
-    sub, sub_params = scaled[rows], [params[i] for i in rows]
-    kept = _nucleus(sub, sub_params, NUCLEUS_CANDIDATES)
-    if kept is None:
-        kept = _nucleus(sub, sub_params, vocab)
-    out = scaled.clone()
-    out[rows] = kept
-    return out
+    The rows are ranked among their ``NUCLEUS_CANDIDATES`` (or top-k) most likely tokens only:
+    sorting the whole vocabulary cost 60 softmaxes per row on CPU and dominated a sampled step. A
+    row whose top-p nucleus reaches beyond the candidates (a flat distribution) makes the step
+    sort them in full; the tokens kept are the same either way."""
+    return _nucleus(scaled, params, NUCLEUS_CANDIDATES) or _nucleus(scaled, params, scaled.shape[1])
 
 
-def _nucleus(scaled: torch.Tensor, params: Sequence[SamplingParams], width: int) -> torch.Tensor | None:
+def _nucleus(
+    scaled: torch.Tensor, params: Sequence[SamplingParams], width: int
+) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The top-k / top-p filter among each row's ``width`` (or top-k) most likely tokens; None
     when some row's nucleus may reach beyond them."""
     vocab, device = scaled.shape[1], scaled.device
@@ -238,15 +272,17 @@ def _nucleus(scaled: torch.Tensor, params: Sequence[SamplingParams], width: int)
     masked = sorted_logits.masked_fill(drop, float("-inf"))
     # Probabilities as over the whole vocabulary: a top-k row's mass is its k tokens', another
     # row's is every token's (the candidates are then only part of it).
-    has_k = torch.tensor([k > 0 for k in ks], device=device)[:, None]
-    norm = torch.where(has_k, masked.logsumexp(-1, keepdim=True), scaled.logsumexp(-1, keepdim=True))
+    norm = masked.logsumexp(-1, keepdim=True)  # (R, 1)
+    unbounded = [j for j, k in enumerate(ks) if not k]
+    if unbounded:
+        norm[unbounded] = _rows(scaled, unbounded).logsumexp(-1, keepdim=True)
     probs = (masked - norm).exp()
     top_p = torch.tensor([p.top_p for p in params], device=device)[:, None]
-    if width < vocab and bool((~has_k & (probs.sum(-1, keepdim=True) < top_p)).any()):
+    if width < vocab and unbounded and bool((probs[unbounded].sum(-1, keepdim=True) < top_p[unbounded]).any()):
         return None
     before = probs.cumsum(-1) - probs  # mass of the tokens ranked above each one
     drop |= before >= top_p  # keep the token that crosses p
-    return torch.full_like(scaled, float("-inf")).scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return sorted_logits.masked_fill(drop, float("-inf")), order
 
 
 def reference_logprobs(logits: torch.Tensor, row: RowContext) -> tuple[torch.Tensor, torch.Tensor]:

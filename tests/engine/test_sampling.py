@@ -76,7 +76,10 @@ def test_filters_over_a_large_vocabulary_keep_what_the_reference_keeps(spread):
     logits = torch.randn(len(params), vocab, generator=torch.Generator().manual_seed(rng.randrange(100))) * spread
     rows = [RowContext(p, None, [0], [], EOS) for p in params]
     scaled = logits / torch.tensor([p.temperature for p in params])[:, None]
-    kept = torch.isfinite(_top_k_top_p(_min_p(scaled, params), params))
+    filtering = [i for i, p in enumerate(params) if p.top_k or p.top_p < 1.0]
+    candidates, ids = _top_k_top_p(_min_p(scaled, params)[filtering], [params[i] for i in filtering])
+    kept = torch.isfinite(_min_p(scaled, params))  # a row that does not filter keeps what min_p keeps
+    kept[filtering] = torch.zeros_like(kept[filtering]).scatter(1, ids, torch.isfinite(candidates))
     for i, row in enumerate(rows):
         _, want = reference_logprobs(logits[i], row)
         assert torch.equal(kept[i], want > 0), (spread, params[i])

@@ -35,7 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     engine.add_argument("--min-prompt", type=int, default=16, help="shortest prompt in tokens (default: %(default)s)")
     engine.add_argument("--max-prompt", type=int, default=128, help="longest prompt in tokens (default: %(default)s)")
     engine.add_argument("--rate", type=float, default=8.0, help="Poisson arrivals per second (default: %(default)s)")
-    engine.add_argument("--max-running", type=int, nargs="+", default=[16, 32], help="engine batch sizes to try; the best is compared (default: 16 32)")
+    engine.add_argument("--max-running", type=int, nargs="+", default=[32, 48], help="engine batch sizes to try; the best is compared (default: 32 48)")
     engine.add_argument("--seed", type=int, default=0)
     engine.add_argument(
         "--threads", type=int, default=None,

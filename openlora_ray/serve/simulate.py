@@ -20,7 +20,8 @@ capacity. Two routing policies drive the *same* replica model:
 Replica model: ``max_running`` requests decode at once (FIFO queue behind them), service times are
 exponential with mean ``service_s``; a request whose adapter is not in the replica's slots loads
 it first, one slot taken, the least recently used adapter evicted (each replica's slots are an
-LRU of ``slots`` adapters, as with ``@serve.multiplexed``). The load takes ``host_load_s`` when
+LRU of ``slots`` adapters, as with ``@serve.multiplexed``), or with ``eviction_half_life_s`` the
+adapter the replica was asked for least lately (its own request counts, decayed). The load takes ``host_load_s`` when
 the adapter is in the replica's host-RAM tier (an LRU of ``host_slots`` adapters, fed by every
 load) and ``load_s`` from the store otherwise. The time to start (queue wait + load) stands in
 for time to first token. Loads run concurrently on a replica for both policies, so the comparison
@@ -31,7 +32,8 @@ replica's ongoing requests, set to the replica's count when it accepts a request
 router, decremented when one of that router's requests completes, probed afresh once older than
 ``queue_cache_s`` (Serve's 10 s default). Other routers' sends and completions are unseen until
 then, so with several ingress routers the caches drift; Serve's pick within a rank reads them,
-and a replica found full on sending rejects the request, which corrects the entry.
+probes the replicas an entry shows full when no other replica of the rank is below
+``max_ongoing``, and a replica found full on sending rejects the request, which corrects the entry.
 
 "Best possible" hit rate for the same total slot count S = replicas x slots, two definitions:
 
@@ -91,6 +93,8 @@ class SimConfig:
     stats_period_s: float = 2.0
     routers: int = 4
     queue_cache_s: float = QUEUE_CACHE_TIMEOUT_S  # 0: every router sees exact queue lengths
+    eviction_half_life_s: float = 0.0  # 0: a replica evicts its least recently used slot; else its
+    # least requested one lately, by its own request counts halving this often
     slot_mb: int = 256  # free VRAM reported = free slots x slot_mb
     exact: bool = False  # rank with the O(replicas) reference instead of the index (the tests' check)
 
@@ -146,6 +150,9 @@ class Cluster:
         self.cfg = cfg
         self.trace = trace
         self.lru: list[OrderedDict[int, None]] = [OrderedDict() for _ in range(cfg.replicas)]
+        self.requested = (
+            [Popularity(cfg.eviction_half_life_s) for _ in range(cfg.replicas)] if cfg.eviction_half_life_s else []
+        )
         self.host: list[OrderedDict[int, None]] = [OrderedDict() for _ in range(cfg.replicas)]
         self.holders: dict[int, set[int]] = {}  # adapter -> replicas with it in a slot
         self.models = np.zeros(cfg.replicas, dtype=np.int64)  # adapters per replica
@@ -211,12 +218,15 @@ class Cluster:
             busy_s += load_s
             self.start_delay[i] = load_s
             if len(lru) >= cfg.slots:
-                victim, _ = lru.popitem(last=False)
+                victim = self._victim(r)
+                del lru[victim]
                 self.holders[victim].discard(r)
             else:
                 self.models[r] += 1
             lru[adapter] = None
             self.holders.setdefault(adapter, set()).add(r)
+        if self.requested:
+            self.requested[r].record(str(adapter), now)
         if cfg.host_slots:
             host[adapter] = None
             host.move_to_end(adapter)
@@ -234,14 +244,32 @@ class Cluster:
         else:
             self.waiting[r].append((i, busy_s))
 
+    def _victim(self, r: int) -> int:
+        """The slot replica ``r`` evicts: its least recently used, or with ``eviction_half_life_s``
+        its least requested lately (the least recently used of equals)."""
+        if not self.requested:
+            return next(iter(self.lru[r]))
+        return int(self.requested[r].least(map(str, self.lru[r])) or 0)
+
     def pick(self, rank: Sequence[int], i: int) -> int:
-        """Serve within one rank: the lowest queue length below ``max_ongoing`` as the request's
-        router sees it (a stale entry is probed: the true figure); a replica that turns out full
-        rejects, which corrects the cache, and the pick repeats. -1 when all are full."""
+        """Serve within one rank (``RequestRouter._select_from_candidate_replicas``): the lowest
+        queue length below ``max_ongoing`` as the request's router sees it (a stale entry is
+        probed: the true figure). When every entry says full, those not probed yet are probed
+        (Serve probes replicas it has cached as full rather than wait for their entries to expire).
+        A replica that turns out full rejects, which corrects the cache, and the pick repeats.
+        -1 when all are full."""
         if len(rank) > 32:
             return self.pick_np(np.array(rank, dtype=np.int64), i)
         k, now, cap = self.trace.routers[i], float(self.trace.arrivals[i]), self.cfg.max_ongoing
-        seen = {r: self._seen(k, r, now) for r in rank}
+        seen: dict[int, int] = {}
+        cached: list[int] = []  # replicas whose figure is the cache's, not a probe's
+        for r in rank:
+            q = self.queue_len(k, r, now)
+            if q is None:
+                seen[r] = self._probe(k, r, now)
+            else:
+                seen[r] = q
+                cached.append(r)
         while True:
             best, best_key = -1, (0, 0)
             for r, q in seen.items():
@@ -249,13 +277,14 @@ class Cluster:
                     key = (q, _tiebreak(r, i))
                     if best < 0 or key < best_key:
                         best, best_key = r, key
+            if best < 0 and cached:
+                for r in cached:
+                    seen[r] = self._probe(k, r, now)
+                cached = []
+                continue
             if best < 0 or self.ongoing[best] < cap:
                 return best
             seen[best] = self._probe(k, best, now)
-
-    def _seen(self, k: int, r: int, now: float) -> int:
-        q = self.queue_len(k, r, now)
-        return self._probe(k, r, now) if q is None else q
 
     def _probe(self, k: int, r: int, now: float) -> int:
         self.cached_q[k, r], self.cached_at[k, r] = self.ongoing[r], now
@@ -267,10 +296,16 @@ class Cluster:
         fresh = now - self.cached_at[k, rank] <= self.cfg.queue_cache_s
         q = np.where(fresh, self.cached_q[k, rank], self.ongoing_np[rank])
         self.cached_q[k, rank[~fresh]], self.cached_at[k, rank[~fresh]] = self.ongoing_np[rank[~fresh]], now
+        probed_all = False
         while True:
             ok = np.flatnonzero(q < cap)
             if ok.size == 0:
-                return -1
+                if probed_all:
+                    return -1
+                q = self.ongoing_np[rank].copy()
+                self.cached_q[k, rank], self.cached_at[k, rank] = q, now
+                probed_all = True
+                continue
             keys = (q[ok] << 32) | _tiebreak(rank[ok], i)
             at = int(ok[np.argmin(keys)])
             best = int(rank[at])
@@ -528,6 +563,9 @@ def register_bench(benches: argparse._SubParsersAction) -> None:
     p.add_argument("--load-s", type=float, default=d.load_s, help="time to load an adapter from the store into a slot")
     p.add_argument("--host-slots", type=int, default=d.host_slots, help="adapters per replica in host RAM (0: none)")
     p.add_argument("--host-load-s", type=float, default=d.host_load_s, help="time to load an adapter from host RAM")
+    p.add_argument("--eviction-half-life-s", type=float, default=d.eviction_half_life_s,
+                   help="0: replicas evict the least recently used slot; else the least requested lately, "
+                   "counts halving this often")
     p.add_argument("--stats-period-s", type=float, default=d.stats_period_s)
     p.add_argument("--routers", type=int, default=d.routers, help="ingress replicas routing independently")
     p.add_argument("--queue-cache-s", type=float, default=d.queue_cache_s, help="Serve's queue-length cache timeout")
@@ -552,6 +590,7 @@ def run_routing_sim(args: argparse.Namespace) -> int:
         replicas=args.replicas, slots=args.slots, adapters=args.adapters, requests=args.requests, zipf=args.zipf,
         seed=args.seed, utilisation=args.utilisation, max_running=args.max_running, max_ongoing=args.max_ongoing,
         service_s=args.service_s, load_s=args.load_s, host_slots=args.host_slots, host_load_s=args.host_load_s,
+        eviction_half_life_s=args.eviction_half_life_s,
         stats_period_s=args.stats_period_s, routers=args.routers, queue_cache_s=args.queue_cache_s,
     )
     settings = RouterSettings(

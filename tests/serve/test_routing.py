@@ -677,3 +677,53 @@ def test_routing_sim_decision_time_prints_the_cpu_and_the_percentiles(tmp_path, 
     payload = json.loads(out.read_text())
     assert payload["decisions"] == 300 and 0 < payload["median_us"] <= payload["p99_us"]
     assert payload["holders_mean"] > 1  # the stream is skewed toward adapters with several copies
+
+
+def test_popularity_least_is_the_least_requested_and_the_first_of_equals() -> None:
+    pop = Popularity(half_life_s=10.0)
+    for adapter, times in (("a", 3), ("b", 1), ("c", 2)):
+        for _ in range(times):
+            pop.record(adapter, 0.0)
+    assert pop.least(["a", "b", "c"]) == "b"
+    assert pop.least(["x", "a", "y"]) == "x"  # never requested: count 0; the first of equals
+    pop.record("b", 20.0)  # two half-lives later one request outweighs a's three
+    assert pop.least(["a", "b"]) == "a"
+    assert pop.least([]) is None
+
+
+def _tiny_cluster(adapters: list[int], service_s: float = 100.0, **cfg_overrides):
+    """A one-replica cluster over a hand-made trace (arrivals 1 s apart)."""
+    import numpy as np
+
+    from openlora_ray.serve.simulate import Cluster, SimConfig, Trace
+
+    n = len(adapters)
+    cfg = SimConfig(replicas=1, slots=2, adapters=10, requests=n, routers=1, **cfg_overrides)
+    trace = Trace(
+        adapters=np.array(adapters, dtype=np.int32), arrivals=np.arange(1.0, n + 1.0),
+        service=np.full(n, service_s), routers=np.zeros(n, dtype=np.int32),
+    )
+    return Cluster(cfg, trace)
+
+
+@pytest.mark.parametrize(("half_life_s", "kept"), [(0.0, {2, 3}), (600.0, {1, 3})])
+def test_simulated_replicas_evict_the_lru_slot_or_the_least_requested(half_life_s: float, kept: set[int]) -> None:
+    """Adapter 1 asked for twice, then 2, then 3: LRU evicts 1 (used longest ago); eviction by
+    request counts evicts 2 (asked for once), keeping the adapter asked for more."""
+    cluster = _tiny_cluster([1, 1, 2, 3], eviction_half_life_s=half_life_s, max_running=8, max_ongoing=8)
+    for i in range(4):
+        cluster.admit(i, 0)
+    assert set(cluster.lru[0]) == kept and cluster.loads == 3 and cluster.hits == 1
+
+
+def test_simulated_serve_probes_a_replica_its_cache_says_is_full() -> None:
+    """Serve's pick re-probes replicas its queue-length cache shows full when no other is below
+    max_ongoing (``_select_from_candidate_replicas``), so a stale 'full' does not skip a replica
+    that has since freed a row."""
+    cluster = _tiny_cluster([1, 1], service_s=0.5, max_running=1, max_ongoing=1, queue_cache_s=1e9)
+    cluster.admit(0, 0)
+    assert cluster.pick([0], 1) == -1  # request 0 still runs: the probe says full
+    cluster.advance(2.0)  # it ended at 1.8 (a 0.3 s load, then 0.5 s)
+    cluster.cached_q[0, 0] = 1  # the entry as a router that did not send it would still have it
+    assert cluster.queue_len(0, 0, 2.0) == 1
+    assert cluster.pick([0], 1) == 0 and cluster.queue_len(0, 0, 2.0) == 0

@@ -93,8 +93,9 @@ class SimConfig:
     stats_period_s: float = 2.0
     routers: int = 4
     queue_cache_s: float = QUEUE_CACHE_TIMEOUT_S  # 0: every router sees exact queue lengths
-    eviction_half_life_s: float = 0.0  # 0: a replica evicts its least recently used slot; else its
-    # least requested one lately, by its own request counts halving this often
+    eviction_half_life_s: float = 0.0  # 0: a replica evicts its least recently used slot (the engine's
+    # SlotManager today); else its least requested one lately, by its own request counts halving this
+    # often (a proposed SlotManager rule, not in the engine yet)
     slot_mb: int = 256  # free VRAM reported = free slots x slot_mb
     exact: bool = False  # rank with the O(replicas) reference instead of the index (the tests' check)
 
@@ -564,8 +565,8 @@ def register_bench(benches: argparse._SubParsersAction) -> None:
     p.add_argument("--host-slots", type=int, default=d.host_slots, help="adapters per replica in host RAM (0: none)")
     p.add_argument("--host-load-s", type=float, default=d.host_load_s, help="time to load an adapter from host RAM")
     p.add_argument("--eviction-half-life-s", type=float, default=d.eviction_half_life_s,
-                   help="0: replicas evict the least recently used slot; else the least requested lately, "
-                   "counts halving this often")
+                   help="0: replicas evict the least recently used slot (the engine today); else the least "
+                   "requested lately, counts halving this often (a proposed engine rule)")
     p.add_argument("--stats-period-s", type=float, default=d.stats_period_s)
     p.add_argument("--routers", type=int, default=d.routers, help="ingress replicas routing independently")
     p.add_argument("--queue-cache-s", type=float, default=d.queue_cache_s, help="Serve's queue-length cache timeout")

@@ -105,6 +105,7 @@ class AdapterManager:
             return None
         self._transfer.await_slot(slot)
         self._held[seq] = key
+        self.slots.count_request(key)
         return "lora:" + key
 
     def release(self, seq: Seq) -> None:
@@ -226,6 +227,7 @@ class AdapterManager:
         moves the pin to the new weights."""
         key = raw.digest
         if not pin:
+            self.slots.count_request(key)  # counted as one request: eviction by counts keeps it a while
             slot = self.slots.slot_of(key)
             return slot if slot is not None else self.slots.load(self._weights(raw))
         old = self.operator_pins.get(raw.adapter_id)

@@ -21,6 +21,12 @@ class EngineSettings(BaseModel):
     max_queue: int = Field(256, ge=0, description="requests waiting beyond the running ones; more fail fast")
     prefill_chunk: int = Field(256, ge=1, description="prompt tokens prefilled per engine step, at most")
     host_cache_bytes: int = Field(2 << 30, ge=0, description="host-RAM tier for evicted adapters")
+    slot_eviction_half_life_s: float = Field(
+        0.0,
+        ge=0,
+        description="0: a new adapter evicts the least recently used unpinned slot; else the one asked for "
+        "least lately, request counts halving this often (see lora.slots)",
+    )
     memory_budget_bytes: int = Field(4 << 30, ge=0, description="CPU: bytes for weights, adapter slots and KV blocks together")
     gpu_memory_fraction: float = Field(0.9, gt=0, le=1, description="CUDA: share of the device's memory for the same")
     kv_block_size: int = Field(16, ge=1, description="tokens per KV-cache block")

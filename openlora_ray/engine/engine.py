@@ -190,7 +190,11 @@ class Engine:
         self.memory = self._plan_memory(dtype)
         log.info("engine memory: %s", self.memory.describe(cfg.num_slots, cfg.max_rank))
         transfer = transfer_for(self.device)  # CUDA: pinned host tier, slot copies on a side stream
-        self.slots = SlotManager(TransferredSlots(self.model, transfer), cfg.host_cache_bytes)
+        self.slots = SlotManager(
+            TransferredSlots(self.model, transfer),
+            cfg.host_cache_bytes,
+            eviction_half_life_s=cfg.slot_eviction_half_life_s,
+        )
         self.runner = ModelRunner(
             self.model, num_blocks=self.memory.num_blocks, block_size=cfg.kv_block_size, cuda_graphs=cfg.cuda_graphs
         )

@@ -1,4 +1,11 @@
-"""Which adapter sits in which slot: loading, pinning, LRU eviction and a host-RAM tier.
+"""Which adapter sits in which slot: loading, pinning, eviction and a host-RAM tier.
+
+Eviction takes the least recently used unpinned slot, or, with ``eviction_half_life_s``, the one
+whose adapter this replica was asked for least lately (``RequestCounts``; least recently used among
+equals). Why counts: a replica's slots see a stream of one-off adapters between the requests of an
+adapter asked for every minute or two; LRU lets 16 one-offs push it out, counts keep it and let the
+one-offs replace one another (``bench routing-sim --eviction-half-life-s``: 0.688 -> 0.736 slot
+hit rate on its 100-replica Zipf 1.0 trace, no queueing).
 
 Both tiers are keyed by the adapter's *content digest* (``LoraWeights.digest``), not its name: a
 name, even ``name@version``, can come to mean other files (a store object replaced by hand, a
@@ -13,13 +20,16 @@ adapters are read from disk elsewhere, and only the copy into a slot happens her
 from __future__ import annotations
 
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from openlora_ray.errors import AdapterInUseError, CapacityError, OpenLoraError
-from openlora_ray.lora.weights import LoraWeights
+
+if TYPE_CHECKING:  # annotations only: the routing simulator uses the eviction rule without torch
+    from openlora_ray.lora.weights import LoraWeights
 
 log = logging.getLogger(__name__)
 
@@ -38,15 +48,48 @@ class SlotState:
     key: str | None  # content digest of what the slot holds; None = free
     pins: int  # in-flight requests using the slot
     last_used: int  # logical clock of the last acquire
+    requests: float = 0.0  # the adapter's decayed request count (0 everywhere when counts are off)
 
 
 def choose_slot(slots: Sequence[SlotState]) -> int | None:
-    """Where a new adapter goes: a free slot, else the least recently used unpinned one, else None."""
+    """Where a new adapter goes: a free slot, else the unpinned one with the fewest requests lately
+    (the least recently used of equals: plain LRU when nothing is counted), else None."""
     free = [i for i, s in enumerate(slots) if s.key is None]
     if free:
         return free[0]
     idle = [i for i, s in enumerate(slots) if s.pins == 0]
-    return min(idle, key=lambda i: slots[i].last_used) if idle else None
+    return min(idle, key=lambda i: (slots[i].requests, slots[i].last_used)) if idle else None
+
+
+class RequestCounts:
+    """Requests per key, halving every ``half_life_s``: stored scaled by ``2 ** ((t - base) / half_life_s)``
+    so that comparing two counts is comparing two stored numbers; the base moves up (and counts
+    decayed below ``FORGET`` are dropped) once the scale passes ``REBASE``, so memory follows the
+    adapters asked for lately."""
+
+    FORGET = 1e-3
+    REBASE = 2.0**20
+
+    def __init__(self, half_life_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.half_life_s = half_life_s
+        self.clock = clock
+        self._scaled: dict[str, float] = {}
+        self._base = clock()
+
+    def __len__(self) -> int:
+        return len(self._scaled)
+
+    def record(self, key: str) -> None:
+        now = self.clock()
+        scale = 2.0 ** ((now - self._base) / self.half_life_s)
+        if scale > self.REBASE:
+            self._scaled = {k: v / scale for k, v in self._scaled.items() if v / scale >= self.FORGET}
+            self._base, scale = now, 1.0
+        self._scaled[key] = self._scaled.get(key, 0.0) + scale
+
+    def scaled(self, key: str) -> float:
+        """The key's count on the current scale (comparable between keys, not across rebases)."""
+        return self._scaled.get(key, 0.0)
 
 
 class HostCache:
@@ -98,9 +141,17 @@ class HostCache:
 class SlotManager:
     """Maps adapters (by content digest: the *key*) to slots; a pinned slot is never evicted."""
 
-    def __init__(self, buffers: SlotBuffers, host_cache_bytes: int) -> None:
+    def __init__(
+        self,
+        buffers: SlotBuffers,
+        host_cache_bytes: int,
+        *,
+        eviction_half_life_s: float = 0.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.buffers = buffers
         self.host = HostCache(host_cache_bytes)
+        self.requests = RequestCounts(eviction_half_life_s, clock) if eviction_half_life_s > 0 else None
         n = buffers.num_slots
         self._key: list[str | None] = [None] * n
         self._weights: list[LoraWeights | None] = [None] * n
@@ -115,7 +166,18 @@ class SlotManager:
 
     # ------------------------------------------------------------------ views
     def states(self) -> list[SlotState]:
-        return [SlotState(k, p, t) for k, p, t in zip(self._key, self._pins, self._last_used)]
+        counts = self.requests
+        return [
+            SlotState(k, p, t, counts.scaled(k) if counts is not None and k is not None else 0.0)
+            for k, p, t in zip(self._key, self._pins, self._last_used)
+        ]
+
+    def count_request(self, key: str) -> None:
+        """One request admitted for the adapter of digest ``key`` (eviction by counts; a no-op
+        under LRU). Called once per request, not per ``acquire``: a request can acquire again
+        after a slot still copying was released."""
+        if self.requests is not None:
+            self.requests.record(key)
 
     def slot_of(self, key: str) -> int | None:
         return self._slot_of.get(key)

@@ -58,11 +58,6 @@ class Popularity:
         """The heat of the coldest of ``adapter_ids`` (0 when there are none)."""
         return self._heat_of(min(map(self._scaled.get, adapter_ids, repeat(0.0)), default=0.0), now)
 
-    def least(self, adapter_ids: Iterable[str]) -> str | None:
-        """The least requested of ``adapter_ids`` lately (the first of equals; None when there are
-        none). No ``now``: every stored count has the same scale, so the order needs no decay."""
-        return min(adapter_ids, key=lambda a: self._scaled.get(a, 0.0), default=None)
-
     def record(self, adapter_id: str, now: float) -> None:
         if now - self._last_prune >= self.half_life_s:
             self._prune(now)

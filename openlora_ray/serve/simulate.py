@@ -21,7 +21,8 @@ Replica model: ``max_running`` requests decode at once (FIFO queue behind them),
 exponential with mean ``service_s``; a request whose adapter is not in the replica's slots loads
 it first, one slot taken, the least recently used adapter evicted (each replica's slots are an
 LRU of ``slots`` adapters, as with ``@serve.multiplexed``), or with ``eviction_half_life_s`` the
-adapter the replica was asked for least lately (its own request counts, decayed). The load takes ``host_load_s`` when
+adapter the replica was asked for least lately (its own request counts, decayed: the engine's
+``SlotManager`` rule with ``EngineSettings.slot_eviction_half_life_s``). The load takes ``host_load_s`` when
 the adapter is in the replica's host-RAM tier (an LRU of ``host_slots`` adapters, fed by every
 load) and ``load_s`` from the store otherwise. The time to start (queue wait + load) stands in
 for time to first token. Loads run concurrently on a replica for both policies, so the comparison
@@ -62,6 +63,7 @@ from pathlib import Path
 
 import numpy as np
 
+from openlora_ray.lora.slots import RequestCounts, SlotState, choose_slot
 from openlora_ray.serve.decision_bench import run_decision_time
 from openlora_ray.serve.router_memory import Popularity, RecentSends
 from openlora_ray.serve.routing import RouterSettings, RoutingInputs, Tier, holder_tier, rank_replicas
@@ -93,9 +95,9 @@ class SimConfig:
     stats_period_s: float = 2.0
     routers: int = 4
     queue_cache_s: float = QUEUE_CACHE_TIMEOUT_S  # 0: every router sees exact queue lengths
-    eviction_half_life_s: float = 0.0  # 0: a replica evicts its least recently used slot (the engine's
-    # SlotManager today); else its least requested one lately, by its own request counts halving this
-    # often (a proposed SlotManager rule, not in the engine yet)
+    eviction_half_life_s: float = 0.0  # 0: a replica evicts its least recently used slot; else its
+    # least requested one lately, by its own request counts halving this often (the engine's
+    # slot_eviction_half_life_s)
     slot_mb: int = 256  # free VRAM reported = free slots x slot_mb
     exact: bool = False  # rank with the O(replicas) reference instead of the index (the tests' check)
 
@@ -151,8 +153,11 @@ class Cluster:
         self.cfg = cfg
         self.trace = trace
         self.lru: list[OrderedDict[int, None]] = [OrderedDict() for _ in range(cfg.replicas)]
+        self.now = 0.0  # the time of the request being admitted (the replicas' request counts' clock)
         self.requested = (
-            [Popularity(cfg.eviction_half_life_s) for _ in range(cfg.replicas)] if cfg.eviction_half_life_s else []
+            [RequestCounts(cfg.eviction_half_life_s, clock=lambda: self.now) for _ in range(cfg.replicas)]
+            if cfg.eviction_half_life_s
+            else []
         )
         self.host: list[OrderedDict[int, None]] = [OrderedDict() for _ in range(cfg.replicas)]
         self.holders: dict[int, set[int]] = {}  # adapter -> replicas with it in a slot
@@ -227,7 +232,8 @@ class Cluster:
             lru[adapter] = None
             self.holders.setdefault(adapter, set()).add(r)
         if self.requested:
-            self.requested[r].record(str(adapter), now)
+            self.now = now
+            self.requested[r].record(str(adapter))
         if cfg.host_slots:
             host[adapter] = None
             host.move_to_end(adapter)
@@ -247,10 +253,13 @@ class Cluster:
 
     def _victim(self, r: int) -> int:
         """The slot replica ``r`` evicts: its least recently used, or with ``eviction_half_life_s``
-        its least requested lately (the least recently used of equals)."""
+        the engine's rule (``lora.slots.choose_slot`` over its request counts)."""
         if not self.requested:
             return next(iter(self.lru[r]))
-        return int(self.requested[r].least(map(str, self.lru[r])) or 0)
+        residents = list(self.lru[r])  # least recently used first
+        counts = self.requested[r]
+        slot = choose_slot([SlotState(str(a), 0, t, counts.scaled(str(a))) for t, a in enumerate(residents)])
+        return residents[slot if slot is not None else 0]
 
     def pick(self, rank: Sequence[int], i: int) -> int:
         """Serve within one rank (``RequestRouter._select_from_candidate_replicas``): the lowest
@@ -565,8 +574,8 @@ def register_bench(benches: argparse._SubParsersAction) -> None:
     p.add_argument("--host-slots", type=int, default=d.host_slots, help="adapters per replica in host RAM (0: none)")
     p.add_argument("--host-load-s", type=float, default=d.host_load_s, help="time to load an adapter from host RAM")
     p.add_argument("--eviction-half-life-s", type=float, default=d.eviction_half_life_s,
-                   help="0: replicas evict the least recently used slot (the engine today); else the least "
-                   "requested lately, counts halving this often (a proposed engine rule)")
+                   help="0: replicas evict the least recently used slot; else the least requested lately, "
+                   "counts halving this often (the engine's slot_eviction_half_life_s)")
     p.add_argument("--stats-period-s", type=float, default=d.stats_period_s)
     p.add_argument("--routers", type=int, default=d.routers, help="ingress replicas routing independently")
     p.add_argument("--queue-cache-s", type=float, default=d.queue_cache_s, help="Serve's queue-length cache timeout")

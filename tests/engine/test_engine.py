@@ -54,14 +54,21 @@ async def test_requests_joining_and_leaving_keep_their_tokens(engine_factory, ti
     await wait_until(lambda: engine.stats.running == 0 and engine.stats.free_kv_blocks == engine.stats.total_kv_blocks)
 
 
-async def test_adapters_in_one_batch_equal_peft_merged(engine_factory, tiny_model_dir, make_adapter):
+@pytest.mark.parametrize("eviction_half_life_s", [0.0, 300.0])  # LRU, and eviction by request counts
+async def test_adapters_in_one_batch_equal_peft_merged(
+    engine_factory, tiny_model_dir, make_adapter, eviction_half_life_s
+):
     specs = {
         "alpha": dict(r=8, alpha=16.0, seed=41),
         "beta": dict(r=4, alpha=6.0, targets=("q_proj", "v_proj"), seed=42),
         "gamma": dict(r=2, alpha=5.0, targets=("gate_proj", "down_proj", "o_proj"), seed=43, use_rslora=True),
     }
     dirs = {name: make_adapter(f"eng-{name}", **kw) for name, kw in specs.items()}
-    engine = engine_factory(EngineConfig(model_path=tiny_model_dir, max_seq_len=64, num_slots=2, max_rank=8), dirs.__getitem__)
+    cfg = EngineConfig(
+        model_path=tiny_model_dir, max_seq_len=64, num_slots=2, max_rank=8,
+        slot_eviction_half_life_s=eviction_half_life_s,
+    )
+    engine = engine_factory(cfg, dirs.__getitem__)
     ps = prompts(5, seed=2)
     plan = [("alpha", ps[0]), (None, ps[1]), ("beta", ps[2]), ("gamma", ps[3]), ("alpha", ps[4])]
     results = await asyncio.wait_for(
@@ -74,6 +81,9 @@ async def test_adapters_in_one_batch_equal_peft_merged(engine_factory, tiny_mode
     assert len(set(tuple(r[0]) for r in results)) == 5  # adapters changed the outputs
     # Three adapters through two slots: one was evicted to the host tier on the way.
     assert len(engine.stats.resident_adapters) == 2 and len(engine.stats.host_adapters) >= 1
+    assert (engine.slots.requests is None) == (eviction_half_life_s == 0)
+    if engine.slots.requests is not None:  # the three adapters' requests were counted
+        assert len(engine.slots.requests) == 3
 
 
 async def test_seeded_sampling_reproduces_its_tokens_in_any_batch(engine_factory, tiny_model_dir):

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from openlora_ray.errors import CapacityError, OpenLoraError
 from openlora_ray.lora.ops import NO_ADAPTER
-from openlora_ray.lora.slots import HostCache, SlotManager, SlotState, choose_slot
+from openlora_ray.lora.slots import HostCache, RequestCounts, SlotManager, SlotState, choose_slot
 from openlora_ray.lora.weights import LoraWeights, load_lora_weights
 from openlora_ray.model.loader import load_multi_lora_model
 
@@ -217,3 +217,51 @@ def test_tiers_key_by_content_so_one_name_can_hold_two_contents():
     mgr.release("d-old")
     mgr.acquire("x", lambda k: LoraWeights("x", 1, {}, digest="x"))  # evicts d-old to the host tier
     assert "d-old" in mgr.host and mgr.slot_of("d-new") == 1 and mgr.host.ids() == ["bot@v1"]
+
+
+def test_choose_slot_by_requests_takes_the_least_requested_unpinned_then_the_lru():
+    slots = [SlotState("a", 0, 1, requests=4.0), SlotState("b", 0, 9, requests=1.0), SlotState("c", 1, 2, requests=0.0)]
+    assert choose_slot(slots) == 1  # c is pinned; b was asked for less than a, though used later
+    assert choose_slot([SlotState("a", 0, 5, 2.0), SlotState("b", 0, 3, 2.0)]) == 1  # equals: LRU
+
+
+def test_eviction_by_request_counts_keeps_the_adapter_asked_for_more():
+    """Two slots: 'hot' asked for three times, then one-offs. LRU would evict 'hot' at the second
+    one-off; by counts the one-offs replace one another. Counts decay: after many half-lives
+    without a request 'hot' counts less than a fresh one-off and goes."""
+    now = [0.0]
+    mgr = SlotManager(RecordingBuffers(2), host_cache_bytes=0, eviction_half_life_s=10.0, clock=lambda: now[0])
+
+    def request(name: str) -> None:
+        mgr.acquire(name, lambda i: _fake_weights(i, 10))
+        mgr.count_request(name)
+        mgr.release(name)
+        now[0] += 1.0
+
+    for name in ["hot", "hot", "hot", "one1", "one2", "one3"]:
+        request(name)
+    assert sorted(mgr.resident()) == ["hot", "one3"]
+    now[0] += 100.0  # ten half-lives: hot's 3 requests count less than one fresh request
+    request("one4")
+    request("one5")
+    assert sorted(mgr.resident()) == ["one4", "one5"]
+
+
+def test_request_counts_rebase_keeps_the_order_and_forgets_the_long_cold():
+    now = [0.0]
+    counts = RequestCounts(half_life_s=1.0, clock=lambda: now[0])
+    counts.record("old")
+    now[0] = 15.0
+    counts.record("a")
+    counts.record("a")
+    counts.record("b")
+    now[0] = 22.0  # the scale passed 2**20: this record rebases
+    counts.record("c")
+    assert counts.scaled("a") > counts.scaled("b") > 0 and counts.scaled("c") == 1.0
+    assert counts.scaled("old") == 0.0 and len(counts) == 3
+
+
+def test_lru_manager_ignores_request_counts():
+    mgr = SlotManager(RecordingBuffers(1), host_cache_bytes=0)
+    mgr.count_request("anything")  # no counts kept: eviction stays LRU
+    assert mgr.requests is None and mgr.states()[0].requests == 0.0

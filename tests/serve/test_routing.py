@@ -679,18 +679,6 @@ def test_routing_sim_decision_time_prints_the_cpu_and_the_percentiles(tmp_path, 
     assert payload["holders_mean"] > 1  # the stream is skewed toward adapters with several copies
 
 
-def test_popularity_least_is_the_least_requested_and_the_first_of_equals() -> None:
-    pop = Popularity(half_life_s=10.0)
-    for adapter, times in (("a", 3), ("b", 1), ("c", 2)):
-        for _ in range(times):
-            pop.record(adapter, 0.0)
-    assert pop.least(["a", "b", "c"]) == "b"
-    assert pop.least(["x", "a", "y"]) == "x"  # never requested: count 0; the first of equals
-    pop.record("b", 20.0)  # two half-lives later one request outweighs a's three
-    assert pop.least(["a", "b"]) == "a"
-    assert pop.least([]) is None
-
-
 def _tiny_cluster(adapters: list[int], service_s: float = 100.0, **cfg_overrides):
     """A one-replica cluster over a hand-made trace (arrivals 1 s apart)."""
     import numpy as np

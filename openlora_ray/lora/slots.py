@@ -4,7 +4,7 @@ Eviction takes the least recently used unpinned slot, or, with ``eviction_half_l
 whose adapter this replica was asked for least lately (``RequestCounts``; least recently used among
 equals). Why counts: a replica's slots see a stream of one-off adapters between the requests of an
 adapter asked for every minute or two; LRU lets 16 one-offs push it out, counts keep it and let the
-one-offs replace one another (``bench routing-sim --eviction-half-life-s``: 0.688 -> 0.736 slot
+one-offs replace one another (``bench routing-sim --eviction-half-life-s``: 0.686 -> 0.736 slot
 hit rate on its 100-replica Zipf 1.0 trace, no queueing).
 
 Both tiers are keyed by the adapter's *content digest* (``LoraWeights.digest``), not its name: a

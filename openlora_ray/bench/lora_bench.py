@@ -79,8 +79,9 @@ def run(model_dir: Path, dtype: torch.dtype, rows: int, context: int, iters: int
     step_blocks = torch.tensor([t[context // bs] for t in tables])
     step_offsets = torch.full((rows,), context % bs)
     layout = partial(build_decode_layout, tables, [context + 1] * rows, bs, torch.device("cpu"))
-    window = ours.spec.sliding_window  # windowed layers (Gemma, Mistral) read only the rows' last `window` positions
-    decode_batch = PagedBatch(step_blocks, step_offsets, layout(), layout(window=window) if window is not None else None)
+    window = ours.spec.sliding_window  # windowed layers (Gemma, Mistral) read the last `window` positions
+    windowed = layout(window=window) if window is not None else None
+    decode_batch = PagedBatch(step_blocks, step_offsets, layout(), windowed)
     results = []
     for shape in SHAPES:
         hf = load_hf_model(model_dir, dtype)

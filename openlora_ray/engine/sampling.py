@@ -67,7 +67,9 @@ def _sparse_edits(rows: Sequence[RowContext]) -> tuple[list[tuple[int, int, floa
     return rep, add
 
 
-def _edit_index(edits: list[tuple[int, int, float]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _edit_index(
+    edits: list[tuple[int, int, float]], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(S,) rows, (S,) tokens and (S,) float32 values of ``edits``, on ``device``."""
     rows, tokens, values = zip(*edits)
     return (

@@ -126,15 +126,12 @@ def sample(logits: torch.Tensor, rows: Sequence[RowContext]) -> SampledBatch:
     device = processed.device
     temps = [r.params.temperature or 1.0 for r in rows]
     scaled = processed if all(t == 1.0 for t in temps) else processed / torch.tensor(temps, device=device)[:, None]
+    greedy = [i for i, r in enumerate(rows) if r.params.greedy]
     sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
-    if len(sampled) == len(rows):
-        chosen = _choose(scaled, rows)
-    elif not sampled:
-        chosen = processed.argmax(-1)  # (B,)
-    else:
-        greedy = [i for i, r in enumerate(rows) if r.params.greedy]
-        chosen = torch.empty(len(rows), dtype=torch.long, device=device)
+    chosen = torch.empty(len(rows), dtype=torch.long, device=device)  # (B,)
+    if greedy:
         chosen[greedy] = _rows(processed, greedy).argmax(-1)
+    if sampled:
         chosen[sampled] = _choose(_rows(scaled, sampled), [rows[i] for i in sampled])
     parts = [chosen[:, None].double()]
     k = 0
@@ -160,26 +157,24 @@ def _choose(scaled: torch.Tensor, rows: Sequence[RowContext]) -> torch.Tensor:
     u = _uniforms([r.generator for r in rows], scaled.device)  # (R,)
     scaled = _min_p(scaled, params)
     vocab = scaled.shape[1]
-    filtering = [j for j, p in enumerate(params) if 0 < p.top_k < vocab or p.top_p < 1.0]
-    if len(filtering) < len(params):
-        whole = [j for j in range(len(params)) if j not in set(filtering)]
-        if not filtering:
-            return _invert_cdf(scaled, u)
-        chosen = torch.empty(len(params), dtype=torch.long, device=scaled.device)
+    filters = [0 < p.top_k < vocab or p.top_p < 1.0 for p in params]
+    filtering = [j for j, f in enumerate(filters) if f]
+    whole = [j for j, f in enumerate(filters) if not f]
+    chosen = torch.empty(len(params), dtype=torch.long, device=scaled.device)  # (R,)
+    if whole:
         chosen[whole] = _invert_cdf(_rows(scaled, whole), u[whole])
-    some = scaled if len(filtering) == len(params) else _rows(scaled, filtering)
-    kept, ids = _top_k_top_p(some, [params[j] for j in filtering])  # (F, W) each
-    ids, order = ids.sort(dim=-1)  # (F, W): candidates in token-id order
-    picked = ids.gather(1, _invert_cdf(kept.gather(1, order), u[filtering])[:, None])[:, 0]  # (F,)
-    if len(filtering) == len(params):
-        return picked
-    chosen[filtering] = picked
+    if filtering:
+        kept, ids = _top_k_top_p(_rows(scaled, filtering), [params[j] for j in filtering])  # (F, W) each
+        ids, order = ids.sort(dim=-1)  # candidates in token-id order
+        chosen[filtering] = ids.gather(1, _invert_cdf(kept.gather(1, order), u[filtering])[:, None])[:, 0]
     return chosen
 
 
 def _rows(t: torch.Tensor, which: list[int]) -> torch.Tensor:
-    """``t[which]`` as a block copy (``index_select``): advanced indexing of (rows, vocabulary) took
-    several times longer on CPU."""
+    """``t[which]``: ``t`` itself when ``which`` is every row in order (no copy), else a block copy
+    (``index_select``: advanced indexing of (rows, vocabulary) took several times longer on CPU)."""
+    if which == list(range(len(t))):
+        return t
     return t.index_select(0, torch.tensor(which, device=t.device))
 
 

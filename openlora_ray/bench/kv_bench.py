@@ -147,7 +147,9 @@ def run_system(
     tokens = sum(r["tokens"] for r in raw["requests"])
     samples = raw["in_flight"] or [[0, 0]]
     busy = [running for running, _ in samples]
-    backlog = [running for running, queued in samples if queued > 0] or busy
+    # in flight while requests wait behind running ones; a sample that caught a request waiting
+    # with nothing running is the loop's admission lag (a short run may have only those)
+    backlog = [running for running, queued in samples if queued > 0 and running > 0] or busy
     return {
         "system": name,
         "tokens_per_s": tokens / raw["makespan_s"],

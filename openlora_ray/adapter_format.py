@@ -15,13 +15,16 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors import safe_open
 
 from openlora_ray.errors import InvalidAdapterError
 from openlora_ray.model.family import adapter_projections
+
+if TYPE_CHECKING:
+    import numpy as np
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -368,6 +371,13 @@ def _explain_key(key: str) -> str:
 _EXPONENT_MASKS = {"F32": ("<u4", 0x7F800000), "F16": ("<u2", 0x7C00), "BF16": ("<u2", 0x7F80)}
 
 
+def count_nonfinite(raw: np.ndarray, dtype: str) -> int:
+    """NaN and Inf values in ``raw``, the bytes (uint8) of a tensor of safetensors ``dtype``."""
+    word, mask = _EXPONENT_MASKS[dtype]
+    words = raw.view(word)
+    return int(((words & mask) == mask).sum())
+
+
 def check_finite(adapter_id: str, adapter_dir: str | Path) -> None:
     """Refuse an adapter whose weights hold NaN or Inf, without torch and without a float copy.
 
@@ -387,9 +397,7 @@ def check_finite(adapter_id: str, adapter_dir: str | Path) -> None:
     for name, info in header.items():
         if name == "__metadata__" or info.get("dtype") not in _EXPONENT_MASKS:
             continue
-        word, mask = _EXPONENT_MASKS[info["dtype"]]
         start, end = info["data_offsets"]
-        words = data[start:end].view(word)
-        bad = np.count_nonzero((words & mask) == mask)
+        bad = count_nonfinite(data[start:end], info["dtype"])
         if bad:
             raise InvalidAdapterError(adapter_id, f"tensor {name!r} holds {bad} NaN/Inf values")

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from openlora_ray.lora.layers import GroupBatch
-from openlora_ray.lora.ops import NO_ADAPTER, Segments
+from openlora_ray.lora.ops import NO_ADAPTER, RankBand, Segments
 from openlora_ray.model.llama import LoraBatch, MultiLoraLlama, PagedBatch, PagedKVCache
 from openlora_ray.model.paged_attention import DecodeLayout, build_decode_layout
 
@@ -147,9 +147,8 @@ class StaticDecoder:
         rows = inputs.key.rows
         seg = Segments(order=None, keep=None, slots=inputs.slots, groups=rows, size=1, mask=inputs.lora_mask)
         rank = self.model.max_rank
-        return LoraBatch(
-            {name: GroupBatch(None, seg, rank, tuple(range(len(projs)))) for name, projs in self.model.group_projs.items()}
-        )
+        band = RankBand(None, seg, rank)
+        return LoraBatch({name: GroupBatch((band,), tuple(range(len(projs)))) for name, projs in self.model.group_projs.items()})
 
     @torch.inference_mode()
     def forward(self, inputs: StaticInputs) -> torch.Tensor:

@@ -14,16 +14,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from openlora_ray.lora.ops import Segments, add_lora_delta
+from openlora_ray.lora.ops import RankBand, add_lora_delta
 
 
 @dataclass(frozen=True)
 class GroupBatch:
     """Which rows of a batch apply LoRA in one projection group, and from which slots."""
 
-    rows: torch.Tensor | None  # (K,) long; None = every row of the batch
-    segments: Segments  # those rows grouped by slot
-    rank: int  # largest rank among their slots
+    bands: tuple[RankBand, ...]  # the rows, grouped by slot, in one or more bands of ranks
     active: tuple[int, ...]  # indices (within the group) of projections any of those slots adapts
 
 
@@ -75,7 +73,10 @@ class LoraProjectionGroup(nn.Module):
         if self.bias is not None:
             y += self.bias
         if lora is not None:
-            add_lora_delta(y, x, self.lora_a, self.lora_b, lora.rows, lora.segments, lora.rank, self.out_splits, lora.active)
+            for band in lora.bands:
+                add_lora_delta(
+                    y, x, self.lora_a, self.lora_b, band.rows, band.segments, band.rank, self.out_splits, lora.active
+                )
         return y.split(self.out_splits, dim=-1)
 
     def clear_slot(self, slot: int) -> None:

@@ -26,16 +26,30 @@ slot stacks are read in place; otherwise only the V slots used are gathered (``i
 plain block copy: advanced indexing took 6x longer on CPU). The rank is sliced to the largest rank
 present, so rank-8 adapters in rank-64 buffers neither copy nor multiply 56 zero rows. B is stored
 transposed, ``(S, R, out)``, so each projection's columns are a plain strided view for the expand.
+
+Adapters of different ranks in one batch (``plan_bands``): one op at the largest rank reads every
+slot at that rank, so a batch of rank-8 to rank-64 adapters reads about twice the bytes they hold,
+and reading adapter bytes is what a decode step over many distinct adapters spends its extra time
+on. When the slots must be gathered anyway (not read in place), the rows are split into *bands* of
+ranks, each one op at its own largest rank, as long as a band saves more bytes than its extra
+dispatches cost (``BAND_COST_BYTES``). A gather copies only the projections some slot adapts (a
+q/v adapter's k rows are zeros that would be copied and multiplied).
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 NO_ADAPTER = -1  # slot index of a row that uses the base model only
+
+# What one more band costs, as bytes of slot weights it would have to save to pay for itself: its
+# ~8 dispatched ops (gather, shrink, expand, scatter per projection) take tens of microseconds on
+# a CPU, the time to read about this much memory.
+BAND_COST_BYTES = 512 << 10
 
 
 def lora_delta_reference(
@@ -136,18 +150,88 @@ def add_lora_delta(
     xs = (x if seg.order is None else x.index_select(0, seg.order)).reshape(v, c * length, d_in)  # (V, C*L, in)
     if seg.mask is not None:
         xs = xs * seg.mask
-    if isinstance(seg.slots, slice):
+    in_place = isinstance(seg.slots, slice)
+    whole = in_place or len(active) == len(out_splits)  # else gather the active projections only
+    if in_place:
         a_g, b_g = a[seg.slots, :, :rank], b[seg.slots, :rank]  # (V, n, r, in), (V, r, out): views
-    else:
+    elif whole:
         a_g, b_g = a[:, :, :rank].index_select(0, seg.slots), b[:, :rank].index_select(0, seg.slots)
     offsets = [sum(out_splits[:j]) for j in range(len(out_splits))]
     for j in active:
         cols = slice(offsets[j], offsets[j] + out_splits[j])
-        shrunk = torch.bmm(xs, a_g[:, j].transpose(1, 2))  # (V, C*L, r)
-        delta = torch.bmm(shrunk, b_g[:, :, cols]).view(v * c, length, -1)  # (V*C, L, w)
+        if whole:
+            a_j, b_j = a_g[:, j], b_g[:, :, cols]  # (V, r, in), (V, r, w)
+        else:
+            a_j, b_j = a[:, j, :rank].index_select(0, seg.slots), b[:, :rank, cols].index_select(0, seg.slots)
+        shrunk = torch.bmm(xs, a_j.transpose(1, 2))  # (V, C*L, r)
+        delta = torch.bmm(shrunk, b_j).view(v * c, length, -1)  # (V*C, L, w)
         if seg.keep is not None:
             delta = delta.index_select(0, seg.keep)  # (K, L, w), in the order of rows
         if rows is None:
             y[..., cols] += delta
         else:
             y[..., cols].index_add_(0, rows, delta)
+
+
+@dataclass(frozen=True)
+class RankBand:
+    """Rows of one projection group computed by one op (``add_lora_delta``) at one rank."""
+
+    rows: torch.Tensor | None  # (K,) batch rows; None = every row of the batch
+    segments: Segments  # those rows grouped by slot
+    rank: int  # largest rank among their slots
+
+
+def split_ranks(ranks: Sequence[int], band_cost: float) -> list[int]:
+    """The upper ranks of the bands that minimise the rank rows read plus ``band_cost`` per band.
+
+    ``ranks`` has one entry per distinct slot; a band reads each of its slots at the band's largest
+    rank. Bands cover consecutive ranks (an optimal split never interleaves them), so this is a
+    dynamic programme over the sorted distinct ranks: ``best[i]`` covers the ``i`` smallest.
+    """
+    values, count = sorted(set(ranks)), Counter(ranks)
+    best, cut = [0.0] + [float("inf")] * len(values), [0] * (len(values) + 1)
+    for i in range(1, len(values) + 1):
+        slots = 0
+        for j in range(i - 1, -1, -1):  # the band holds values[j:i]
+            slots += count[values[j]]
+            cost = best[j] + band_cost + slots * values[i - 1]
+            if cost < best[i]:
+                best[i], cut[i] = cost, j
+    bounds, i = [], len(values)
+    while i:
+        bounds.append(values[i - 1])
+        i = cut[i]
+    return bounds[::-1]
+
+
+def plan_bands(
+    rows: Sequence[int],
+    slots: Sequence[int],  # slot of each of ``rows``
+    slot_rank: Sequence[int],  # rank held by every slot
+    num_batch_rows: int,
+    device: torch.device,
+    *,
+    rank_row_bytes: int,  # bytes one rank row of one slot holds in the projections the op computes
+) -> tuple[RankBand, ...]:
+    """The adapted ``rows`` as bands for ``add_lora_delta`` (see the module doc).
+
+    One band when the slots are read in place (splitting would turn a read into gathers) or when
+    splitting saves less than ``BAND_COST_BYTES`` per extra band.
+    """
+
+    def band(members: list[int]) -> RankBand:
+        seg = segment_rows([rows[k] for k in members], [slots[k] for k in members], num_batch_rows, device)
+        row_t = None if len(members) == num_batch_rows else torch.tensor([rows[k] for k in members], device=device)
+        return RankBand(row_t, seg, max(slot_rank[slots[k]] for k in members))
+
+    whole = band(list(range(len(rows))))
+    if isinstance(whole.segments.slots, slice):
+        return (whole,)
+    bounds = split_ranks([slot_rank[s] for s in set(slots)], BAND_COST_BYTES / rank_row_bytes)
+    if len(bounds) == 1:
+        return (whole,)
+    members: dict[int, list[int]] = {}
+    for k, s in enumerate(slots):
+        members.setdefault(next(b for b in bounds if slot_rank[s] <= b), []).append(k)
+    return tuple(band(members[b]) for b in bounds if b in members)

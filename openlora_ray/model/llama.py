@@ -24,7 +24,7 @@ from transformers.activations import ACT2FN
 
 from openlora_ray.adapter_format import BaseModelDims
 from openlora_ray.lora.layers import GroupBatch, LoraProjectionGroup
-from openlora_ray.lora.ops import NO_ADAPTER, Segments, segment_rows
+from openlora_ray.lora.ops import NO_ADAPTER, RankBand, plan_bands
 from openlora_ray.lora.weights import LoraWeights
 from openlora_ray.model.family import FamilySpec, NormKind
 from openlora_ray.model.flex_decode import FlexDecodeLayout, flex_decode_attention
@@ -282,6 +282,10 @@ class MultiLoraLlama(nn.Module):
         for layer in self.layers:
             self.group_projs.update({name: group.names for name, group in layer.groups.items()})
         self.group_of = {proj: name for name, projs in self.group_projs.items() for proj in projs}
+        # Group -> (input width, output width per projection): what one rank row of a slot holds.
+        self._group_widths = {
+            name: (group.lora_a.shape[-1], group.out_splits) for layer in self.layers for name, group in layer.groups.items()
+        }
         # What each slot holds, for building per-group batches without touching the buffers.
         self._slot_rank = [0] * num_slots
         self._slot_projs: list[frozenset[str]] = [frozenset()] * num_slots
@@ -326,20 +330,26 @@ class MultiLoraLlama(nn.Module):
     def lora_batch(self, slots: Sequence[int]) -> LoraBatch | None:
         """Per-group indices for rows using ``slots`` (``NO_ADAPTER`` = base only). Built once per forward."""
         groups: dict[str, GroupBatch] = {}
-        indices: dict[tuple[int, ...], tuple[torch.Tensor | None, Segments]] = {}  # shared by groups with the same rows
+        # Groups with the same rows and the same bytes per rank row share their bands.
+        bands: dict[tuple[tuple[int, ...], int], tuple[RankBand, ...]] = {}
         for name, projs in self.group_projs.items():
             rows = [i for i, s in enumerate(slots) if s != NO_ADAPTER and not self._slot_projs[s].isdisjoint(projs)]
             if not rows:
                 continue
-            rank = max(self._slot_rank[slots[i]] for i in rows)
             adapted = frozenset().union(*(self._slot_projs[slots[i]] for i in rows))
             active = tuple(j for j, p in enumerate(projs) if p in adapted)
-            key = tuple(rows)
-            if key not in indices:
-                row_t = None if len(rows) == len(slots) else torch.tensor(rows, device=self.device)
-                indices[key] = (row_t, segment_rows(rows, [slots[i] for i in rows], len(slots), self.device))
-            groups[name] = GroupBatch(*indices[key], rank, active)
+            key = (tuple(rows), self._rank_row_bytes(name, active))
+            if key not in bands:
+                bands[key] = plan_bands(
+                    rows, [slots[i] for i in rows], self._slot_rank, len(slots), self.device, rank_row_bytes=key[1]
+                )
+            groups[name] = GroupBatch(bands[key], active)
         return LoraBatch(groups) if groups else None
+
+    def _rank_row_bytes(self, group: str, active: tuple[int, ...]) -> int:
+        """Bytes of one rank row of one slot in one layer, over the ``active`` projections of ``group``."""
+        width_in, outs = self._group_widths[group]
+        return self.dtype.itemsize * sum(width_in + outs[j] for j in active)
 
     # ---------------------------------------------------------------- forward
     def forward(

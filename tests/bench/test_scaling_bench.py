@@ -17,18 +17,20 @@ def test_bench_scaling_serves_every_n_and_distribution_through_the_tiers(tiny_mo
     report = run(tiny_model_dir, cfg, tmp_path / "scaling.json", tmp_path / "cache")
     saved = json.loads((tmp_path / "scaling.json").read_text())
     assert saved["throughput_loss"] == report["throughput_loss"] and set(saved["throughput_loss"]) == {"uniform", "zipf"}
+    assert set(saved["throughput_loss_whole_run"]) == {"uniform", "zipf"}
     assert saved["cpu"] and saved["target_loss"] == 0.05
     runs = {(r["adapters"], r["distribution"]): r for r in saved["runs"]}
     assert set(runs) == {(3, "uniform"), (3, "zipf"), (12, "uniform"), (12, "zipf")}
     for r in runs.values():
         assert r["errors"] == 0 and r["requests"] == 16 and r["req_per_s"] > 0 and r["rss_max_mib"] > 0
+        assert r["steady_tok_per_s"] > 0
         assert r["ttft_p99_s"] >= r["ttft_p50_s"] > 0
         assert r["store_downloads"] == 0  # the node cache was warmed before the clock
     big = runs[(12, "uniform")]
     assert big["distinct"] > 2 and big["evictions"] > 0 and big["disk_loads"] > 2
     assert runs[(3, "uniform")]["tokens"] == big["tokens"]  # the same lengths for every configuration
     out = capsys.readouterr().out
-    assert "bench scaling on" in out and "uniform: throughput" in out and "memory-traffic model" in out
+    assert "bench scaling on" in out and "uniform: steady throughput" in out and "memory-traffic model" in out
     bound = saved["traffic_model"]["by_distribution"]["uniform"]
     assert bound["distinct_lo"] == pytest.approx(3 * (1 - (2 / 3) ** 4))  # 4 rows over 3 adapters
     assert bound["distinct_lo"] < bound["distinct_hi"] <= 4

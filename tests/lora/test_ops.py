@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from openlora_ray.lora.ops import (
+    BAND_COST_BYTES,
     NO_ADAPTER,
     add_lora_delta,
     lora_delta_reference,
+    plan_bands,
     segment_rows,
+    split_ranks,
 )
 
 N = NO_ADAPTER
@@ -27,25 +32,42 @@ SLOT_PATTERNS = {
 }
 
 
-def delta(slots: list[int], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(reference delta in float32, add_lora_delta's result) for one batch; every slot's rank differs."""
+RANKS = [8, 3, 5, 1, 7]  # every slot's rank differs
+
+
+def delta(
+    slots: list[int], dtype: torch.dtype, *, active: tuple[int, ...] = (0, 1, 2), row_bytes: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(reference delta in float32, add_lora_delta's result) for one batch.
+
+    ``active``: the projections the adapters have (the others' A and B are zero, as a slot holds
+    them). ``row_bytes``: the batch goes through ``plan_bands`` with that many bytes per rank row
+    (a large value makes every distinct rank its own band); None = one op at the largest rank."""
     gen = torch.Generator().manual_seed(0)
     S, n, R, d_in, splits, L = 5, 3, 8, 32, (32, 16, 16), 4
-    ranks = [8, 3, 5, 1, 7]
     a = torch.zeros(S, n, R, d_in)
     b = torch.zeros(S, R, sum(splits))
-    for s, r in enumerate(ranks):  # zero padding beyond each slot's rank, as the slots hold it
+    for s, r in enumerate(RANKS):  # zero padding beyond each slot's rank, as the slots hold it
         a[s, :, :r] = torch.randn(n, r, d_in, generator=gen)
         b[s, :r] = torch.randn(r, sum(splits), generator=gen)
+    start = 0
+    for j, width in enumerate(splits):
+        if j not in active:
+            a[:, j], b[:, :, start : start + width] = 0, 0
+        start += width
     a, b = a.to(dtype), b.to(dtype)
     x = torch.randn(len(slots), L, d_in, generator=gen).to(dtype)
     want = lora_delta_reference(x.float(), a.float(), b.float(), torch.tensor(slots), splits)
     rows = [i for i, s in enumerate(slots) if s != N]
     used = [slots[i] for i in rows]
     y = torch.zeros(len(slots), L, sum(splits), dtype=dtype)
-    seg = segment_rows(rows, used, len(slots), torch.device("cpu"))
-    row_t = None if len(rows) == len(slots) else torch.tensor(rows)
-    add_lora_delta(y, x, a, b, row_t, seg, max(ranks[s] for s in used), splits, (0, 1, 2))
+    if row_bytes is None:
+        seg = segment_rows(rows, used, len(slots), torch.device("cpu"))
+        row_t = None if len(rows) == len(slots) else torch.tensor(rows)
+        add_lora_delta(y, x, a, b, row_t, seg, max(RANKS[s] for s in used), splits, active)
+    else:
+        for band in plan_bands(rows, used, RANKS, len(slots), torch.device("cpu"), rank_row_bytes=row_bytes):
+            add_lora_delta(y, x, a, b, band.rows, band.segments, band.rank, splits, active)
     return want, y.float()
 
 
@@ -78,6 +100,62 @@ def test_segments_read_consecutive_slots_in_place_and_bound_the_padding():
     assert seg.slots == slice(0, 5) and seg.groups == 5 and seg.keep.tolist() == [4, 0, 2]
     seg = segment_rows([0, 1], SLOT_PATTERNS["sparse"], 2, dev)
     assert seg.slots.tolist() == [0, 4]
+
+
+@pytest.mark.parametrize("active", [(0, 1, 2), (0, 2), (1,)])
+@pytest.mark.parametrize("pattern", list(SLOT_PATTERNS))
+def test_bands_of_ranks_and_active_projections_match_reference(pattern, active):
+    """Every distinct rank its own band (a huge cost per rank row), and the adapters on some
+    projections only (a gather then copies just those)."""
+    want, got = delta(SLOT_PATTERNS[pattern], torch.float32, active=active, row_bytes=1 << 40)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    assert want.abs().max() > 1
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(st.integers(min_value=N, max_value=4), min_size=1, max_size=12).filter(lambda s: any(x != N for x in s)),
+    st.sampled_from([1, 64, 1 << 40]),
+)
+def test_any_batch_in_bands_matches_reference(slots, row_bytes):
+    want, got = delta(slots, torch.float32, row_bytes=row_bytes)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * max(1.0, want.abs().max().item()))
+
+
+def test_bands_only_where_the_slots_are_gathered_and_the_saving_pays():
+    dev = torch.device("cpu")
+    ranks = [8, 64, 8, 64, 16, 8, 8, 8]
+    # Slots 0..3 read in place: one band, even at a negligible cost per band.
+    (band,) = plan_bands([0, 1, 2, 3], [3, 1, 0, 2], ranks, 4, dev, rank_row_bytes=1 << 40)
+    assert band.rank == 64 and band.segments.slots == slice(0, 4)
+    # Slots 0, 1 and 7 are gathered: rank 8 apart from rank 64 when a band costs little ...
+    bands = plan_bands([0, 1, 2], [0, 1, 7], ranks, 3, dev, rank_row_bytes=1 << 40)
+    assert [b.rank for b in bands] == [8, 64] and bands[0].rows.tolist() == [0, 2] and bands[1].rows.tolist() == [1]
+    # ... together when a band costs more than the 2 x 56 rank rows it would save.
+    (band,) = plan_bands([0, 1, 2], [0, 1, 7], ranks, 3, dev, rank_row_bytes=BAND_COST_BYTES // 200)
+    assert band.rank == 64 and band.rows is None
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(min_value=1, max_value=64), min_size=1, max_size=10), st.floats(min_value=0, max_value=500))
+def test_split_ranks_is_the_cheapest_split(ranks, band_cost):
+    """Against every split of the sorted distinct ranks into consecutive bands."""
+    values = sorted(set(ranks))
+
+    def cost(bounds: list[int]) -> float:
+        lo, total = 0, 0.0
+        for hi in bounds:
+            total += band_cost + hi * sum(1 for r in ranks if lo < r <= hi)
+            lo = hi
+        return total
+
+    best = min(
+        cost([v for v, cut in zip(values, cuts + (True,)) if cut])
+        for cuts in itertools.product([False, True], repeat=len(values) - 1)
+    )
+    got = split_ranks(ranks, band_cost)
+    assert got[-1] == values[-1] and got == sorted(got)
+    assert cost(got) == pytest.approx(best)
 
 
 def test_rank_slicing_ignores_nothing_that_matters():

@@ -148,7 +148,8 @@ class StaticDecoder:
         seg = Segments(order=None, keep=None, slots=inputs.slots, groups=rows, size=1, mask=inputs.lora_mask)
         rank = self.model.max_rank
         band = RankBand(None, seg, rank)
-        return LoraBatch({name: GroupBatch((band,), tuple(range(len(projs)))) for name, projs in self.model.group_projs.items()})
+        projs = self.model.group_projs
+        return LoraBatch({name: GroupBatch((band,), tuple(range(len(names)))) for name, names in projs.items()})
 
     @torch.inference_mode()
     def forward(self, inputs: StaticInputs) -> torch.Tensor:

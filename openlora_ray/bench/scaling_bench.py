@@ -249,7 +249,8 @@ def run_one(model_dir: Path, cfg: ScalingConfig, store_root: Path, node_cache: P
         return RunResult(
             adapters=n, distribution=distribution, distinct=len({r.adapter for r in requests}),
             requests=len(ok), tokens=tokens, makespan_s=makespan, req_per_s=len(ok) / makespan,
-            tok_per_s=tokens / makespan, steady_tok_per_s=steady, ttft_p50_s=_quantile(ttfts, 0.5), ttft_p99_s=_quantile(ttfts, 0.99),
+            tok_per_s=tokens / makespan, steady_tok_per_s=steady,
+            ttft_p50_s=_quantile(ttfts, 0.5), ttft_p99_s=_quantile(ttfts, 0.99),
             slot_hits=tiers.get("slot", 0), host_loads=tiers.get("host", 0), disk_loads=tiers.get("fetch", 0),
             store_downloads=resolver.fetches["store"] - fetched_before["store"], evictions=engine.stats.evictions,
             rss_max_mib=rss.max_bytes / MiB, errors=len(results) - len(ok),
@@ -383,6 +384,10 @@ def traffic_model(model_dir: Path, cfg: ScalingConfig) -> dict[str, Any]:
     return {"base_mib": base / MiB, "adapter_mib": adapter / MiB, "by_distribution": out}
 
 
+def _change(loss: float) -> str:
+    return f"{'loss' if loss >= 0 else 'gain'} {abs(loss):.1%}"
+
+
 def _print(report: dict[str, Any], results: list[RunResult]) -> None:
     cfg = report["config"]
     print(f"bench scaling on {report['cpu']} ({report['torch_threads']} torch threads); model {report['model']}")
@@ -390,15 +395,16 @@ def _print(report: dict[str, Any], results: list[RunResult]) -> None:
           f"{cfg['requests']} requests per run; host tier {cfg['host_cache_mib']} MiB; ranks {cfg['ranks']} on "
           f"{'+'.join(cfg['targets'])} (files {report['adapter_file_mib']['mean']:.1f} MiB mean)")
     print_table(
-        ["N", "dist", "used", "req/s", "tok/s", "steady tok/s", "TTFT p50 s", "TTFT p99 s", "slot hits", "host", "disk", "store",
-         "evictions", "RSS max MiB", "errors"],
-        [[r.adapters, r.distribution, r.distinct, r.req_per_s, r.tok_per_s, r.steady_tok_per_s, r.ttft_p50_s, r.ttft_p99_s, r.slot_hits,
-          r.host_loads, r.disk_loads, r.store_downloads, r.evictions, f"{r.rss_max_mib:.0f}", r.errors] for r in results],
+        ["N", "dist", "used", "req/s", "tok/s", "steady tok/s", "TTFT p50 s", "TTFT p99 s", "slot hits", "host",
+         "disk", "store", "evictions", "RSS max MiB", "errors"],
+        [[r.adapters, r.distribution, r.distinct, r.req_per_s, r.tok_per_s, r.steady_tok_per_s, r.ttft_p50_s,
+          r.ttft_p99_s, r.slot_hits, r.host_loads, r.disk_loads, r.store_downloads, r.evictions,
+          f"{r.rss_max_mib:.0f}", r.errors] for r in results],
     )
     for dist, loss in report["throughput_loss"].items():
-        print(f"{dist}: steady throughput {'loss' if loss >= 0 else 'gain'} {abs(loss):.1%} from "
-              f"N={min(cfg['counts'])} to N={max(cfg['counts'])} (target: loss <= {TARGET_LOSS:.0%}); requests/s over "
-              f"the whole run: {report['throughput_loss_whole_run'][dist]:+.1%}")
+        print(f"{dist}: steady throughput {_change(loss)} from N={min(cfg['counts'])} to N={max(cfg['counts'])} "
+              f"(target: loss <= {TARGET_LOSS:.0%}); requests/s over the whole run: "
+              f"{_change(report['throughput_loss_whole_run'][dist])}")
     b = report["traffic_model"]
     print(f"memory-traffic model: a decode step of a full batch ({cfg['max_running']} rows) reads the base weights "
           f"({b['base_mib']:.0f} MiB) and each distinct adapter's slot once ({b['adapter_mib']:.1f} MiB mean):")

@@ -27,7 +27,7 @@ plain block copy: advanced indexing took 6x longer on CPU). The rank is sliced t
 present, so rank-8 adapters in rank-64 buffers neither copy nor multiply 56 zero rows. B is stored
 transposed, ``(S, R, out)``, so each projection's columns are a plain strided view for the expand.
 
-Adapters of different ranks in one batch (``plan_bands``): one op at the largest rank reads every
+Adapters of different ranks in one batch (``split_band``): one op at the largest rank reads every
 slot at that rank, so a batch of rank-8 to rank-64 adapters reads about twice the bytes they hold,
 and reading adapter bytes is what a decode step over many distinct adapters spends its extra time
 on. When the slots must be gathered anyway (not read in place), the rows are split into *bands* of
@@ -205,27 +205,32 @@ def split_ranks(ranks: Sequence[int], band_cost: float) -> list[int]:
     return bounds[::-1]
 
 
-def plan_bands(
+def one_band(
     rows: Sequence[int],
     slots: Sequence[int],  # slot of each of ``rows``
     slot_rank: Sequence[int],  # rank held by every slot
     num_batch_rows: int,
     device: torch.device,
+) -> RankBand:
+    """The adapted ``rows`` as one band, at the largest rank among their slots."""
+    seg = segment_rows(rows, slots, num_batch_rows, device)
+    row_t = None if len(rows) == num_batch_rows else torch.tensor(rows, device=device)
+    return RankBand(row_t, seg, max(slot_rank[s] for s in slots))
+
+
+def split_band(
+    whole: RankBand,
+    rows: Sequence[int],
+    slots: Sequence[int],
+    slot_rank: Sequence[int],
+    num_batch_rows: int,
+    device: torch.device,
     *,
     rank_row_bytes: int,  # bytes one rank row of one slot holds in the projections the op computes
 ) -> tuple[RankBand, ...]:
-    """The adapted ``rows`` as bands for ``add_lora_delta`` (see the module doc).
-
-    One band when the slots are read in place (splitting would turn a read into gathers) or when
-    splitting saves less than ``BAND_COST_BYTES`` per extra band.
-    """
-
-    def band(members: list[int]) -> RankBand:
-        seg = segment_rows([rows[k] for k in members], [slots[k] for k in members], num_batch_rows, device)
-        row_t = None if len(members) == num_batch_rows else torch.tensor([rows[k] for k in members], device=device)
-        return RankBand(row_t, seg, max(slot_rank[slots[k]] for k in members))
-
-    whole = band(list(range(len(rows))))
+    """``whole`` (``one_band`` of the same rows) as bands of ranks for ``add_lora_delta`` (see the
+    module doc); ``(whole,)`` when its slots are read in place (splitting would turn a read into
+    gathers) or when splitting saves less than ``BAND_COST_BYTES`` per extra band."""
     if isinstance(whole.segments.slots, slice):
         return (whole,)
     bounds = split_ranks([slot_rank[s] for s in set(slots)], BAND_COST_BYTES / rank_row_bytes)
@@ -234,4 +239,7 @@ def plan_bands(
     members: dict[int, list[int]] = {}
     for k, s in enumerate(slots):
         members.setdefault(next(b for b in bounds if slot_rank[s] <= b), []).append(k)
-    return tuple(band(members[b]) for b in bounds if b in members)
+    return tuple(
+        one_band([rows[k] for k in ks], [slots[k] for k in ks], slot_rank, num_batch_rows, device)
+        for ks in (members[b] for b in bounds if b in members)
+    )

@@ -24,7 +24,7 @@ from transformers.activations import ACT2FN
 
 from openlora_ray.adapter_format import BaseModelDims
 from openlora_ray.lora.layers import GroupBatch, LoraProjectionGroup
-from openlora_ray.lora.ops import NO_ADAPTER, RankBand, plan_bands
+from openlora_ray.lora.ops import NO_ADAPTER, RankBand, one_band, split_band
 from openlora_ray.lora.weights import LoraWeights
 from openlora_ray.model.family import FamilySpec, NormKind
 from openlora_ray.model.flex_decode import FlexDecodeLayout, flex_decode_attention
@@ -284,7 +284,9 @@ class MultiLoraLlama(nn.Module):
         self.group_of = {proj: name for name, projs in self.group_projs.items() for proj in projs}
         # Group -> (input width, output width per projection): what one rank row of a slot holds.
         self._group_widths = {
-            name: (group.lora_a.shape[-1], group.out_splits) for layer in self.layers for name, group in layer.groups.items()
+            name: (group.lora_a.shape[-1], group.out_splits)
+            for layer in self.layers
+            for name, group in layer.groups.items()
         }
         # What each slot holds, for building per-group batches without touching the buffers.
         self._slot_rank = [0] * num_slots
@@ -330,7 +332,8 @@ class MultiLoraLlama(nn.Module):
     def lora_batch(self, slots: Sequence[int]) -> LoraBatch | None:
         """Per-group indices for rows using ``slots`` (``NO_ADAPTER`` = base only). Built once per forward."""
         groups: dict[str, GroupBatch] = {}
-        # Groups with the same rows and the same bytes per rank row share their bands.
+        # Groups with the same rows share their segments; with the same bytes per rank row too, their bands.
+        wholes: dict[tuple[int, ...], RankBand] = {}
         bands: dict[tuple[tuple[int, ...], int], tuple[RankBand, ...]] = {}
         for name, projs in self.group_projs.items():
             rows = [i for i, s in enumerate(slots) if s != NO_ADAPTER and not self._slot_projs[s].isdisjoint(projs)]
@@ -338,10 +341,12 @@ class MultiLoraLlama(nn.Module):
                 continue
             adapted = frozenset().union(*(self._slot_projs[slots[i]] for i in rows))
             active = tuple(j for j, p in enumerate(projs) if p in adapted)
-            key = (tuple(rows), self._rank_row_bytes(name, active))
-            if key not in bands:
-                bands[key] = plan_bands(
-                    rows, [slots[i] for i in rows], self._slot_rank, len(slots), self.device, rank_row_bytes=key[1]
+            used = [slots[i] for i in rows]
+            if (row_key := tuple(rows)) not in wholes:
+                wholes[row_key] = one_band(rows, used, self._slot_rank, len(slots), self.device)
+            if (key := (row_key, self._rank_row_bytes(name, active))) not in bands:
+                bands[key] = split_band(
+                    wholes[row_key], rows, used, self._slot_rank, len(slots), self.device, rank_row_bytes=key[1]
                 )
             groups[name] = GroupBatch(bands[key], active)
         return LoraBatch(groups) if groups else None

@@ -14,8 +14,9 @@ from openlora_ray.lora.ops import (
     NO_ADAPTER,
     add_lora_delta,
     lora_delta_reference,
-    plan_bands,
+    one_band,
     segment_rows,
+    split_band,
     split_ranks,
 )
 
@@ -41,7 +42,7 @@ def delta(
     """(reference delta in float32, add_lora_delta's result) for one batch.
 
     ``active``: the projections the adapters have (the others' A and B are zero, as a slot holds
-    them). ``row_bytes``: the batch goes through ``plan_bands`` with that many bytes per rank row
+    them). ``row_bytes``: the batch goes through ``split_band`` with that many bytes per rank row
     (a large value makes every distinct rank its own band); None = one op at the largest rank."""
     gen = torch.Generator().manual_seed(0)
     S, n, R, d_in, splits, L = 5, 3, 8, 32, (32, 16, 16), 4
@@ -66,7 +67,9 @@ def delta(
         row_t = None if len(rows) == len(slots) else torch.tensor(rows)
         add_lora_delta(y, x, a, b, row_t, seg, max(RANKS[s] for s in used), splits, active)
     else:
-        for band in plan_bands(rows, used, RANKS, len(slots), torch.device("cpu"), rank_row_bytes=row_bytes):
+        cpu = torch.device("cpu")
+        whole = one_band(rows, used, RANKS, len(slots), cpu)
+        for band in split_band(whole, rows, used, RANKS, len(slots), cpu, rank_row_bytes=row_bytes):
             add_lora_delta(y, x, a, b, band.rows, band.segments, band.rank, splits, active)
     return want, y.float()
 
@@ -120,6 +123,11 @@ def test_bands_of_ranks_and_active_projections_match_reference(pattern, active):
 def test_any_batch_in_bands_matches_reference(slots, row_bytes):
     want, got = delta(slots, torch.float32, row_bytes=row_bytes)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * max(1.0, want.abs().max().item()))
+
+
+def plan_bands(rows, slots, ranks, num_rows, dev, *, rank_row_bytes):
+    whole = one_band(rows, slots, ranks, num_rows, dev)
+    return split_band(whole, rows, slots, ranks, num_rows, dev, rank_row_bytes=rank_row_bytes)
 
 
 def test_bands_only_where_the_slots_are_gathered_and_the_saving_pays():

@@ -27,6 +27,7 @@ import random
 import statistics
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Self
@@ -170,6 +171,61 @@ def workload(cfg: ScalingConfig, n: int, distribution: str, vocab: int) -> list[
 
 
 # ---------------------------------------------------------------------------------- a run
+@dataclass(frozen=True)
+class LoopShare:
+    """Where the engine loop spent a run: the decode forwards (and rows per step, which falls when
+    requests wait for their adapters), the prefill forwards, sampling, converting read adapters to
+    tensors and writing them into slots; shares of the run's wall time."""
+
+    decode_steps: int
+    rows_per_step: float
+    ms_per_step: float
+    decode: float
+    prefill: float
+    sample: float
+    convert: float
+    slot_write: float
+
+
+class LoopClock:
+    """Times the engine's runner calls and adapter conversions and slot writes while a run lasts,
+    by wrapping those methods on the instances (the engine itself is not changed for the bench)."""
+
+    PARTS = ("decode", "prefill", "sample", "convert", "slot_write")
+
+    def __init__(self, engine: Any) -> None:
+        self.seconds = dict.fromkeys(self.PARTS, 0.0)
+        self.decode_steps = self.decode_rows = 0
+        targets = {
+            "decode": (engine.runner, "decode"), "prefill": (engine.runner, "prefill"),
+            "sample": (engine.runner, "sample"), "convert": (engine.adapters, "collect"),
+            "slot_write": (engine.adapters.slots.buffers, "write_slot"),
+        }
+        for part, (obj, name) in targets.items():
+            setattr(obj, name, self._timed(part, getattr(obj, name)))
+
+    def _timed(self, part: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds[part] += time.perf_counter() - start
+                if part == "decode":
+                    self.decode_steps += 1
+                    self.decode_rows += len(args[0])
+
+        return call
+
+    def share(self, wall_s: float) -> LoopShare:
+        steps = max(self.decode_steps, 1)
+        return LoopShare(
+            decode_steps=self.decode_steps, rows_per_step=self.decode_rows / steps,
+            ms_per_step=1e3 * self.seconds["decode"] / steps,
+            **{part: self.seconds[part] / wall_s for part in self.PARTS},
+        )
+
+
 class RssSampler:
     """The process's resident set, sampled while a run lasts (its maximum is reported)."""
 
@@ -217,6 +273,7 @@ class RunResult:
     store_downloads: int
     evictions: int
     rss_max_mib: float
+    loop: LoopShare  # where the engine loop's time went
     errors: int = 0
     notes: list[str] = field(default_factory=list)
 
@@ -238,6 +295,7 @@ def run_one(model_dir: Path, cfg: ScalingConfig, store_root: Path, node_cache: P
         requests = workload(cfg, n, distribution, engine.model.config.vocab_size)
         asyncio.run(_drive(engine, [Request(requests[0].prompt[:8], 2, None)], 1))  # the model's first call
         fetched_before = dict(resolver.fetches)
+        clock = LoopClock(engine)
         with RssSampler() as rss:
             start = time.monotonic()
             results, steady = asyncio.run(_drive(engine, requests, cfg.concurrency))
@@ -253,7 +311,7 @@ def run_one(model_dir: Path, cfg: ScalingConfig, store_root: Path, node_cache: P
             ttft_p50_s=_quantile(ttfts, 0.5), ttft_p99_s=_quantile(ttfts, 0.99),
             slot_hits=tiers.get("slot", 0), host_loads=tiers.get("host", 0), disk_loads=tiers.get("fetch", 0),
             store_downloads=resolver.fetches["store"] - fetched_before["store"], evictions=engine.stats.evictions,
-            rss_max_mib=rss.max_bytes / MiB, errors=len(results) - len(ok),
+            rss_max_mib=rss.max_bytes / MiB, loop=clock.share(makespan), errors=len(results) - len(ok),
         )
     finally:
         engine.shutdown(drain_timeout_s=1)
@@ -400,6 +458,12 @@ def _print(report: dict[str, Any], results: list[RunResult]) -> None:
         [[r.adapters, r.distribution, r.distinct, r.req_per_s, r.tok_per_s, r.steady_tok_per_s, r.ttft_p50_s,
           r.ttft_p99_s, r.slot_hits, r.host_loads, r.disk_loads, r.store_downloads, r.evictions,
           f"{r.rss_max_mib:.0f}", r.errors] for r in results],
+    )
+    print("where the engine loop's time went (shares of each run's wall time):")
+    print_table(
+        ["N", "dist", "decode steps", "rows/step", "ms/step", "decode", "prefill", "sample", "convert", "slot write"],
+        [[r.adapters, r.distribution, r.loop.decode_steps, r.loop.rows_per_step, r.loop.ms_per_step,
+          *(f"{getattr(r.loop, p):.1%}" for p in LoopClock.PARTS)] for r in results],
     )
     for dist, loss in report["throughput_loss"].items():
         print(f"{dist}: steady throughput {_change(loss)} from N={min(cfg['counts'])} to N={max(cfg['counts'])} "

@@ -173,14 +173,15 @@ def workload(cfg: ScalingConfig, n: int, distribution: str, vocab: int) -> list[
 # ---------------------------------------------------------------------------------- a run
 @dataclass(frozen=True)
 class LoopShare:
-    """Where the engine loop spent a run: the decode forwards (and rows per step, which falls when
-    requests wait for their adapters), the prefill forwards, sampling, converting read adapters to
-    tensors and writing them into slots; shares of the run's wall time."""
+    """Where the engine loop spent a run: the step forwards (decode rows and the prefill chunks that
+    join them; decode rows per step fall when requests wait for their adapters), prefill forwards
+    run alone, sampling, converting read adapters to tensors and writing them into slots; shares of
+    the run's wall time."""
 
-    decode_steps: int
-    rows_per_step: float
+    steps: int
+    rows_per_step: float  # decode rows
     ms_per_step: float
-    decode: float
+    step: float
     prefill: float
     sample: float
     convert: float
@@ -191,13 +192,13 @@ class LoopClock:
     """Times the engine's runner calls and adapter conversions and slot writes while a run lasts,
     by wrapping those methods on the instances (the engine itself is not changed for the bench)."""
 
-    PARTS = ("decode", "prefill", "sample", "convert", "slot_write")
+    PARTS = ("step", "prefill", "sample", "convert", "slot_write")
 
     def __init__(self, engine: Any) -> None:
         self.seconds = dict.fromkeys(self.PARTS, 0.0)
-        self.decode_steps = self.decode_rows = 0
+        self.steps = self.decode_rows = 0
         targets = {
-            "decode": (engine.runner, "decode"), "prefill": (engine.runner, "prefill"),
+            "step": (engine.runner, "step"), "prefill": (engine.runner, "prefill"),
             "sample": (engine.runner, "sample"), "convert": (engine.adapters, "collect"),
             "slot_write": (engine.adapters.slots.buffers, "write_slot"),
         }
@@ -211,17 +212,17 @@ class LoopClock:
                 return fn(*args, **kwargs)
             finally:
                 self.seconds[part] += time.perf_counter() - start
-                if part == "decode":
-                    self.decode_steps += 1
+                if part == "step":
+                    self.steps += 1
                     self.decode_rows += len(args[0])
 
         return call
 
     def share(self, wall_s: float) -> LoopShare:
-        steps = max(self.decode_steps, 1)
+        steps = max(self.steps, 1)
         return LoopShare(
-            decode_steps=self.decode_steps, rows_per_step=self.decode_rows / steps,
-            ms_per_step=1e3 * self.seconds["decode"] / steps,
+            steps=self.steps, rows_per_step=self.decode_rows / steps,
+            ms_per_step=1e3 * self.seconds["step"] / steps,
             **{part: self.seconds[part] / wall_s for part in self.PARTS},
         )
 
@@ -461,8 +462,9 @@ def _print(report: dict[str, Any], results: list[RunResult]) -> None:
     )
     print("where the engine loop's time went (shares of each run's wall time):")
     print_table(
-        ["N", "dist", "decode steps", "rows/step", "ms/step", "decode", "prefill", "sample", "convert", "slot write"],
-        [[r.adapters, r.distribution, r.loop.decode_steps, r.loop.rows_per_step, r.loop.ms_per_step,
+        ["N", "dist", "steps", "decode rows/step", "ms/step", "step", "prefill alone", "sample", "convert",
+         "slot write"],
+        [[r.adapters, r.distribution, r.loop.steps, r.loop.rows_per_step, r.loop.ms_per_step,
           *(f"{getattr(r.loop, p):.1%}" for p in LoopClock.PARTS)] for r in results],
     )
     for dist, loss in report["throughput_loss"].items():

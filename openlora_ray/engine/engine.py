@@ -39,9 +39,9 @@ from openlora_ray.engine.memory import MemoryPlan, plan_memory
 from openlora_ray.engine.prompt_logprobs import score_tokens
 from openlora_ray.engine.prompts import Prompt, encode_prompt
 from openlora_ray.engine.request import FinishReason, GenerationRequest, SamplingParams, StreamOutput, TokenLogprobs
-from openlora_ray.engine.runner import DecodeRow, ModelRunner
+from openlora_ray.engine.runner import DecodeRow, ModelRunner, PrefillRow
 from openlora_ray.engine.sampling import RowContext, SamplingError
-from openlora_ray.engine.scheduler import Scheduler, Seq, StepPlan
+from openlora_ray.engine.scheduler import Chunk, Scheduler, Seq, StepPlan
 from openlora_ray.errors import CapacityError, InvalidRequestError
 from openlora_ray.lora.slots import SlotManager
 from openlora_ray.lora.transfer import TransferredSlots, transfer_for
@@ -400,10 +400,14 @@ class Engine:
         """Run the plan's forwards; the token sampled for each sequence that reached its end."""
         slot = self.adapters.slot
         done: list[tuple[Seq, torch.Tensor]] = []
+        mixed: list[Chunk] = []
         for chunk in plan.prefill:
             seq = chunk.seq
             record = self._requests[seq]
             targets = record.prompt_targets(chunk.start, chunk.length)
+            if self.runner.mixes and not targets:
+                mixed.append(chunk)
+                continue
             logits = self.runner.prefill(
                 seq.tokens[chunk.start : chunk.start + chunk.length],
                 start=chunk.start,
@@ -418,13 +422,19 @@ class Engine:
                 logits = logits[-1]
             if chunk.sample:
                 done.append((seq, logits[None]))
-        if plan.decode:
+        if plan.decode or mixed:
             # One adapter's rows side by side: the LoRA op then reads them in place, not gathered.
             decode = sorted(plan.decode, key=slot)
             rows = [DecodeRow(s.tokens[-1], len(s.tokens) - 1, s.blocks, slot(s)) for s in decode]
-            logits = self.runner.decode(rows)
-            done += [(seq, logits[i : i + 1]) for i, seq in enumerate(decode)]
-            self._recent.append((time.monotonic(), len(rows)))
+            pieces = [
+                PrefillRow(c.seq.tokens[c.start : c.start + c.length], c.start, c.seq.blocks, slot(c.seq), c.sample)
+                for c in mixed
+            ]
+            logits = self.runner.step(rows, pieces) if pieces else self.runner.decode(rows)
+            sampled = decode + [c.seq for c in mixed if c.sample]
+            done += [(seq, logits[i : i + 1]) for i, seq in enumerate(sampled)]
+            if decode:
+                self._recent.append((time.monotonic(), len(rows)))
         if not done:
             return []
         seqs = [s for s, _ in done]

@@ -1,8 +1,12 @@
 """The model runner: every tensor of a step (inputs, KV cache, logits, sampling) lives here.
 
 The scheduler decides in plain Python which tokens of which sequences a step computes; the runner
-turns that into tensors and runs the forward: one call per prefill chunk (a single sequence,
-``(1, L)``) and one batched call for every decode row (``(B, 1)``), whatever adapters they use.
+turns that into tensors and runs the forward. A step is one forward (``step``): its decode rows and
+its prefill chunks' tokens, each token a row of its own (``(T, 1)``), whatever adapters they use, so
+the weights are read once per step rather than once per chunk and once more for the decode rows
+(a chunk of a few dozen tokens cost about as much as a whole decode step when run on its own). A
+chunk that needs every position's logits (``prompt_logprobs``) still runs alone (``prefill``), and
+so does every chunk when CUDA graphs replay the decode rows (a graph has static shapes).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from openlora_ray.engine.sampling import RowContext, SamplingError, sample_rows
 from openlora_ray.engine.static_decode import ROW_BUCKETS, DecodeGraphs, StaticDecoder
 from openlora_ray.model.flex_decode import build_flex_decode
 from openlora_ray.model.llama import MultiLoraLlama, PagedBatch
-from openlora_ray.model.paged_attention import PrefillLayout, build_decode_layout
+from openlora_ray.model.paged_attention import ChunkSpan, PrefillLayout, build_decode_layout
 
 
 @dataclass(frozen=True)
@@ -27,6 +31,17 @@ class DecodeRow:
     position: int
     blocks: Sequence[int]  # the sequence's block table
     slot: int  # LoRA slot, or NO_ADAPTER
+
+
+@dataclass(frozen=True)
+class PrefillRow:
+    """A prefill chunk in a step: ``tokens`` of one sequence at positions ``start..``."""
+
+    tokens: Sequence[int]
+    start: int
+    blocks: Sequence[int]  # the sequence's block table
+    slot: int  # LoRA slot, or NO_ADAPTER
+    sample: bool  # the chunk ends at the last known token: its last token's logits are returned
 
 
 class ModelRunner:
@@ -52,6 +67,7 @@ class ModelRunner:
         if cuda_graphs and self.device.type == "cuda" and "moe" not in model.spec.layer_mlp:
             static = StaticDecoder(model, self.cache, block_size=block_size, scratch=num_blocks)
             self.graphs = DecodeGraphs(static)
+        self.mixes = self.graphs is None  # prefill chunks join the decode rows' forward (``step``)
 
     def _where(self, blocks: Sequence[int], positions: range) -> tuple[list[int], list[int]]:
         """(block, offset) of each position's key and value."""
@@ -81,21 +97,48 @@ class ModelRunner:
         if self.graphs is not None and len(rows) <= ROW_BUCKETS[-1]:
             static = self.graphs.decoder.inputs([r.token for r in rows], [r.position for r in rows], [r.blocks for r in rows], [r.slot for r in rows])
             return self.graphs.run(static, len(rows))
-        dev = self.device
-        bs = self.block_size
-        where = torch.tensor([r.blocks[r.position // bs] for r in rows], device=dev)
-        offsets = torch.tensor([r.position % bs for r in rows], device=dev)
-        tables, lengths = [r.blocks for r in rows], [r.position + 1 for r in rows]
-        window = self.model.spec.sliding_window  # windowed layers read only the rows' last `window` positions
-        if self.flex:
-            build = partial(build_flex_decode, tables, lengths, block_size=bs, num_blocks=self.cache.num_blocks, device=dev)
-        else:
-            build = partial(build_decode_layout, tables, lengths, bs, dev)
-        paged = PagedBatch(where, offsets, build(), build(window=window) if window is not None else None)
-        ids = torch.tensor([[r.token] for r in rows], device=dev)  # (B, 1)
-        pos = torch.tensor([[r.position] for r in rows], device=dev)  # (B, 1)
-        first = torch.zeros(len(rows), dtype=torch.long, device=dev)
-        return self.model(ids, pos, self.model.lora_batch([r.slot for r in rows]), self.cache, paged, logits_at=first)
+        return self.step(rows, ())
+
+    @torch.inference_mode()
+    def step(self, rows: Sequence[DecodeRow], chunks: Sequence[PrefillRow]) -> torch.Tensor:
+        """Decode ``rows`` and prefill ``chunks`` in one forward; logits (B + S, V): each decode
+        row's, then the last token's of each of the S chunks that sample, in order."""
+        dev, bs = self.device, self.block_size
+        tokens, positions = [r.token for r in rows], [r.position for r in rows]
+        where, offsets = [r.blocks[r.position // bs] for r in rows], [r.position % bs for r in rows]
+        slots, runs, spans, logit_rows = [r.slot for r in rows], [], [], list(range(len(rows)))
+        for c in chunks:
+            first, n = len(tokens), len(c.tokens)
+            chunk_where, chunk_offsets = self._where(c.blocks, range(c.start, c.start + n))
+            tokens += c.tokens
+            positions += range(c.start, c.start + n)
+            where += chunk_where
+            offsets += chunk_offsets
+            slots += [c.slot] * n
+            runs.append(range(first, first + n))
+            used = -(-(c.start + n) // bs)
+            spans.append(ChunkSpan(first, n, PrefillLayout(torch.tensor(c.blocks[:used], device=dev), c.start)))
+            if c.sample:
+                logit_rows.append(first + n - 1)
+        layout = windowed = None
+        if rows:
+            tables, lengths = [r.blocks for r in rows], [r.position + 1 for r in rows]
+            window = self.model.spec.sliding_window  # windowed layers read only the rows' last `window` positions
+            if self.flex:
+                build = partial(
+                    build_flex_decode, tables, lengths, block_size=bs, num_blocks=self.cache.num_blocks, device=dev
+                )
+            else:
+                build = partial(build_decode_layout, tables, lengths, bs, dev)
+            layout, windowed = build(), build(window=window) if window is not None else None
+        paged = PagedBatch(
+            torch.tensor(where, device=dev), torch.tensor(offsets, device=dev), layout, windowed, tuple(spans)
+        )
+        ids = torch.tensor(tokens, device=dev)[:, None]  # (T, 1)
+        pos = torch.tensor(positions, device=dev)[:, None]  # (T, 1)
+        lora = self.model.lora_batch(slots, runs)
+        wanted = torch.tensor(logit_rows, dtype=torch.long, device=dev)  # (B + S,)
+        return self.model(ids, pos, lora, self.cache, paged, logit_rows=wanted)
 
     def new_generator(self, seed: int) -> torch.Generator:
         return torch.Generator(device=self.device).manual_seed(seed)

@@ -5,11 +5,12 @@ Gemma 2/3, Phi-3, SmolLM); what differs per family is read from a ``FamilySpec``
 (``model/family.py``): norm kind and placement, q/k norms, scaling and soft-caps, embedding scale,
 activation, per-layer sliding windows and RoPE settings, fused projection names, the MLP kind.
 Every decoder layer's projections become ``LoraProjectionGroup``s (qkv, o, gate_up, down). The same
-forward serves a prefill chunk of one sequence (L tokens) and a decode step of many (L = 1) against
-a paged KV cache allocated once (``model/paged_attention.py``); every row carries its own
-positions and block table, so rows of different lengths and ages share one batch and each attends
-over its own length (its last ``window`` positions in a windowed layer). Without a cache it is a
-plain causal forward (tests).
+forward serves a prefill chunk of one sequence (L tokens), a decode step of many (L = 1), and a
+*mixed* step, decode rows followed by prefill chunks with every token a row of its own
+(``PagedBatch.chunks``), against a paged KV cache allocated once (``model/paged_attention.py``);
+every row carries its own positions and block table, so rows of different lengths and ages share
+one batch and each attends over its own length (its last ``window`` positions in a windowed
+layer). Without a cache it is a plain causal forward (tests).
 """
 
 from __future__ import annotations
@@ -24,11 +25,12 @@ from transformers.activations import ACT2FN
 
 from openlora_ray.adapter_format import BaseModelDims
 from openlora_ray.lora.layers import GroupBatch, LoraProjectionGroup
-from openlora_ray.lora.ops import NO_ADAPTER, RankBand, one_band, split_band
+from openlora_ray.lora.ops import NO_ADAPTER, RankBand, Segments, one_band, split_band
 from openlora_ray.lora.weights import LoraWeights
 from openlora_ray.model.family import FamilySpec, NormKind
 from openlora_ray.model.flex_decode import FlexDecodeLayout, flex_decode_attention
 from openlora_ray.model.paged_attention import (
+    ChunkSpan,
     DecodeLayout,
     PrefillLayout,
     attend,
@@ -95,10 +97,12 @@ class PagedBatch:
 
     blocks: torch.Tensor  # (B*L,) long, the block each new token's key and value go to
     offsets: torch.Tensor  # (B*L,) long, their position within it
-    layout: PrefillLayout | DecodeLayout | FlexDecodeLayout  # prefill: B == 1; decode: L == 1
+    # prefill: B == 1; decode: L == 1, the first B - sum(chunk lengths) rows (None: there are none)
+    layout: PrefillLayout | DecodeLayout | FlexDecodeLayout | None
     # Decode only, for models with windowed layers: the pairs of the rows' last ``window`` positions
     # (``build_decode_layout(..., window=spec.sliding_window)``); prefill windows by masking.
     windowed: DecodeLayout | FlexDecodeLayout | None = None
+    chunks: tuple[ChunkSpan, ...] = ()  # a mixed step's prefill chunks, after its decode rows
 
 
 def make_group(names: tuple[str, ...], owner: nn.Module, num_slots: int, max_rank: int, *, transposed: bool) -> LoraProjectionGroup:
@@ -222,22 +226,47 @@ class DecoderLayer(nn.Module):
             new_v = v.transpose(1, 2).reshape(bsz * seq, self.num_kv_heads, self.head_dim)
             write_kv(k_pool, v_pool, paged.blocks, paged.offsets, new_k, new_v)
             if isinstance(paged.layout, PrefillLayout):
-                att = prefill_attention(
-                    q[0], k_pool, v_pool, paged.layout, self.scaling, window=self.window, softcap=self.softcap
-                ).transpose(0, 1)[None]
+                att = self._prefill(q[0], k_pool, v_pool, paged.layout).transpose(0, 1)[None]
             else:
-                layout = paged.layout if self.window is None else paged.windowed
-                if layout is None:
-                    raise ValueError("a windowed layer needs PagedBatch.windowed for decode (build_decode_layout with window)")
-                if isinstance(layout, FlexDecodeLayout):  # token-major pool, read back in that shape
-                    k_tm, v_tm = k_pool.permute(0, 3, 1, 2), v_pool.permute(0, 2, 1, 3)  # (NB, bs, KVH, hd)
-                    att = flex_decode_attention(q[:, :, 0], k_tm, v_tm, layout, self.scaling, self.softcap)[:, None]
-                else:
-                    att = decode_attention(q[:, :, 0], k_pool, v_pool, layout, self.scaling, self.softcap)[:, None]
+                att = self._step_attention(q[:, :, 0], k_pool, v_pool, paged)[:, None]  # (B, 1, H, hd)
         out = self.o(att.reshape(bsz, seq, -1), g.get("o"))[0]
         x = x + (self.attn_out_norm(out) if self.attn_out_norm is not None else out)
         out = self.mlp(self.mlp_norm(x), g)
         return x + (self.mlp_out_norm(out) if self.mlp_out_norm is not None else out)
+
+    def _prefill(
+        self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, layout: PrefillLayout
+    ) -> torch.Tensor:
+        """One sequence's chunk: (H, L, hd) queries -> (H, L, hd)."""
+        return prefill_attention(q, k_pool, v_pool, layout, self.scaling, window=self.window, softcap=self.softcap)
+
+    def _step_attention(
+        self,
+        q: torch.Tensor,  # (B, H, hd): decode rows, then each chunk's tokens
+        k_pool: torch.Tensor,
+        v_pool: torch.Tensor,
+        paged: PagedBatch,
+    ) -> torch.Tensor:  # (B, H, hd)
+        """A decode step, or a mixed one: the decode rows through the pairs (or flex) path, each
+        prefill chunk as ``prefill_attention`` over its own blocks."""
+        num_decode = q.shape[0] - sum(c.length for c in paged.chunks)
+        parts = []
+        if num_decode:
+            layout = paged.layout if self.window is None else paged.windowed
+            if layout is None:
+                raise ValueError(
+                    "a windowed layer needs PagedBatch.windowed for decode (build_decode_layout with window)"
+                )
+            rows = q[:num_decode]  # (Bd, H, hd)
+            if isinstance(layout, FlexDecodeLayout):  # token-major pool, read back in that shape
+                k_tm, v_tm = k_pool.permute(0, 3, 1, 2), v_pool.permute(0, 2, 1, 3)  # (NB, bs, KVH, hd)
+                parts.append(flex_decode_attention(rows, k_tm, v_tm, layout, self.scaling, self.softcap))
+            else:
+                parts.append(decode_attention(rows, k_pool, v_pool, layout, self.scaling, self.softcap))
+        for c in paged.chunks:
+            chunk_q = q[c.row : c.row + c.length].transpose(0, 1)  # (H, L, hd)
+            parts.append(self._prefill(chunk_q, k_pool, v_pool, c.layout).transpose(0, 1))  # (L, H, hd)
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def _full_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Attention without a cache (tests, reference): (B, H, L, hd)."""
@@ -329,27 +358,47 @@ class MultiLoraLlama(nn.Module):
         self._slot_rank[slot] = 0
         self._slot_projs[slot] = frozenset()
 
-    def lora_batch(self, slots: Sequence[int]) -> LoraBatch | None:
-        """Per-group indices for rows using ``slots`` (``NO_ADAPTER`` = base only). Built once per forward."""
+    def lora_batch(self, slots: Sequence[int], runs: Sequence[range] = ()) -> LoraBatch | None:
+        """Per-group indices for rows using ``slots`` (``NO_ADAPTER`` = base only). Built once per forward.
+
+        ``runs``: ranges of rows that hold one prefill chunk's tokens (a mixed step), one slot per
+        run. Each run is one group of its own, read in place: segmented with the decode rows, a
+        40-token chunk would become 14 groups of 3 rows, each gathering a copy of its slot.
+        """
         groups: dict[str, GroupBatch] = {}
         # Groups with the same rows share their segments; with the same bytes per rank row too, their bands.
         wholes: dict[tuple[int, ...], RankBand] = {}
         bands: dict[tuple[tuple[int, ...], int], tuple[RankBand, ...]] = {}
+        chunked = {i for r in runs for i in r}
+        run_bands = {r.start: self._run_band(r, slots[r.start]) for r in runs if slots[r.start] != NO_ADAPTER}
         for name, projs in self.group_projs.items():
-            rows = [i for i, s in enumerate(slots) if s != NO_ADAPTER and not self._slot_projs[s].isdisjoint(projs)]
-            if not rows:
+            rows = [
+                i for i, s in enumerate(slots)
+                if i not in chunked and s != NO_ADAPTER and not self._slot_projs[s].isdisjoint(projs)
+            ]
+            own = [b for start, b in run_bands.items() if not self._slot_projs[slots[start]].isdisjoint(projs)]
+            if not rows and not own:
                 continue
-            adapted = frozenset().union(*(self._slot_projs[slots[i]] for i in rows))
+            adapted = frozenset().union(*(self._slot_projs[slots[i]] for i in rows + list(run_bands)))
             active = tuple(j for j, p in enumerate(projs) if p in adapted)
-            used = [slots[i] for i in rows]
-            if (row_key := tuple(rows)) not in wholes:
-                wholes[row_key] = one_band(rows, used, self._slot_rank, len(slots), self.device)
-            if (key := (row_key, self._rank_row_bytes(name, active))) not in bands:
-                bands[key] = split_band(
-                    wholes[row_key], rows, used, self._slot_rank, len(slots), self.device, rank_row_bytes=key[1]
-                )
-            groups[name] = GroupBatch(bands[key], active)
+            decode: tuple[RankBand, ...] = ()
+            if rows:
+                used = [slots[i] for i in rows]
+                if (row_key := tuple(rows)) not in wholes:
+                    wholes[row_key] = one_band(rows, used, self._slot_rank, len(slots), self.device)
+                if (key := (row_key, self._rank_row_bytes(name, active))) not in bands:
+                    bands[key] = split_band(
+                        wholes[row_key], rows, used, self._slot_rank, len(slots), self.device, rank_row_bytes=key[1]
+                    )
+                decode = bands[key]
+            groups[name] = GroupBatch(decode + tuple(own), active)
         return LoraBatch(groups) if groups else None
+
+    def _run_band(self, run: range, slot: int) -> RankBand:
+        """The rows of one prefill chunk as one group on its slot, read in place."""
+        rows = torch.arange(run.start, run.stop, device=self.device)
+        seg = Segments(order=rows, keep=None, slots=slice(slot, slot + 1), groups=1, size=len(run))
+        return RankBand(rows, seg, self._slot_rank[slot])
 
     def _rank_row_bytes(self, group: str, active: tuple[int, ...]) -> int:
         """Bytes of one rank row of one slot in one layer, over the ``active`` projections of ``group``."""
@@ -365,7 +414,8 @@ class MultiLoraLlama(nn.Module):
         cache: PagedKVCache | None = None,
         paged: PagedBatch | None = None,  # required with a cache
         logits_at: torch.Tensor | None = None,  # (B,) long, one position index per row; None = all
-    ) -> torch.Tensor:  # (B, L, V), or (B, V) with logits_at
+        logit_rows: torch.Tensor | None = None,  # (N,) long, with L == 1: only these rows' logits
+    ) -> torch.Tensor:  # (B, L, V), or (B, V) with logits_at, or (N, V) with logit_rows
         x = F.embedding(tokens, self.embed.weight)  # (B, L, D)
         if self.embed_scale is not None:
             x = x * self.embed_scale
@@ -381,6 +431,8 @@ class MultiLoraLlama(nn.Module):
             x = layer(x, ropes, lora, kv, paged, masks)
         if logits_at is not None:
             x = x[torch.arange(x.shape[0], device=x.device), logits_at]  # (B, D)
+        elif logit_rows is not None:
+            x = x[:, 0].index_select(0, logit_rows)  # (N, D)
         logits = self.lm_head(self.norm(x))
         cap = self.spec.final_softcap
         return logits if cap is None else torch.tanh(logits / cap) * cap

@@ -54,6 +54,16 @@ class PrefillLayout:
 
 
 @dataclass(frozen=True)
+class ChunkSpan:
+    """A prefill chunk inside a mixed step (``runner.step``), where every token is a row of its
+    own: rows ``row .. row + length - 1`` are its tokens, attending as ``prefill_attention`` does."""
+
+    row: int
+    length: int
+    layout: PrefillLayout
+
+
+@dataclass(frozen=True)
 class DecodeLayout:
     """The (row, block) pairs of a decode batch, built once per step for every layer.
 

@@ -27,9 +27,10 @@ def test_bench_scaling_serves_every_n_and_distribution_through_the_tiers(tiny_mo
         assert r["ttft_p99_s"] >= r["ttft_p50_s"] > 0
         assert r["store_downloads"] == 0  # the node cache was warmed before the clock
         loop = r["loop"]
-        assert loop["decode_steps"] > 0 and 1 <= loop["rows_per_step"] <= cfg.max_running and loop["ms_per_step"] > 0
-        shares = [loop[p] for p in ("decode", "prefill", "sample", "convert", "slot_write")]
-        assert all(s >= 0 for s in shares) and 0 < sum(shares) <= 1 and loop["decode"] > 0 and loop["prefill"] > 0
+        assert loop["steps"] > 0 and 0 < loop["rows_per_step"] <= cfg.max_running and loop["ms_per_step"] > 0
+        shares = [loop[p] for p in ("step", "prefill", "sample", "convert", "slot_write")]
+        assert all(s >= 0 for s in shares) and 0 < sum(shares) <= 1 and loop["step"] > 0
+        assert loop["prefill"] == 0  # every chunk joined a step's forward (none asked for prompt logprobs)
     big = runs[(12, "uniform")]
     assert big["distinct"] > 2 and big["evictions"] > 0 and big["disk_loads"] > 2
     assert runs[(3, "uniform")]["tokens"] == big["tokens"]  # the same lengths for every configuration

@@ -47,7 +47,7 @@ async def test_an_engine_whose_steps_keep_failing_reports_unhealthy(engine_facto
     def broken(*args, **kwargs):
         raise RuntimeError("CUDA error: an illegal memory access was encountered (simulated)")
 
-    engine.runner.prefill = broken
+    engine.runner.step = broken  # every forward of a step (prefill chunks join the decode rows)
     for i in range(3):
         with pytest.raises(RuntimeError, match="illegal memory access"):
             await collect(engine, engine.make_request(prompt(i), params=PARAMS))

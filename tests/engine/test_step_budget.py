@@ -15,7 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from openlora_ray.engine import sampling
 from openlora_ray.engine.request import SamplingParams
-from openlora_ray.engine.runner import DecodeRow, ModelRunner
+from openlora_ray.engine.runner import DecodeRow, ModelRunner, PrefillRow
 from openlora_ray.engine.sampling import RowContext
 from openlora_ray.lora.ops import NO_ADAPTER
 from openlora_ray.lora.weights import load_lora_weights
@@ -29,6 +29,10 @@ from openlora_ray.model.loader import load_multi_lora_model
 # path's answer); the budgets keep them from creeping up.
 OPS_PER_LAYER_BUDGET = {"base": 100, "adapters": 220}
 OPS_OUTSIDE_LAYERS_BUDGET = 150
+# A prefill chunk in a step adds its attention (gather, mask, SDPA) and, with an adapter, its own
+# LoRA group per layer: 59 ops per chunk and layer measured (one chunk with an adapter on all
+# projections, one without), where running it as a forward of its own repeated the whole layer.
+OPS_PER_CHUNK_PER_LAYER_BUDGET = 70
 
 
 class CountOps(TorchDispatchMode):
@@ -71,3 +75,31 @@ def test_a_decode_step_syncs_once_and_dispatches_a_bounded_number_of_ops(tiny_mo
     total = sum(counter.ops.values())
     print(f"{kind}, {rows} rows: {total} ops per decode step ({layers} layers); top: {counter.ops.most_common(6)}")
     assert total <= OPS_PER_LAYER_BUDGET[kind] * layers + OPS_OUTSIDE_LAYERS_BUDGET
+
+
+def test_a_step_with_prefill_chunks_syncs_nowhere_and_each_chunk_adds_a_bounded_number_of_ops(
+    tiny_model_dir, make_adapter
+):
+    """Prefill chunks join the decode rows' forward (``ModelRunner.step``): each chunk adds its own
+    attention and LoRA group per layer, not a whole forward, and no host sync."""
+    model = load_multi_lora_model(tiny_model_dir, num_slots=2, max_rank=8, dtype=torch.float32)
+    adapter = make_adapter("budget-a", r=8, alpha=4.0, seed=90)
+    model.write_slot(0, load_lora_weights("a", adapter, model.dims, 8, torch.float32))
+    runner = ModelRunner(model, num_blocks=64, block_size=4)
+    decode = [DecodeRow(token=5 + i, position=9, blocks=list(range(3 * i, 3 * i + 3)), slot=i % 2 - 1) for i in range(8)]
+    chunks = [
+        PrefillRow(tokens=list(range(3, 3 + 7)), start=0, blocks=[40, 41], slot=0, sample=True),
+        PrefillRow(tokens=list(range(20, 25)), start=4, blocks=[40, 42, 43], slot=NO_ADAPTER, sample=False),
+    ]
+    counts = []
+    for pieces in ((), chunks):
+        runner.step(decode, pieces)  # warm-up
+        with CountOps() as counter:
+            logits = runner.step(decode, pieces)
+        assert logits.shape[0] == len(decode) + sum(c.sample for c in pieces)
+        assert counter.ops["aten._local_scalar_dense"] == 0, "a hidden .item()/int()/bool(): a host sync on a GPU"
+        counts.append(sum(counter.ops.values()))
+    per_chunk_per_layer = (counts[1] - counts[0]) / len(chunks) / model.dims.num_layers
+    print(f"ops per step: {counts[0]} decode only, {counts[1]} with {len(chunks)} chunks "
+          f"({per_chunk_per_layer:.1f} per chunk per layer)")
+    assert per_chunk_per_layer <= OPS_PER_CHUNK_PER_LAYER_BUDGET

@@ -3,7 +3,8 @@
 For each tiny random model (``families.py``): the plain forward equals transformers' logits; rows
 of different lengths, each with its own adapter or none, prefilled in chunks through the paged
 cache (one of them from another row's cached prefix blocks) and then decoded together past the
-sliding window equal transformers / PEFT position by position, and so do their greedy tokens.
+sliding window equal transformers / PEFT position by position, and so do their greedy tokens; the
+same when every step is one forward of the rows decoding and the chunks of rows still prefilling.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from family_models import (
 from peft import PeftModel
 from peft_helpers import save_peft_adapter
 
-from openlora_ray.engine.runner import DecodeRow, ModelRunner
+from openlora_ray.engine.runner import DecodeRow, ModelRunner, PrefillRow
 from openlora_ray.lora.ops import NO_ADAPTER
 from openlora_ray.lora.weights import load_lora_weights
 from openlora_ray.model.family import FamilySpec, UnsupportedFamilyError
@@ -58,11 +59,15 @@ def test_the_plain_forward_equals_transformers(family_dirs, family):
     torch.testing.assert_close(got, hf(seqs).logits, **TOL)
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
-@torch.inference_mode()
-def test_paged_prefill_and_decode_with_adapters_equal_transformers_and_peft_row_by_row(family_dirs, tmp_path, family):
-    path = family_dirs(family)
-    spec = FamilySpec.from_config(load_hf(path).config)
+TOTAL = 19  # > WINDOW + the longest prompt: decode runs well past the window
+PROMPTS = [9, 3, 13, 11]
+SLOTS = [0, NO_ADAPTER, 1, 0]
+TABLES = [list(range(5 * i, 5 * i + 5)) for i in range(3)] + [[0, 1, 30, 31, 32]]  # row 3 shares row 0's first blocks
+
+
+def with_adapters(path, tmp_path, family):
+    """Our model with two PEFT adapters (different ranks and targets) in slots 0 and 1; four rows of
+    ``TOTAL`` tokens (row 3 starts with row 0's first 8) and each row's logits from transformers/PEFT."""
     model = ours(path)
     every, few = adapter_targets(family)
     adapters = {
@@ -73,17 +78,19 @@ def test_paged_prefill_and_decode_with_adapters_equal_transformers_and_peft_row_
         model.write_slot(slot, load_lora_weights(str(slot), folder, model.dims, 8, torch.float32))
     refs = {slot: PeftModel.from_pretrained(load_hf(path), folder).eval() for slot, folder in adapters.items()}
     refs[NO_ADAPTER] = load_hf(path)
-
-    total = 19  # > WINDOW + the longest prompt: decode runs well past the window
-    prompts = [9, 3, 13, 11]
-    slots = [0, NO_ADAPTER, 1, 0]
-    seqs = [random_tokens(total, seed=20 + i) for i in range(4)]
+    seqs = [random_tokens(TOTAL, seed=20 + i) for i in range(4)]
     seqs[3][:8] = seqs[0][:8]  # row 3 starts from row 0's two cached blocks
-    want = [hf_logits(refs[s], seq) for s, seq in zip(slots, seqs)]
+    return model, seqs, [hf_logits(refs[s], seq) for s, seq in zip(SLOTS, seqs)]
 
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@torch.inference_mode()
+def test_paged_prefill_and_decode_with_adapters_equal_transformers_and_peft_row_by_row(family_dirs, tmp_path, family):
+    path = family_dirs(family)
+    spec = FamilySpec.from_config(load_hf(path).config)
+    model, seqs, want = with_adapters(path, tmp_path, family)
+    total, prompts, slots, tables = TOTAL, PROMPTS, SLOTS, TABLES
     runner = ModelRunner(model, num_blocks=40, block_size=BS)
-    tables = [list(range(5 * i, 5 * i + 5)) for i in range(3)]
-    tables.append(tables[0][:2] + [30, 31, 32])
     for i, n in enumerate(prompts):
         start = 8 if i == 3 else 0  # the prefix-cached row prefills only what follows its hit
         for lo in range(start, n, CHUNK):
@@ -117,3 +124,39 @@ def test_a_family_outside_the_table_is_refused_by_name():
 
     with pytest.raises(UnsupportedFamilyError, match="'gpt2'"):
         FamilySpec.from_config(GPT2Config())
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@torch.inference_mode()
+def test_steps_mixing_decode_rows_and_prefill_chunks_equal_transformers_and_peft(family_dirs, tmp_path, family):
+    """Row i starts at step i, so most steps hold decode rows and chunks of other rows (and other
+    adapters, or none) in one forward; row 3 prefills after row 0's blocks it shares are written."""
+    path = family_dirs(family)
+    model, seqs, want = with_adapters(path, tmp_path, family)
+    runner = ModelRunner(model, num_blocks=40, block_size=BS)
+    pos = [0, 0, 0, 8]
+    mixed_steps = 0
+    for step in range(100):
+        live = [i for i in range(4) if i <= step and pos[i] < TOTAL]
+        if not live:
+            break
+        rows, chunks, decoded, sampled = [], [], [], []  # (row, position) whose logits come back, in order
+        for i in live:
+            if pos[i] < PROMPTS[i]:
+                hi = min(PROMPTS[i], pos[i] + CHUNK)
+                chunks.append(PrefillRow(seqs[i][pos[i] : hi], pos[i], TABLES[i], SLOTS[i], sample=hi == PROMPTS[i]))
+                if hi == PROMPTS[i]:
+                    sampled.append((i, hi - 1))
+                pos[i] = hi
+            else:
+                rows.append(DecodeRow(token=seqs[i][pos[i]], position=pos[i], blocks=TABLES[i], slot=SLOTS[i]))
+                decoded.append((i, pos[i]))
+                pos[i] += 1
+        mixed_steps += bool(rows and chunks)
+        expect = decoded + sampled
+        logits = runner.step(rows, chunks)
+        assert logits.shape[0] == len(expect)
+        for r, (i, p) in enumerate(expect):
+            torch.testing.assert_close(logits[r], want[i][p], **TOL)
+            assert logits[r].argmax() == want[i][p].argmax()
+    assert min(pos) == TOTAL and mixed_steps >= 3

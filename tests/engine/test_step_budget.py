@@ -86,7 +86,9 @@ def test_a_step_with_prefill_chunks_syncs_nowhere_and_each_chunk_adds_a_bounded_
     adapter = make_adapter("budget-a", r=8, alpha=4.0, seed=90)
     model.write_slot(0, load_lora_weights("a", adapter, model.dims, 8, torch.float32))
     runner = ModelRunner(model, num_blocks=64, block_size=4)
-    decode = [DecodeRow(token=5 + i, position=9, blocks=list(range(3 * i, 3 * i + 3)), slot=i % 2 - 1) for i in range(8)]
+    decode = [
+        DecodeRow(token=5 + i, position=9, blocks=list(range(3 * i, 3 * i + 3)), slot=i % 2 - 1) for i in range(8)
+    ]
     chunks = [
         PrefillRow(tokens=list(range(3, 3 + 7)), start=0, blocks=[40, 41], slot=0, sample=True),
         PrefillRow(tokens=list(range(20, 25)), start=4, blocks=[40, 42, 43], slot=NO_ADAPTER, sample=False),

@@ -1,10 +1,11 @@
 """Getting adapters into slots for the engine loop: background reads, slot pins, operator pins.
 
-Files are fetched, validated and read by worker threads (``read_lora``); everything that touches
-torch (``to_weights``, the copy into a slot) happens on the loop thread, which calls every method
-here (see ``RawLora`` for why). This object is the scheduler's ``AdapterGate``: a sequence is
-admitted once its adapter is pinned in a slot, and it computes under that adapter's *KV identity*,
-the content digest of the files the slot's weights came from.
+Files are fetched, validated, read and converted to float32 by worker threads (``read_lora``, numpy
+only); what runs torch ops (``to_weights``' cast to the model's dtype, the copy into a slot) happens
+on the loop thread, which calls every method here (see ``RawLora`` for why). This object is the
+scheduler's ``AdapterGate``: a sequence is admitted once its adapter is pinned in a slot, and it
+computes under that adapter's *KV identity*, the content digest of the files the slot's weights
+came from.
 
 An adapter id is a name; what it means can change (a re-pushed latest, store objects replaced by
 hand). So an id is first *resolved* to a local folder and the content digest of its files (by a

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file
 
@@ -47,22 +48,22 @@ class LoraWeights:
 
 @dataclass(frozen=True)
 class RawLora:
-    """An adapter as read from disk: validated header, tensors as stored, no arithmetic yet.
+    """An adapter read off the model's thread: validated, in float32, scale folded into B^T.
 
-    Reading and converting are split on purpose. Element-wise work on tensors this size makes
-    torch start an OpenMP thread team in the calling thread, and libgomp keeps that team for the
-    thread's life; once a process has more OpenMP threads than cores, every team stops
-    spin-waiting and each parallel op pays a futex wake-up. Measured here: the engine loop ran
-    prefill 1.5x and decode 1.2x slower while an idle worker thread held such a team. So worker
-    threads only read (``read_lora``) and test the values for NaN/Inf on their raw bits with numpy
-    (single-threaded; ``torch.isfinite`` per tensor was most of a load's time on the model's thread),
-    and the thread that runs the model converts (``to_weights``).
+    No torch arithmetic happens in the reading thread, on purpose. Element-wise torch work on
+    tensors this size makes torch start an OpenMP thread team in the calling thread, and libgomp
+    keeps that team for the thread's life; once a process has more OpenMP threads than cores, every
+    team stops spin-waiting and each parallel op pays a futex wake-up. Measured here: the engine
+    loop ran prefill 1.5x and decode 1.2x slower while an idle worker thread held such a team. So
+    worker threads read (``read_lora``), test the values for NaN/Inf on their raw bits and convert
+    them (widen to float32, fold the scale, transpose B) with numpy, single-threaded, and the thread
+    that runs the model only casts them to its dtype when that is not float32 (``to_weights``):
+    the conversion in torch took 3% of the engine loop's time serving 2,000 adapters.
     """
 
     adapter_id: str
     rank: int
-    scale: float
-    tensors: dict[tuple[int, str, str], torch.Tensor]  # (layer, proj, "A" | "B") -> as stored
+    modules: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]  # as ``LoraWeights.modules``, float32
     digest: str  # see ``LoraWeights.digest``
 
 
@@ -78,23 +79,39 @@ def read_lora(
     spec = validate_adapter_dir(adapter_id, adapter_dir, dims, max_rank)
     tensors = load_file(Path(adapter_dir) / WEIGHTS_FILE, device="cpu")
     # Every key parses and every dtype is one of these three: validate_adapter_dir checked them.
-    parsed = {parse_weight_key(k): t for k, t in tensors.items()}
-    for (layer, proj, ab), tensor in parsed.items():
+    pairs: dict[tuple[int, str], dict[str, np.ndarray]] = {}
+    for key, tensor in tensors.items():
+        layer, proj, ab = parse_weight_key(key)
         raw = tensor.view(torch.uint8).numpy()  # the stored bits: a view, no arithmetic
-        if count_nonfinite(raw, _SAFETENSORS_DTYPES[tensor.dtype]):
+        dtype = _SAFETENSORS_DTYPES[tensor.dtype]
+        if count_nonfinite(raw, dtype):
             raise InvalidAdapterError(adapter_id, f"layer {layer} {proj} lora_{ab} holds NaN or infinite values")
-    return RawLora(adapter_id, spec.rank, spec.config.scale, parsed, digest or folder_digest(adapter_dir))
+        pairs.setdefault((layer, proj), {})[ab] = _as_float32(raw, dtype).reshape(tensor.shape)
+    scale = np.float32(spec.config.scale)
+    modules = {
+        k: (torch.from_numpy(p["A"]), torch.from_numpy(np.ascontiguousarray((p["B"] * scale).T)))  # (r, in), (r, out)
+        for k, p in pairs.items()
+    }
+    return RawLora(adapter_id, spec.rank, modules, digest or folder_digest(adapter_dir))
 
 
 _SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 
 
+def _as_float32(raw: np.ndarray, dtype: str) -> np.ndarray:
+    """The bytes of a tensor of safetensors ``dtype`` as float32 values (exact: every value widens)."""
+    if dtype == "F32":
+        return raw.view(np.float32)
+    if dtype == "F16":
+        return raw.view(np.float16).astype(np.float32)
+    return (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)  # bfloat16: the high half of a float32
+
+
 def to_weights(raw: RawLora, dtype: torch.dtype) -> LoraWeights:
-    """Fold the scale into B and lay B out transposed: the step that must run on the model's thread."""
-    pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
-    for (layer, proj, ab), tensor in raw.tensors.items():
-        pairs.setdefault((layer, proj), {})[ab] = tensor.float()
-    modules = {k: (p["A"].to(dtype), (p["B"] * raw.scale).T.to(dtype).contiguous()) for k, p in pairs.items()}
+    """The adapter in the model's dtype: a cast on the model's thread, or nothing for float32."""
+    modules = raw.modules
+    if dtype != torch.float32:
+        modules = {k: (a.to(dtype), b.to(dtype)) for k, (a, b) in modules.items()}
     return LoraWeights(raw.adapter_id, raw.rank, modules, raw.digest)
 
 

@@ -65,6 +65,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     scaling.add_argument("--max-running", type=int, default=32, help="engine batch, at most (default: %(default)s)")
     scaling.add_argument("--host-cache-mib", type=int, default=256, help="host tier budget (default: %(default)s)")
     scaling.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
+    scaling.add_argument(
+        "--repeats", type=int, default=1,
+        help="runs of every configuration, interleaved; the loss is their median (default: %(default)s)",
+    )
     scaling.add_argument("--seed", type=int, default=0)
     scaling.add_argument("--cache-dir", type=Path, default=Path("~/.cache/openlora-ray/bench-scaling"), help="generated adapters and the node cache, kept for reruns (default: %(default)s)")
     scaling.add_argument("--out", type=Path, default=Path("bench-results/scaling.json"))
@@ -130,6 +134,7 @@ def _scaling(args: argparse.Namespace) -> int:
     cfg = ScalingConfig(
         counts=tuple(args.counts), requests=args.requests, concurrency=args.concurrency, num_slots=args.slots,
         max_running=args.max_running, host_cache_mib=args.host_cache_mib, threads=args.threads, seed=args.seed,
+        repeats=args.repeats,
     )
     run(resolve_model(args.model), cfg, args.out, args.cache_dir)
     return 0

@@ -7,7 +7,10 @@ replica's own wiring (``serve/engine_wiring.py``): the slots, the engine's host 
 node's disk cache in front of a folder store. Requests pick their adapter uniformly or by
 Zipf(1.0) rank; every configuration serves the same seeded prompt and output lengths, from a
 closed loop of more clients than the engine runs at once (so requests queue, as under load), and
-the throughput at the largest N is compared with the smallest. The disk cache holds every
+the throughput at the largest N is compared with the smallest. With ``repeats`` every configuration
+runs that many times, the repeats interleaved and each in the opposite order of N to the last (a
+machine that slows down over the run then weighs on both ends), and the loss is the median of the
+repeats' losses: on a shared VM single runs of the same configuration differ by 10 % or more. The disk cache holds every
 adapter and is warm before the clock starts (a node's steady state); the host tier and the slots
 hold what their budgets allow, so at large N nearly every request needs a load.
 
@@ -70,6 +73,7 @@ class ScalingConfig:
     max_seq_len: int = 256
     threads: int | None = None
     seed: int = 0
+    repeats: int = 1
 
 
 # ------------------------------------------------------------------------------- the adapters
@@ -259,6 +263,7 @@ def current_rss() -> int:
 class RunResult:
     adapters: int
     distribution: str
+    repeat: int
     distinct: int  # adapters the requests used
     requests: int
     tokens: int
@@ -279,7 +284,9 @@ class RunResult:
     notes: list[str] = field(default_factory=list)
 
 
-def run_one(model_dir: Path, cfg: ScalingConfig, store_root: Path, node_cache: Path, n: int, distribution: str) -> RunResult:
+def run_one(
+    model_dir: Path, cfg: ScalingConfig, store_root: Path, node_cache: Path, n: int, distribution: str, repeat: int = 0
+) -> RunResult:
     settings = EngineSettings(
         num_slots=cfg.num_slots, max_rank=max(cfg.ranks), max_running=cfg.max_running, max_seq_len=cfg.max_seq_len,
         max_queue=cfg.concurrency, host_cache_bytes=cfg.host_cache_mib * MiB, memory_budget_bytes=8 << 30,
@@ -306,7 +313,7 @@ def run_one(model_dir: Path, cfg: ScalingConfig, store_root: Path, node_cache: P
         ttfts = sorted(t for t, _ in ok)
         tokens = sum(k for _, k in ok)
         return RunResult(
-            adapters=n, distribution=distribution, distinct=len({r.adapter for r in requests}),
+            adapters=n, distribution=distribution, repeat=repeat, distinct=len({r.adapter for r in requests}),
             requests=len(ok), tokens=tokens, makespan_s=makespan, req_per_s=len(ok) / makespan,
             tok_per_s=tokens / makespan, steady_tok_per_s=steady,
             ttft_p50_s=_quantile(ttfts, 0.5), ttft_p99_s=_quantile(ttfts, 0.99),
@@ -367,21 +374,26 @@ def run(model_dir: Path, cfg: ScalingConfig, out: Path, cache_dir: Path) -> dict
     store_root = make_store(model_dir, cfg, cache_dir)
     node_cache = store_root.parent / "node-cache"
     results: list[RunResult] = []
-    for n in cfg.counts:
-        for dist in cfg.distributions:
-            # Each configuration in a fresh process: its RSS is its own, not the previous engines' leftovers.
-            results.append(isolated(cfg.threads, run_one, model_dir, cfg, store_root, node_cache, n, dist))
-            # A long run's finished configurations are kept even if it is stopped.
-            write_json(out, {"bench": "scaling", "partial": True, "cpu": cpu_model(), "runs": [asdict(r) for r in results]})
-            log.info("N=%d %s: %.3f req/s", n, dist, results[-1].req_per_s)
+    for repeat in range(cfg.repeats):
+        for n in cfg.counts if repeat % 2 == 0 else cfg.counts[::-1]:
+            for dist in cfg.distributions:
+                # Each configuration in a fresh process: its RSS is its own, not the previous engines' leftovers.
+                results.append(isolated(cfg.threads, run_one, model_dir, cfg, store_root, node_cache, n, dist, repeat))
+                # A long run's finished configurations are kept even if it is stopped.
+                runs = [asdict(r) for r in results]
+                write_json(out, {"bench": "scaling", "partial": True, "cpu": cpu_model(), "runs": runs})
+                log.info("N=%d %s (repeat %d): %.3f req/s", n, dist, repeat, results[-1].req_per_s)
     sizes = [p.stat().st_size for p in (store_root / f"bench-{i}" / "v1" / "adapter_model.safetensors"
                                         for i in range(max(cfg.counts)))]
-    loss, whole_run = {}, {}
+    loss, losses, whole_run = {}, {}, {}
+    lo_n, hi_n = min(cfg.counts), max(cfg.counts)
     for dist in cfg.distributions:
-        mine = [r for r in results if r.distribution == dist]
-        lo, hi = min(mine, key=lambda r: r.adapters), max(mine, key=lambda r: r.adapters)
-        loss[dist] = 1 - hi.steady_tok_per_s / lo.steady_tok_per_s
-        whole_run[dist] = 1 - hi.req_per_s / lo.req_per_s
+        pairs = [
+            (one(results, lo_n, dist, k), one(results, hi_n, dist, k)) for k in range(cfg.repeats)
+        ]
+        losses[dist] = [1 - hi.steady_tok_per_s / lo.steady_tok_per_s for lo, hi in pairs]
+        loss[dist] = statistics.median(losses[dist])
+        whole_run[dist] = statistics.median(1 - hi.req_per_s / lo.req_per_s for lo, hi in pairs)
     rss = [r.rss_max_mib for r in results]
     traffic = traffic_model(model_dir, cfg)
     report = {
@@ -393,7 +405,8 @@ def run(model_dir: Path, cfg: ScalingConfig, out: Path, cache_dir: Path) -> dict
         "adapter_file_mib": {"mean": statistics.mean(sizes) / MiB, "max": max(sizes) / MiB,
                              "total_at_max_n": sum(sizes) / MiB},
         "runs": [asdict(r) for r in results],
-        "throughput_loss": loss,  # of the steady throughput (see _drive)
+        "throughput_loss": loss,  # of the steady throughput (see _drive); the median over repeats
+        "throughput_loss_by_repeat": losses,
         "throughput_loss_whole_run": whole_run,  # of requests/s over the whole run, drain included
         "target_loss": TARGET_LOSS,
         "target_met": all(v <= TARGET_LOSS for v in loss.values()),
@@ -404,6 +417,10 @@ def run(model_dir: Path, cfg: ScalingConfig, out: Path, cache_dir: Path) -> dict
     write_json(out, report)
     _print(report, results)
     return report
+
+
+def one(results: list[RunResult], n: int, distribution: str, repeat: int) -> RunResult:
+    return next(r for r in results if (r.adapters, r.distribution, r.repeat) == (n, distribution, repeat))
 
 
 def expected_distinct(weights: list[float], batch: int) -> float:
@@ -454,22 +471,24 @@ def _print(report: dict[str, Any], results: list[RunResult]) -> None:
           f"{cfg['requests']} requests per run; host tier {cfg['host_cache_mib']} MiB; ranks {cfg['ranks']} on "
           f"{'+'.join(cfg['targets'])} (files {report['adapter_file_mib']['mean']:.1f} MiB mean)")
     print_table(
-        ["N", "dist", "used", "req/s", "tok/s", "steady tok/s", "TTFT p50 s", "TTFT p99 s", "slot hits", "host",
-         "disk", "store", "evictions", "RSS max MiB", "errors"],
-        [[r.adapters, r.distribution, r.distinct, r.req_per_s, r.tok_per_s, r.steady_tok_per_s, r.ttft_p50_s,
-          r.ttft_p99_s, r.slot_hits, r.host_loads, r.disk_loads, r.store_downloads, r.evictions,
+        ["N", "dist", "run", "used", "req/s", "tok/s", "steady tok/s", "TTFT p50 s", "TTFT p99 s", "slot hits",
+         "host", "disk", "store", "evictions", "RSS max MiB", "errors"],
+        [[r.adapters, r.distribution, r.repeat + 1, r.distinct, r.req_per_s, r.tok_per_s, r.steady_tok_per_s,
+          r.ttft_p50_s, r.ttft_p99_s, r.slot_hits, r.host_loads, r.disk_loads, r.store_downloads, r.evictions,
           f"{r.rss_max_mib:.0f}", r.errors] for r in results],
     )
     print("where the engine loop's time went (shares of each run's wall time):")
     print_table(
-        ["N", "dist", "steps", "decode rows/step", "ms/step", "step", "prefill alone", "sample", "convert",
+        ["N", "dist", "run", "steps", "decode rows/step", "ms/step", "step", "prefill alone", "sample", "convert",
          "slot write"],
-        [[r.adapters, r.distribution, r.loop.steps, r.loop.rows_per_step, r.loop.ms_per_step,
+        [[r.adapters, r.distribution, r.repeat + 1, r.loop.steps, r.loop.rows_per_step, r.loop.ms_per_step,
           *(f"{getattr(r.loop, p):.1%}" for p in LoopClock.PARTS)] for r in results],
     )
     for dist, loss in report["throughput_loss"].items():
-        print(f"{dist}: steady throughput {_change(loss)} from N={min(cfg['counts'])} to N={max(cfg['counts'])} "
-              f"(target: loss <= {TARGET_LOSS:.0%}); requests/s over the whole run: "
+        each = report["throughput_loss_by_repeat"][dist]
+        runs = f" (median of {len(each)} runs: {', '.join(_change(x) for x in each)})" if len(each) > 1 else ""
+        print(f"{dist}: steady throughput {_change(loss)} from N={min(cfg['counts'])} to N={max(cfg['counts'])}"
+              f"{runs} (target: loss <= {TARGET_LOSS:.0%}); requests/s over the whole run: "
               f"{_change(report['throughput_loss_whole_run'][dist])}")
     b = report["traffic_model"]
     print(f"memory-traffic model: a decode step of a full batch ({cfg['max_running']} rows) reads the base weights "

@@ -12,14 +12,18 @@ from openlora_ray.bench.scaling_bench import ScalingConfig, make_store, run
 def test_bench_scaling_serves_every_n_and_distribution_through_the_tiers(tiny_model_dir, tmp_path, capsys):
     cfg = ScalingConfig(
         counts=(3, 12), ranks=(2, 4, 8), num_slots=2, max_running=4, concurrency=6, requests=16,
-        prompt_range=(4, 12), output_range=(2, 6), host_cache_mib=1, max_seq_len=64, threads=1,
+        prompt_range=(4, 12), output_range=(2, 6), host_cache_mib=1, max_seq_len=64, threads=1, repeats=2,
     )
     report = run(tiny_model_dir, cfg, tmp_path / "scaling.json", tmp_path / "cache")
     saved = json.loads((tmp_path / "scaling.json").read_text())
     assert saved["throughput_loss"] == report["throughput_loss"] and set(saved["throughput_loss"]) == {"uniform", "zipf"}
     assert set(saved["throughput_loss_whole_run"]) == {"uniform", "zipf"}
     assert saved["cpu"] and saved["target_loss"] == 0.05
-    runs = {(r["adapters"], r["distribution"]): r for r in saved["runs"]}
+    order = [(r["adapters"], r["repeat"]) for r in saved["runs"]][::2]
+    assert order == [(3, 0), (12, 0), (12, 1), (3, 1)]  # each repeat in the other order of N
+    for dist, each in saved["throughput_loss_by_repeat"].items():
+        assert len(each) == 2 and saved["throughput_loss"][dist] == pytest.approx(sum(each) / 2)  # the median of two
+    runs = {(r["adapters"], r["distribution"]): r for r in saved["runs"] if r["repeat"] == 0}
     assert set(runs) == {(3, "uniform"), (3, "zipf"), (12, "uniform"), (12, "zipf")}
     for r in runs.values():
         assert r["errors"] == 0 and r["requests"] == 16 and r["req_per_s"] > 0 and r["rss_max_mib"] > 0
@@ -37,6 +41,7 @@ def test_bench_scaling_serves_every_n_and_distribution_through_the_tiers(tiny_mo
     out = capsys.readouterr().out
     assert "where the engine loop's time went" in out
     assert runs[(12, "uniform")]["loop"]["convert"] > 0 and runs[(12, "uniform")]["loop"]["slot_write"] > 0
+    assert "(median of 2 runs:" in out
     assert "bench scaling on" in out and "uniform: steady throughput" in out and "memory-traffic model" in out
     bound = saved["traffic_model"]["by_distribution"]["uniform"]
     assert bound["distinct_lo"] == pytest.approx(3 * (1 - (2 / 3) ** 4))  # 4 rows over 3 adapters

@@ -374,26 +374,18 @@ def run(model_dir: Path, cfg: ScalingConfig, out: Path, cache_dir: Path) -> dict
     store_root = make_store(model_dir, cfg, cache_dir)
     node_cache = store_root.parent / "node-cache"
     results: list[RunResult] = []
-    for repeat in range(cfg.repeats):
-        for n in cfg.counts if repeat % 2 == 0 else cfg.counts[::-1]:
-            for dist in cfg.distributions:
-                # Each configuration in a fresh process: its RSS is its own, not the previous engines' leftovers.
-                results.append(isolated(cfg.threads, run_one, model_dir, cfg, store_root, node_cache, n, dist, repeat))
-                # A long run's finished configurations are kept even if it is stopped.
-                runs = [asdict(r) for r in results]
-                write_json(out, {"bench": "scaling", "partial": True, "cpu": cpu_model(), "runs": runs})
-                log.info("N=%d %s (repeat %d): %.3f req/s", n, dist, repeat, results[-1].req_per_s)
+    for repeat, n, dist in run_order(cfg):
+        # Each configuration in a fresh process: its RSS is its own, not the previous engines' leftovers.
+        results.append(isolated(cfg.threads, run_one, model_dir, cfg, store_root, node_cache, n, dist, repeat))
+        # A long run's finished configurations are kept even if it is stopped.
+        runs = [asdict(r) for r in results]
+        write_json(out, {"bench": "scaling", "partial": True, "cpu": cpu_model(), "runs": runs})
+        log.info("N=%d %s (repeat %d): %.3f req/s", n, dist, repeat, results[-1].req_per_s)
     sizes = [p.stat().st_size for p in (store_root / f"bench-{i}" / "v1" / "adapter_model.safetensors"
                                         for i in range(max(cfg.counts)))]
-    loss, losses, whole_run = {}, {}, {}
-    lo_n, hi_n = min(cfg.counts), max(cfg.counts)
-    for dist in cfg.distributions:
-        pairs = [
-            (one(results, lo_n, dist, k), one(results, hi_n, dist, k)) for k in range(cfg.repeats)
-        ]
-        losses[dist] = [1 - hi.steady_tok_per_s / lo.steady_tok_per_s for lo, hi in pairs]
-        loss[dist] = statistics.median(losses[dist])
-        whole_run[dist] = statistics.median(1 - hi.req_per_s / lo.req_per_s for lo, hi in pairs)
+    losses = {dist: repeat_losses(results, cfg, dist, "steady_tok_per_s") for dist in cfg.distributions}
+    loss = {dist: statistics.median(each) for dist, each in losses.items()}
+    whole_run = {dist: statistics.median(repeat_losses(results, cfg, dist, "req_per_s")) for dist in cfg.distributions}
     rss = [r.rss_max_mib for r in results]
     traffic = traffic_model(model_dir, cfg)
     report = {
@@ -419,8 +411,25 @@ def run(model_dir: Path, cfg: ScalingConfig, out: Path, cache_dir: Path) -> dict
     return report
 
 
-def one(results: list[RunResult], n: int, distribution: str, repeat: int) -> RunResult:
-    return next(r for r in results if (r.adapters, r.distribution, r.repeat) == (n, distribution, repeat))
+def run_order(cfg: ScalingConfig) -> list[tuple[int, int, str]]:
+    """(repeat, N, distribution) in the order they run: each repeat in the opposite order of N to the last."""
+    return [
+        (repeat, n, dist)
+        for repeat in range(cfg.repeats)
+        for n in (cfg.counts if repeat % 2 == 0 else cfg.counts[::-1])
+        for dist in cfg.distributions
+    ]
+
+
+def repeat_losses(results: list[RunResult], cfg: ScalingConfig, distribution: str, metric: str) -> list[float]:
+    """``1 - metric(largest N) / metric(smallest N)`` in each repeat: the two runs of one repeat ran close in time."""
+    def at(n: int, repeat: int) -> float:
+        return next(
+            getattr(r, metric) for r in results if (r.adapters, r.distribution, r.repeat) == (n, distribution, repeat)
+        )
+
+    lo, hi = min(cfg.counts), max(cfg.counts)
+    return [1 - at(hi, k) / at(lo, k) for k in range(cfg.repeats)]
 
 
 def expected_distinct(weights: list[float], batch: int) -> float:

@@ -2,28 +2,34 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 
-from openlora_ray.bench.scaling_bench import ScalingConfig, make_store, run
+from openlora_ray.bench.scaling_bench import (
+    LoopShare,
+    RunResult,
+    ScalingConfig,
+    make_store,
+    repeat_losses,
+    run,
+    run_order,
+)
 
 
 def test_bench_scaling_serves_every_n_and_distribution_through_the_tiers(tiny_model_dir, tmp_path, capsys):
     cfg = ScalingConfig(
         counts=(3, 12), ranks=(2, 4, 8), num_slots=2, max_running=4, concurrency=6, requests=16,
-        prompt_range=(4, 12), output_range=(2, 6), host_cache_mib=1, max_seq_len=64, threads=1, repeats=2,
+        prompt_range=(4, 12), output_range=(2, 6), host_cache_mib=1, max_seq_len=64, threads=1,
     )
     report = run(tiny_model_dir, cfg, tmp_path / "scaling.json", tmp_path / "cache")
     saved = json.loads((tmp_path / "scaling.json").read_text())
     assert saved["throughput_loss"] == report["throughput_loss"] and set(saved["throughput_loss"]) == {"uniform", "zipf"}
     assert set(saved["throughput_loss_whole_run"]) == {"uniform", "zipf"}
     assert saved["cpu"] and saved["target_loss"] == 0.05
-    order = [(r["adapters"], r["repeat"]) for r in saved["runs"]][::2]
-    assert order == [(3, 0), (12, 0), (12, 1), (3, 1)]  # each repeat in the other order of N
-    for dist, each in saved["throughput_loss_by_repeat"].items():
-        assert len(each) == 2 and saved["throughput_loss"][dist] == pytest.approx(sum(each) / 2)  # the median of two
-    runs = {(r["adapters"], r["distribution"]): r for r in saved["runs"] if r["repeat"] == 0}
+    assert all(len(each) == 1 for each in saved["throughput_loss_by_repeat"].values())
+    runs = {(r["adapters"], r["distribution"]): r for r in saved["runs"]}
     assert set(runs) == {(3, "uniform"), (3, "zipf"), (12, "uniform"), (12, "zipf")}
     for r in runs.values():
         assert r["errors"] == 0 and r["requests"] == 16 and r["req_per_s"] > 0 and r["rss_max_mib"] > 0
@@ -41,7 +47,6 @@ def test_bench_scaling_serves_every_n_and_distribution_through_the_tiers(tiny_mo
     out = capsys.readouterr().out
     assert "where the engine loop's time went" in out
     assert runs[(12, "uniform")]["loop"]["convert"] > 0 and runs[(12, "uniform")]["loop"]["slot_write"] > 0
-    assert "(median of 2 runs:" in out
     assert "bench scaling on" in out and "uniform: steady throughput" in out and "memory-traffic model" in out
     bound = saved["traffic_model"]["by_distribution"]["uniform"]
     assert bound["distinct_lo"] == pytest.approx(3 * (1 - (2 / 3) ** 4))  # 4 rows over 3 adapters
@@ -55,3 +60,19 @@ def test_bench_scaling_serves_every_n_and_distribution_through_the_tiers(tiny_mo
     stamps = [f.stat().st_mtime_ns for f in files]
     make_store(tiny_model_dir, cfg, tmp_path / "cache")
     assert [f.stat().st_mtime_ns for f in files] == stamps
+
+
+def test_repeats_alternate_the_order_of_n_and_the_loss_pairs_runs_of_the_same_repeat():
+    cfg = ScalingConfig(counts=(5, 100, 2000), distributions=("uniform",), repeats=3)
+    assert [(k, n) for k, n, _ in run_order(cfg)] == [(0, 5), (0, 100), (0, 2000), (1, 2000), (1, 100), (1, 5),
+                                                       (2, 5), (2, 100), (2, 2000)]
+    steady = {(5, 0): 100.0, (2000, 0): 90.0, (5, 1): 80.0, (2000, 1): 80.0, (5, 2): 50.0, (2000, 2): 60.0}
+    template = RunResult(
+        adapters=0, distribution="uniform", repeat=0, distinct=0, requests=1, tokens=1, makespan_s=1.0, req_per_s=1.0,
+        tok_per_s=1.0, steady_tok_per_s=0.0, ttft_p50_s=0.0, ttft_p99_s=0.0, slot_hits=0, host_loads=0, disk_loads=0,
+        store_downloads=0, evictions=0, rss_max_mib=0.0,
+        loop=LoopShare(steps=1, rows_per_step=1.0, ms_per_step=1.0, step=1.0, prefill=0.0, sample=0.0, convert=0.0,
+                       slot_write=0.0),
+    )
+    results = [dataclasses.replace(template, adapters=n, repeat=k, steady_tok_per_s=v) for (n, k), v in steady.items()]
+    assert repeat_losses(results, cfg, "uniform", "steady_tok_per_s") == pytest.approx([0.1, 0.0, -0.2])

@@ -10,9 +10,10 @@ closed loop of more clients than the engine runs at once (so requests queue, as 
 the throughput at the largest N is compared with the smallest. With ``repeats`` every configuration
 runs that many times, the repeats interleaved and each in the opposite order of N to the last (a
 machine that slows down over the run then weighs on both ends), and the loss is the median of the
-repeats' losses: on a shared VM single runs of the same configuration differ by 10 % or more. The disk cache holds every
-adapter and is warm before the clock starts (a node's steady state); the host tier and the slots
-hold what their budgets allow, so at large N nearly every request needs a load.
+repeats' losses: on a shared VM single runs of the same configuration differ by 10 % or more. The
+disk cache holds every adapter and is warm before the clock starts (a node's steady state); the
+host tier and the slots hold what their budgets allow, so at large N nearly every request needs a
+load.
 
 Adapters are written straight into the store's layout (PEFT safetensors with random non-zero
 weights, and a manifest): thousands are made in seconds, and kept under ``--cache-dir`` for the

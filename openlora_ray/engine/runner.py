@@ -74,6 +74,11 @@ class ModelRunner:
         bs = self.block_size
         return [blocks[p // bs] for p in positions], [p % bs for p in positions]
 
+    def _chunk_layout(self, blocks: Sequence[int], start: int, n: int) -> PrefillLayout:
+        """A chunk of ``n`` tokens from position ``start``: the blocks its queries read, up to its end."""
+        used = -(-(start + n) // self.block_size)
+        return PrefillLayout(torch.tensor(blocks[:used], device=self.device), start)
+
     @torch.inference_mode()
     def prefill(
         self, tokens: Sequence[int], *, start: int, blocks: Sequence[int], slot: int, all_logits: bool = False
@@ -81,10 +86,8 @@ class ModelRunner:
         """Compute ``tokens`` (positions ``start..``) of one sequence; the last one's logits (V,),
         or every one's (L, V) with ``all_logits`` (for the prompt's own log probabilities)."""
         dev, n = self.device, len(tokens)
-        positions = range(start, start + n)
-        used = -(-(start + n) // self.block_size)
-        where, offsets = self._where(blocks, positions)
-        layout = PrefillLayout(torch.tensor(blocks[:used], device=dev), start)
+        where, offsets = self._where(blocks, range(start, start + n))
+        layout = self._chunk_layout(blocks, start, n)
         paged = PagedBatch(torch.tensor(where, device=dev), torch.tensor(offsets, device=dev), layout)
         ids = torch.tensor([list(tokens)], device=dev)  # (1, L)
         pos = torch.arange(start, start + n, device=dev)[None]  # (1, L)
@@ -116,8 +119,7 @@ class ModelRunner:
             offsets += chunk_offsets
             slots += [c.slot] * n
             runs.append(range(first, first + n))
-            used = -(-(c.start + n) // bs)
-            spans.append(ChunkSpan(first, n, PrefillLayout(torch.tensor(c.blocks[:used], device=dev), c.start)))
+            spans.append(ChunkSpan(first, n, self._chunk_layout(c.blocks, c.start, n)))
             if c.sample:
                 logit_rows.append(first + n - 1)
         layout = windowed = None

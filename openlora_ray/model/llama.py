@@ -376,10 +376,10 @@ class MultiLoraLlama(nn.Module):
                 i for i, s in enumerate(slots)
                 if i not in chunked and s != NO_ADAPTER and not self._slot_projs[s].isdisjoint(projs)
             ]
-            own = [b for start, b in run_bands.items() if not self._slot_projs[slots[start]].isdisjoint(projs)]
+            own = [start for start in run_bands if not self._slot_projs[slots[start]].isdisjoint(projs)]
             if not rows and not own:
                 continue
-            adapted = frozenset().union(*(self._slot_projs[slots[i]] for i in rows + list(run_bands)))
+            adapted = frozenset().union(*(self._slot_projs[slots[i]] for i in rows + own))
             active = tuple(j for j, p in enumerate(projs) if p in adapted)
             decode: tuple[RankBand, ...] = ()
             if rows:
@@ -391,7 +391,7 @@ class MultiLoraLlama(nn.Module):
                         wholes[row_key], rows, used, self._slot_rank, len(slots), self.device, rank_row_bytes=key[1]
                     )
                 decode = bands[key]
-            groups[name] = GroupBatch(decode + tuple(own), active)
+            groups[name] = GroupBatch(decode + tuple(run_bands[start] for start in own), active)
         return LoraBatch(groups) if groups else None
 
     def _run_band(self, run: range, slot: int) -> RankBand:

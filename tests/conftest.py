@@ -107,3 +107,17 @@ def tiny_qwen3_moe_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("tiny-qwen3-moe")
     model.save_pretrained(path, safe_serialization=True)
     return path
+
+
+@pytest.fixture(params=["kernel", "bmm"])
+def lora_op(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Models built inside the test run their one-token LoRA rows on the compiled CPU kernel or on bmm
+    (``lora/cpu_kernel.py``), whichever ``choose_kernel`` would have picked on this machine."""
+    from openlora_ray.lora import cpu_kernel
+
+    if request.param == "kernel" and cpu_kernel.load() is None:
+        pytest.skip("no C compiler here: the kernel cannot be built")
+    monkeypatch.setenv("OPENLORA_RAY_LORA_KERNEL", request.param)
+    cpu_kernel.choose_kernel.cache_clear()
+    yield request.param
+    cpu_kernel.choose_kernel.cache_clear()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -69,6 +70,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--repeats", type=int, default=1,
         help="runs of every configuration, interleaved; the loss is their median (default: %(default)s)",
     )
+    scaling.add_argument(
+        "--lora-ops", nargs="+", choices=("auto", "kernel", "bmm"), default=["auto"],
+        help="LoRA ops to compare, each run beside the others in every repeat (OPENLORA_RAY_LORA_KERNEL; the "
+             "first is the headline) (default: %(default)s)",
+    )
     scaling.add_argument("--seed", type=int, default=0)
     scaling.add_argument("--cache-dir", type=Path, default=Path("~/.cache/openlora-ray/bench-scaling"), help="generated adapters and the node cache, kept for reruns (default: %(default)s)")
     scaling.add_argument("--out", type=Path, default=Path("bench-results/scaling.json"))
@@ -131,10 +137,14 @@ def _scaling(args: argparse.Namespace) -> int:
     from openlora_ray.bench.scaling_bench import ScalingConfig, run
     from openlora_ray.model.prepare import resolve_model
 
+    if args.requests <= args.concurrency:  # the steady window ends when the last request is sent
+        print(f"--requests ({args.requests}) must exceed --concurrency ({args.concurrency}): with every request sent "
+              "at once there is no steady throughput to compare", file=sys.stderr)
+        return 2
     cfg = ScalingConfig(
         counts=tuple(args.counts), requests=args.requests, concurrency=args.concurrency, num_slots=args.slots,
         max_running=args.max_running, host_cache_mib=args.host_cache_mib, threads=args.threads, seed=args.seed,
-        repeats=args.repeats,
+        repeats=args.repeats, lora_ops=tuple(args.lora_ops),
     )
     run(resolve_model(args.model), cfg, args.out, args.cache_dir)
     return 0

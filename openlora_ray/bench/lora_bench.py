@@ -94,7 +94,8 @@ def run(model_dir: Path, dtype: torch.dtype, rows: int, context: int, iters: int
         copy_s = time_interleaved({"copy": lambda: ours.write_slot(0, adapters[0])}, iters=5, repeats=repeats)["copy"]
         adapter_bytes = sum(w.nbytes for w in adapters)
         names = [f"a{i}" for i in range(rows)]
-        mixed = ours.lora_batch(list(range(rows)))
+        mixed = ours.lora_batch(list(range(rows)), one_token=True)  # decode: one token per row
+        mixed_prompts = ours.lora_batch(list(range(rows)))
         cache = ours.new_kv_cache(rows * per_row, bs)
         with torch.inference_mode():
             for r in range(rows):  # the engine prefills one sequence per forward
@@ -121,7 +122,7 @@ def run(model_dir: Path, dtype: torch.dtype, rows: int, context: int, iters: int
                 },
                 "prefill": {
                     "ours_base": lambda: ours(prompt, positions, None, logits_at=last),
-                    "ours_mixed": lambda: ours(prompt, positions, mixed, logits_at=last),
+                    "ours_mixed": lambda: ours(prompt, positions, mixed_prompts, logits_at=last),
                     "hf_base": lambda: plain_hf(input_ids=prompt, logits_to_keep=1, use_cache=False),
                     "peft_mixed": lambda: peft_model(input_ids=prompt, logits_to_keep=1, use_cache=False, adapter_names=names),
                 },

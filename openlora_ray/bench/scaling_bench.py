@@ -27,6 +27,7 @@ import functools
 import json
 import logging
 import math
+import os
 import random
 import statistics
 import threading
@@ -75,6 +76,9 @@ class ScalingConfig:
     threads: int | None = None
     seed: int = 0
     repeats: int = 1
+    # LoRA ops to compare (OPENLORA_RAY_LORA_KERNEL in each run's process: auto, kernel, bmm); the
+    # losses are reported per op, run side by side in every repeat, and the first is the headline
+    lora_ops: tuple[str, ...] = ("auto",)
 
 
 # ------------------------------------------------------------------------------- the adapters
@@ -281,13 +285,23 @@ class RunResult:
     evictions: int
     rss_max_mib: float
     loop: LoopShare  # where the engine loop's time went
+    lora_op: str = "auto"  # as asked for (ScalingConfig.lora_ops)
+    lora_op_used: str = ""  # what the engine's groups run one-token rows on: kernel, bmm, or both (per shape)
     errors: int = 0
     notes: list[str] = field(default_factory=list)
 
 
 def run_one(
-    model_dir: Path, cfg: ScalingConfig, store_root: Path, node_cache: Path, n: int, distribution: str, repeat: int = 0
+    model_dir: Path,
+    cfg: ScalingConfig,
+    store_root: Path,
+    node_cache: Path,
+    n: int,
+    distribution: str,
+    repeat: int = 0,
+    lora_op: str = "auto",
 ) -> RunResult:
+    os.environ["OPENLORA_RAY_LORA_KERNEL"] = lora_op  # a process of its own: the choice is made afresh
     settings = EngineSettings(
         num_slots=cfg.num_slots, max_rank=max(cfg.ranks), max_running=cfg.max_running, max_seq_len=cfg.max_seq_len,
         max_queue=cfg.concurrency, host_cache_bytes=cfg.host_cache_mib * MiB, memory_budget_bytes=8 << 30,
@@ -321,9 +335,15 @@ def run_one(
             slot_hits=tiers.get("slot", 0), host_loads=tiers.get("host", 0), disk_loads=tiers.get("fetch", 0),
             store_downloads=resolver.fetches["store"] - fetched_before["store"], evictions=engine.stats.evictions,
             rss_max_mib=rss.max_bytes / MiB, loop=clock.share(makespan), errors=len(results) - len(ok),
+            lora_op=lora_op, lora_op_used=_op_used(engine.model),
         )
     finally:
         engine.shutdown(drain_timeout_s=1)
+
+
+def _op_used(model: Any) -> str:
+    kinds = {"kernel" if g.kernel is not None else "bmm" for layer in model.layers for g in layer.groups.values()}
+    return "+".join(sorted(kinds))
 
 
 async def _drive(
@@ -376,17 +396,25 @@ def run(model_dir: Path, cfg: ScalingConfig, out: Path, cache_dir: Path) -> dict
     node_cache = store_root.parent / "node-cache"
     results: list[RunResult] = []
     for repeat, n, dist in run_order(cfg):
-        # Each configuration in a fresh process: its RSS is its own, not the previous engines' leftovers.
-        results.append(isolated(cfg.threads, run_one, model_dir, cfg, store_root, node_cache, n, dist, repeat))
-        # A long run's finished configurations are kept even if it is stopped.
-        runs = [asdict(r) for r in results]
-        write_json(out, {"bench": "scaling", "partial": True, "cpu": cpu_model(), "runs": runs})
-        log.info("N=%d %s (repeat %d): %.3f req/s", n, dist, repeat, results[-1].req_per_s)
+        for op in cfg.lora_ops:
+            # Each configuration in a fresh process: its RSS is its own, not the previous engines' leftovers.
+            results.append(isolated(cfg.threads, run_one, model_dir, cfg, store_root, node_cache, n, dist, repeat, op))
+            # A long run's finished configurations are kept even if it is stopped.
+            runs = [asdict(r) for r in results]
+            write_json(out, {"bench": "scaling", "partial": True, "cpu": cpu_model(), "runs": runs})
+            log.info("N=%d %s (repeat %d, %s): %.3f req/s", n, dist, repeat, op, results[-1].req_per_s)
     sizes = [p.stat().st_size for p in (store_root / f"bench-{i}" / "v1" / "adapter_model.safetensors"
                                         for i in range(max(cfg.counts)))]
-    losses = {dist: repeat_losses(results, cfg, dist, "steady_tok_per_s") for dist in cfg.distributions}
+    by_op = {
+        op: {dist: repeat_losses(results, cfg, dist, "steady_tok_per_s", op) for dist in cfg.distributions}
+        for op in cfg.lora_ops
+    }
+    losses = by_op[cfg.lora_ops[0]]
     loss = {dist: statistics.median(each) for dist, each in losses.items()}
-    whole_run = {dist: statistics.median(repeat_losses(results, cfg, dist, "req_per_s")) for dist in cfg.distributions}
+    whole_run = {
+        dist: statistics.median(repeat_losses(results, cfg, dist, "req_per_s", cfg.lora_ops[0]))
+        for dist in cfg.distributions
+    }
     rss = [r.rss_max_mib for r in results]
     traffic = traffic_model(model_dir, cfg)
     report = {
@@ -401,6 +429,9 @@ def run(model_dir: Path, cfg: ScalingConfig, out: Path, cache_dir: Path) -> dict
         "throughput_loss": loss,  # of the steady throughput (see _drive); the median over repeats
         "throughput_loss_by_repeat": losses,
         "throughput_loss_whole_run": whole_run,  # of requests/s over the whole run, drain included
+        "throughput_loss_by_op": {
+            op: {dist: statistics.median(each) for dist, each in per.items()} for op, per in by_op.items()
+        },
         "target_loss": TARGET_LOSS,
         "target_met": all(v <= TARGET_LOSS for v in loss.values()),
         "traffic_model": traffic,
@@ -422,11 +453,14 @@ def run_order(cfg: ScalingConfig) -> list[tuple[int, int, str]]:
     ]
 
 
-def repeat_losses(results: list[RunResult], cfg: ScalingConfig, distribution: str, metric: str) -> list[float]:
+def repeat_losses(
+    results: list[RunResult], cfg: ScalingConfig, distribution: str, metric: str, lora_op: str = "auto"
+) -> list[float]:
     """``1 - metric(largest N) / metric(smallest N)`` in each repeat: the two runs of one repeat ran close in time."""
     def at(n: int, repeat: int) -> float:
         return next(
-            getattr(r, metric) for r in results if (r.adapters, r.distribution, r.repeat) == (n, distribution, repeat)
+            getattr(r, metric) for r in results
+            if (r.adapters, r.distribution, r.repeat, r.lora_op) == (n, distribution, repeat, lora_op)
         )
 
     lo, hi = min(cfg.counts), max(cfg.counts)
@@ -481,17 +515,18 @@ def _print(report: dict[str, Any], results: list[RunResult]) -> None:
           f"{cfg['requests']} requests per run; host tier {cfg['host_cache_mib']} MiB; ranks {cfg['ranks']} on "
           f"{'+'.join(cfg['targets'])} (files {report['adapter_file_mib']['mean']:.1f} MiB mean)")
     print_table(
-        ["N", "dist", "run", "used", "req/s", "tok/s", "steady tok/s", "TTFT p50 s", "TTFT p99 s", "slot hits",
-         "host", "disk", "store", "evictions", "RSS max MiB", "errors"],
-        [[r.adapters, r.distribution, r.repeat + 1, r.distinct, r.req_per_s, r.tok_per_s, r.steady_tok_per_s,
+        ["N", "dist", "run", "LoRA op", "used", "req/s", "tok/s", "steady tok/s", "TTFT p50 s", "TTFT p99 s",
+         "slot hits", "host", "disk", "store", "evictions", "RSS max MiB", "errors"],
+        [[r.adapters, r.distribution, r.repeat + 1, f"{r.lora_op} ({r.lora_op_used})", r.distinct, r.req_per_s,
+          r.tok_per_s, r.steady_tok_per_s,
           r.ttft_p50_s, r.ttft_p99_s, r.slot_hits, r.host_loads, r.disk_loads, r.store_downloads, r.evictions,
           f"{r.rss_max_mib:.0f}", r.errors] for r in results],
     )
     print("where the engine loop's time went (shares of each run's wall time):")
     print_table(
-        ["N", "dist", "run", "steps", "decode rows/step", "ms/step", "step", "prefill alone", "sample", "convert",
-         "slot write"],
-        [[r.adapters, r.distribution, r.repeat + 1, r.loop.steps, r.loop.rows_per_step, r.loop.ms_per_step,
+        ["N", "dist", "run", "LoRA op", "steps", "decode rows/step", "ms/step", "step", "prefill alone", "sample",
+         "convert", "slot write"],
+        [[r.adapters, r.distribution, r.repeat + 1, r.lora_op, r.loop.steps, r.loop.rows_per_step, r.loop.ms_per_step,
           *(f"{getattr(r.loop, p):.1%}" for p in LoopClock.PARTS)] for r in results],
     )
     for dist, loss in report["throughput_loss"].items():
@@ -500,6 +535,12 @@ def _print(report: dict[str, Any], results: list[RunResult]) -> None:
         print(f"{dist}: steady throughput {_change(loss)} from N={min(cfg['counts'])} to N={max(cfg['counts'])}"
               f"{runs} (target: loss <= {TARGET_LOSS:.0%}); requests/s over the whole run: "
               f"{_change(report['throughput_loss_whole_run'][dist])}")
+    if len(cfg["lora_ops"]) > 1:
+        others = "; ".join(
+            f"{op}: " + ", ".join(f"{dist} {_change(v)}" for dist, v in per.items())
+            for op, per in report["throughput_loss_by_op"].items() if op != cfg["lora_ops"][0]
+        )
+        print(f"LoRA op {cfg['lora_ops'][0]} above; the others, run beside it in every repeat (median loss): {others}")
     b = report["traffic_model"]
     print(f"memory-traffic model: a decode step of a full batch ({cfg['max_running']} rows) reads the base weights "
           f"({b['base_mib']:.0f} MiB) and each distinct adapter's slot once ({b['adapter_mib']:.1f} MiB mean):")

@@ -138,7 +138,7 @@ class ModelRunner:
         )
         ids = torch.tensor(tokens, device=dev)[:, None]  # (T, 1)
         pos = torch.tensor(positions, device=dev)[:, None]  # (T, 1)
-        lora = self.model.lora_batch(slots, runs)
+        lora = self.model.lora_batch(slots, runs, one_token=True)
         wanted = torch.tensor(logit_rows, dtype=torch.long, device=dev)  # (B + S,)
         return self.model(ids, pos, lora, self.cache, paged, logit_rows=wanted)
 

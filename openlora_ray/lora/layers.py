@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from openlora_ray.lora.cpu_kernel import CpuLoraKernel, KernelRows, choose_kernel
 from openlora_ray.lora.ops import RankBand, add_lora_delta
 
 
@@ -21,8 +22,9 @@ from openlora_ray.lora.ops import RankBand, add_lora_delta
 class GroupBatch:
     """Which rows of a batch apply LoRA in one projection group, and from which slots."""
 
-    bands: tuple[RankBand, ...]  # the rows, grouped by slot, in one or more bands of ranks
+    bands: tuple[RankBand, ...]  # the rows bmm computes, grouped by slot, in one or more bands of ranks
     active: tuple[int, ...]  # indices (within the group) of projections any of those slots adapts
+    kernel_rows: KernelRows | None = None  # one-token rows the group's CPU kernel computes (``cpu_kernel.py``)
 
 
 class LoraProjectionGroup(nn.Module):
@@ -37,6 +39,8 @@ class LoraProjectionGroup(nn.Module):
       bias    (sum_j out_j,)      base bias if the model has one (Qwen2's q/k/v), else None
       lora_a  (S, n, R, in)       A of each projection, rank zero-padded
       lora_b  (S, R, sum_j out_j) B^T of each projection concatenated along out, scale folded in
+
+    ``kernel``: the compiled CPU op for one-token rows where it beats bmm on this machine, else None.
     """
 
     def __init__(
@@ -67,12 +71,15 @@ class LoraProjectionGroup(nn.Module):
         shape_a = (num_slots, len(names), max_rank, in_features)
         self.register_buffer("lora_a", torch.zeros(shape_a, dtype=dtype, device=device))
         self.register_buffer("lora_b", torch.zeros(num_slots, max_rank, sum(self.out_splits), dtype=dtype, device=device))
+        self.kernel: CpuLoraKernel | None = choose_kernel(device, dtype, in_features, self.out_splits)
 
     def forward(self, x: torch.Tensor, lora: GroupBatch | None) -> tuple[torch.Tensor, ...]:
         y = x @ self.weight if self.transposed else F.linear(x, self.weight)  # (B, L, sum out)
         if self.bias is not None:
             y += self.bias
         if lora is not None:
+            if lora.kernel_rows is not None:
+                self.kernel.add(y, x, self.lora_a, self.lora_b, lora.kernel_rows, self.out_splits, lora.active)
             for band in lora.bands:
                 add_lora_delta(
                     y, x, self.lora_a, self.lora_b, band.rows, band.segments, band.rank, self.out_splits, lora.active
@@ -83,15 +90,16 @@ class LoraProjectionGroup(nn.Module):
         self.lora_a[slot].zero_()
         self.lora_b[slot].zero_()
 
-    def write_slot(
+    def slot_copies(
         self,
         slot: int,
         mats: dict[str, tuple[torch.Tensor, torch.Tensor]],
         rank: int,
         previous: tuple[int, frozenset[str]],
-    ) -> None:
-        """Replace a slot's contents: ``mats[name] = (A (r, in), scaled B^T (r, out))`` for the
-        projections the adapter has, zeros everywhere else.
+    ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """What replacing a slot's contents takes, as (destination view, source) pairs, source None for
+        zeros: ``mats[name] = (A (r, in), scaled B^T (r, out))`` for the projections the adapter has, zeros
+        everywhere else. The caller runs them (``MultiLoraLlama.write_slot``).
 
         ``previous`` = (rank, projections) of what the slot held ((0, {}) for an empty slot):
         only what that occupant left non-zero is cleared, and nothing is written twice. A re-load
@@ -99,20 +107,21 @@ class LoraProjectionGroup(nn.Module):
         """
         a_slot, b_slot = self.lora_a[slot], self.lora_b[slot]  # (n, R, in), (R, sum out)
         old_rank, old_names = previous
+        copies: list[tuple[torch.Tensor, torch.Tensor | None]] = []
         if old_rank > rank:
-            a_slot[:, rank:old_rank].zero_()
-            b_slot[rank:old_rank].zero_()
+            copies += [(a_slot[j, rank:old_rank], None) for j in range(len(self.names))]
+            copies.append((b_slot[rank:old_rank], None))
         start = 0
         for j, (name, width) in enumerate(zip(self.names, self.out_splits)):
             cols = slice(start, start + width)
             if name in mats:
                 a, b_t = mats[name]
-                a_slot[j, :rank].copy_(a)
-                b_slot[:rank, cols].copy_(b_t)
+                copies += [(a_slot[j, :rank], a), (b_slot[:rank, cols], b_t)]
             elif name in old_names:
-                a_slot[j, : min(rank, old_rank)].zero_()
-                b_slot[: min(rank, old_rank), cols].zero_()
+                keep = min(rank, old_rank)
+                copies += [(a_slot[j, :keep], None), (b_slot[:keep, cols], None)]
             start += width
+        return copies
 
     def bytes_per_slot(self) -> int:
         return self.lora_a[0].nbytes + self.lora_b[0].nbytes

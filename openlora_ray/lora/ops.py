@@ -34,6 +34,10 @@ on. When the slots must be gathered anyway (not read in place), the rows are spl
 ranks, each one op at its own largest rank, as long as a band saves more bytes than its extra
 dispatches cost (``BAND_COST_BYTES``). A gather copies only the projections some slot adapts (a
 q/v adapter's k rows are zeros that would be copied and multiplied).
+
+On a CPU, a step's one-token rows go instead to a compiled op (``cpu_kernel.py``) where it is built
+and faster on the machine at hand: it reads each slot at its own rank with neither padding nor gather.
+``add_lora_delta`` remains the op for prefill chunks, CUDA and every other dtype.
 """
 
 from __future__ import annotations

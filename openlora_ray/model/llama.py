@@ -24,6 +24,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from openlora_ray.adapter_format import BaseModelDims
+from openlora_ray.lora.cpu_kernel import KernelRows, copier
 from openlora_ray.lora.layers import GroupBatch, LoraProjectionGroup
 from openlora_ray.lora.ops import NO_ADAPTER, RankBand, Segments, one_band, split_band
 from openlora_ray.lora.weights import LoraWeights
@@ -317,6 +318,11 @@ class MultiLoraLlama(nn.Module):
             for layer in self.layers
             for name, group in layer.groups.items()
         }
+        # Groups whose one-token rows the compiled CPU op computes (chosen per shape, so per group name).
+        self._kernel_groups = {
+            name: group.kernel is not None for layer in self.layers for name, group in layer.groups.items()
+        }
+        self._copier = copier(self.device)  # slot writes in one compiled call on CPU, else torch copies
         # What each slot holds, for building per-group batches without touching the buffers.
         self._slot_rank = [0] * num_slots
         self._slot_projs: list[frozenset[str]] = [frozenset()] * num_slots
@@ -345,9 +351,20 @@ class MultiLoraLlama(nn.Module):
             on_device = (a.to(dev, non_blocking=True), b_t.to(dev, non_blocking=True))
             per_group.setdefault((layer, self.group_of[proj]), {})[proj] = on_device
         previous = (self._slot_rank[slot], self._slot_projs[slot])
-        for i, layer in enumerate(self.layers):
-            for name, group in layer.groups.items():
-                group.write_slot(slot, per_group.get((i, name), {}), weights.rank, previous)
+        copies = [
+            pair
+            for i, layer in enumerate(self.layers)
+            for name, group in layer.groups.items()
+            for pair in group.slot_copies(slot, per_group.get((i, name), {}), weights.rank, previous)
+        ]
+        if self._copier is not None:
+            self._copier.copy(copies)
+        else:
+            for dst, src in copies:
+                if src is None:
+                    dst.zero_()
+                else:
+                    dst.copy_(src)
         self._slot_rank[slot] = weights.rank
         self._slot_projs[slot] = weights.projections
 
@@ -358,17 +375,22 @@ class MultiLoraLlama(nn.Module):
         self._slot_rank[slot] = 0
         self._slot_projs[slot] = frozenset()
 
-    def lora_batch(self, slots: Sequence[int], runs: Sequence[range] = ()) -> LoraBatch | None:
+    def lora_batch(
+        self, slots: Sequence[int], runs: Sequence[range] = (), *, one_token: bool = False
+    ) -> LoraBatch | None:
         """Per-group indices for rows using ``slots`` (``NO_ADAPTER`` = base only). Built once per forward.
 
         ``runs``: ranges of rows that hold one prefill chunk's tokens (a mixed step), one slot per
         run. Each run is one group of its own, read in place: segmented with the decode rows, a
         40-token chunk would become 14 groups of 3 rows, each gathering a copy of its slot.
+        ``one_token``: every row holds one token (a decode or mixed step): the rows outside runs then go
+        to a group's CPU kernel where it has one; runs stay on bmm, which is faster for tall products.
         """
         groups: dict[str, GroupBatch] = {}
         # Groups with the same rows share their segments; with the same bytes per rank row too, their bands.
         wholes: dict[tuple[int, ...], RankBand] = {}
         bands: dict[tuple[tuple[int, ...], int], tuple[RankBand, ...]] = {}
+        plans: dict[tuple[int, ...], KernelRows] = {}
         chunked = {i for r in runs for i in r}
         run_bands = {r.start: self._run_band(r, slots[r.start]) for r in runs if slots[r.start] != NO_ADAPTER}
         for name, projs in self.group_projs.items():
@@ -382,7 +404,12 @@ class MultiLoraLlama(nn.Module):
             adapted = frozenset().union(*(self._slot_projs[slots[i]] for i in rows + own))
             active = tuple(j for j, p in enumerate(projs) if p in adapted)
             decode: tuple[RankBand, ...] = ()
-            if rows:
+            plan = None
+            if rows and one_token and self._kernel_groups[name]:
+                if (row_key := tuple(rows)) not in plans:
+                    plans[row_key] = KernelRows.build(rows, [slots[i] for i in rows], self._slot_rank)
+                plan = plans[row_key]
+            elif rows:
                 used = [slots[i] for i in rows]
                 if (row_key := tuple(rows)) not in wholes:
                     wholes[row_key] = one_band(rows, used, self._slot_rank, len(slots), self.device)
@@ -391,7 +418,7 @@ class MultiLoraLlama(nn.Module):
                         wholes[row_key], rows, used, self._slot_rank, len(slots), self.device, rank_row_bytes=key[1]
                     )
                 decode = bands[key]
-            groups[name] = GroupBatch(decode + tuple(run_bands[start] for start in own), active)
+            groups[name] = GroupBatch(decode + tuple(run_bands[start] for start in own), active, plan)
         return LoraBatch(groups) if groups else None
 
     def _run_band(self, run: range, slot: int) -> RankBand:

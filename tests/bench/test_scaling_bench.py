@@ -34,6 +34,7 @@ def test_bench_scaling_serves_every_n_and_distribution_through_the_tiers(tiny_mo
     for r in runs.values():
         assert r["errors"] == 0 and r["requests"] == 16 and r["req_per_s"] > 0 and r["rss_max_mib"] > 0
         assert r["steady_tok_per_s"] > 0
+        assert r["lora_op"] == "auto" and r["lora_op_used"] in {"kernel", "bmm", "bmm+kernel"}
         assert r["ttft_p99_s"] >= r["ttft_p50_s"] > 0
         assert r["store_downloads"] == 0  # the node cache was warmed before the clock
         loop = r["loop"]
@@ -76,3 +77,8 @@ def test_repeats_alternate_the_order_of_n_and_the_loss_pairs_runs_of_the_same_re
     )
     results = [dataclasses.replace(template, adapters=n, repeat=k, steady_tok_per_s=v) for (n, k), v in steady.items()]
     assert repeat_losses(results, cfg, "uniform", "steady_tok_per_s") == pytest.approx([0.1, 0.0, -0.2])
+    # Runs of another LoRA op, side by side in the same repeats, are paired with their own op only.
+    results += [dataclasses.replace(r, lora_op="bmm", steady_tok_per_s=r.steady_tok_per_s / 2 if r.adapters > 5 else 80)
+                for r in results]
+    assert repeat_losses(results, cfg, "uniform", "steady_tok_per_s") == pytest.approx([0.1, 0.0, -0.2])
+    assert repeat_losses(results, cfg, "uniform", "steady_tok_per_s", "bmm") == pytest.approx([0.4375, 0.5, 0.625])

@@ -14,8 +14,11 @@ from openlora_ray.model.paged_attention import PrefillLayout, build_decode_layou
 
 @pytest.mark.parametrize("scattered", [False, True], ids=["consecutive-blocks", "scattered-blocks"])
 @torch.inference_mode()
-def test_chunked_prefill_then_decode_through_the_paged_cache_matches_full_forward(tiny_model_dir, make_adapter, scattered):
+def test_chunked_prefill_then_decode_through_the_paged_cache_matches_full_forward(
+    tiny_model_dir, make_adapter, scattered, lora_op
+):
     model = load_multi_lora_model(tiny_model_dir, num_slots=3, max_rank=8, dtype=torch.float32)
+    assert (model.layers[0].groups["qkv"].kernel is not None) == (lora_op == "kernel")
     model.write_slot(1, load_lora_weights("a", make_adapter("kv-a", r=8, alpha=4.0, seed=31), model.dims, 8, torch.float32))
     model.write_slot(2, load_lora_weights("b", make_adapter("kv-b", r=2, alpha=7.0, targets=("k_proj", "v_proj"), seed=32), model.dims, 8, torch.float32))
     slots = [1, NO_ADAPTER, 2]
@@ -39,7 +42,7 @@ def test_chunked_prefill_then_decode_through_the_paged_cache_matches_full_forwar
             logits = model(seqs[i : i + 1, pos], pos[None], model.lora_batch([slots[i]]), cache, paged)
             torch.testing.assert_close(logits[0], full[i, pos], rtol=1e-4, atol=1e-4)
     pos = torch.tensor(lengths)
-    lora = model.lora_batch(slots)
+    lora = model.lora_batch(slots, one_token=True)
     for _ in range(total - max(lengths)):
         layout = build_decode_layout(tables, (pos + 1).tolist(), bs, torch.device("cpu"))
         blocks, offsets = zip(*(where(r, pos[r : r + 1]) for r in range(3)))
@@ -50,9 +53,13 @@ def test_chunked_prefill_then_decode_through_the_paged_cache_matches_full_forwar
 
 
 @torch.inference_mode()
-def test_writing_over_another_adapter_leaves_exactly_what_an_empty_slot_would_hold(tiny_model_dir, make_adapter):
-    """write_slot clears only what the previous occupant left; the result must still be exact."""
+def test_writing_over_another_adapter_leaves_exactly_what_an_empty_slot_would_hold(
+    tiny_model_dir, make_adapter, lora_op
+):
+    """write_slot clears only what the previous occupant left; the result must still be exact, whether the
+    copies run as one compiled call or as torch copies."""
     model = load_multi_lora_model(tiny_model_dir, num_slots=2, max_rank=8, dtype=torch.float32)
+    assert (model._copier is not None) == (lora_op == "kernel")
     big = load_lora_weights("big", make_adapter("ws-big", r=8, alpha=4.0, seed=41), model.dims, 8, torch.float32)
     small = load_lora_weights("small", make_adapter("ws-small", r=2, alpha=3.0, targets=("q_proj", "down_proj"), seed=42), model.dims, 8, torch.float32)
     model.write_slot(0, big)

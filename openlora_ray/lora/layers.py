@@ -105,8 +105,10 @@ class LoraProjectionGroup(nn.Module):
         only what that occupant left non-zero is cleared, and nothing is written twice. A re-load
         from the host tier is then one row-contiguous copy per projection.
         """
-        a_slot, b_slot = self.lora_a[slot], self.lora_b[slot]  # (n, R, in), (R, sum out)
         old_rank, old_names = previous
+        if not mats and old_names.isdisjoint(self.names):
+            return []  # nothing of the adapter's here, and the previous occupant left only zeros
+        a_slot, b_slot = self.lora_a[slot], self.lora_b[slot]  # (n, R, in), (R, sum out)
         copies: list[tuple[torch.Tensor, torch.Tensor | None]] = []
         if old_rank > rank:
             copies += [(a_slot[j, rank:old_rank], None) for j in range(len(self.names))]

@@ -348,8 +348,11 @@ class MultiLoraLlama(nn.Module):
         dev = self.device
         per_group: dict[tuple[int, str], dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
         for (layer, proj), (a, b_t) in weights.modules.items():
-            on_device = (a.to(dev, non_blocking=True), b_t.to(dev, non_blocking=True))
-            per_group.setdefault((layer, self.group_of[proj]), {})[proj] = on_device
+            # ``.to`` releases the GIL even when there is nothing to move, and getting it back can wait a
+            # switch interval behind another thread; a CPU write has a few hundred of these calls.
+            if a.device != dev:
+                a, b_t = a.to(dev, non_blocking=True), b_t.to(dev, non_blocking=True)
+            per_group.setdefault((layer, self.group_of[proj]), {})[proj] = (a, b_t)
         previous = (self._slot_rank[slot], self._slot_projs[slot])
         copies = [
             pair

@@ -7,10 +7,10 @@ every slot of a batch at the batch's largest), rows need no padding into equal g
 A slot write (``copy``) is the same copies ``LoraProjectionGroup.slot_copies`` lists, run in one call
 without the GIL (the C file says why).
 
-Built with the system's C compiler on first use, cached under ``~/.cache/openlora-ray/kernels`` by the
-hash of the source, the compiler and the CPU's flags (``-march=native`` code must not run on another
-CPU that shares the home directory), and linked to the OpenMP runtime torch has already loaded, so its
-threads are torch's. Whether it replaces bmm is decided on the machine at hand
+Built with the system's C compiler on first use, cached under ``~/.cache/openlora-ray/kernels`` (or
+``$OPENLORA_CACHE/kernels``) by the hash of the source, the compiler and the CPU's flags
+(``-march=native`` code must not run on another CPU that shares the home directory), and linked to the
+OpenMP runtime torch has already loaded, so its threads are torch's. Whether it replaces bmm is decided on the machine at hand
 (``choose_kernel``), as the weight layout is: a compiler may be missing, or bmm may win on some CPU.
 ``OPENLORA_RAY_LORA_KERNEL=bmm`` builds nothing (bmm, and slot writes as torch copies), ``=kernel`` keeps
 the op wherever it builds (benchmarks and tests).
@@ -34,10 +34,12 @@ from pathlib import Path
 
 import torch
 
+from openlora_ray.model.prepare import default_cache_root
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_lora.c")
-CACHE = Path(os.environ.get("OPENLORA_RAY_CACHE", Path.home() / ".cache" / "openlora-ray")) / "kernels"
+CACHE = default_cache_root() / "kernels"
 MODES = ("auto", "kernel", "bmm")
 
 _I32, _I64, _PTR = ctypes.c_int32, ctypes.c_int64, ctypes.c_void_p
@@ -179,7 +181,11 @@ def load() -> CpuLoraKernel | None:
                     log.warning("LoRA CPU kernel: %s failed (%s); bmm is used", cmd[0], done.stderr.strip()[:400])
                     return None
             os.replace(lib, path)  # atomic: another process may be building the same file
-    return CpuLoraKernel(path)
+    try:
+        return CpuLoraKernel(path)
+    except OSError as e:  # e.g. a cache on a noexec mount
+        log.warning("LoRA CPU kernel: cannot load %s (%s); bmm is used", path, e)
+        return None
 
 
 def _mode() -> str:

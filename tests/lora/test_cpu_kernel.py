@@ -130,6 +130,16 @@ def test_bmm_is_used_without_a_compiler_or_when_the_build_fails(fresh_choice, tm
     fresh_choice.setenv("OPENLORA_RAY_LORA_KERNEL", "kernel")
     assert cpu_kernel.choose_kernel(torch.device("cpu"), torch.float32, 64, (64,)) is None
 
+    def unloadable(path):
+        raise OSError(f"{path}: failed to map segment from shared object")
+
+    fresh_choice.setattr(cpu_kernel, "_compiler", lambda: "cc")
+    fresh_choice.setattr(cpu_kernel, "CpuLoraKernel", unloadable)
+    cpu_kernel.load.cache_clear()
+    with caplog.at_level(logging.WARNING, logger="openlora_ray.lora.cpu_kernel"):
+        assert cpu_kernel.load() is None  # built (or found), but it cannot be loaded here
+    assert "failed to map segment" in caplog.text
+
 
 def test_copy_writes_strided_rows_and_zeros_exactly_where_asked(kernel):
     dst = torch.full((4, 5, 12), 7.0)

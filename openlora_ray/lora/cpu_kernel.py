@@ -10,8 +10,9 @@ without the GIL (the C file says why).
 Built with the system's C compiler on first use, cached under ``~/.cache/openlora-ray/kernels`` (or
 ``$OPENLORA_CACHE/kernels``) by the hash of the source, the compiler and the CPU's flags
 (``-march=native`` code must not run on another CPU that shares the home directory), and linked to the
-OpenMP runtime torch has already loaded, so its threads are torch's. Whether it replaces bmm is decided on the machine at hand
-(``choose_kernel``), as the weight layout is: a compiler may be missing, or bmm may win on some CPU.
+OpenMP runtime torch has already loaded, so its threads are torch's. Whether it replaces bmm is decided
+on the machine at hand (``choose_kernel``), as the weight layout is: a compiler may be missing, or bmm
+may win on some CPU.
 ``OPENLORA_RAY_LORA_KERNEL=bmm`` builds nothing (bmm, and slot writes as torch copies), ``=kernel`` keeps
 the op wherever it builds (benchmarks and tests).
 """

@@ -28,13 +28,13 @@ import platform
 import shutil
 import subprocess
 import tempfile
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from openlora_ray.bench.timing import time_interleaved
 from openlora_ray.model.prepare import default_cache_root
 
 log = logging.getLogger(__name__)
@@ -234,14 +234,8 @@ def _kernel_wins(kernel: CpuLoraKernel, in_features: int, outs: tuple[int, ...])
         "kernel": lambda: kernel.add(y, x, a, b, plan, outs, active),
         "bmm": lambda: add_lora_delta(y, x, a, b, band.rows, band.segments, band.rank, outs, active),
     }
-    timings: dict[str, list[float]] = {name: [] for name in paths}
-    with torch.inference_mode():
-        for _ in range(repeats):  # interleaved, so that a noisy neighbour slows both alike
-            for name, fn in paths.items():
-                start = time.perf_counter()
-                fn()
-                timings[name].append(time.perf_counter() - start)
-    best = {name: sorted(t)[repeats // 2] for name, t in timings.items()}
+    with torch.inference_mode():  # interleaved, so that a noisy neighbour slows both alike
+        best = time_interleaved(paths, iters=1, repeats=repeats, warmup=0)
     log.info("LoRA op: %s (median kernel %.3f ms, bmm %.3f ms; %d rows, in %d, outs %s)",
              "kernel" if best["kernel"] < best["bmm"] else "bmm", best["kernel"] * 1e3, best["bmm"] * 1e3,
              rows, in_features, outs)

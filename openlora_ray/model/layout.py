@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import functools
 import logging
-import time
 
 import torch
 import torch.nn.functional as F
+
+from openlora_ray.bench.timing import time_interleaved
 
 log = logging.getLogger(__name__)
 
@@ -33,14 +34,9 @@ def choose_transposed(device: torch.device, dtype: torch.dtype, in_features: int
     weight = torch.randn(out_features, in_features, dtype=dtype)
     weight_t = weight.T.contiguous()
     x = torch.randn(ROWS, 1, in_features, dtype=dtype)
-    timings = {"linear": [], "transposed": []}
-    with torch.inference_mode():
-        for _ in range(REPEATS):  # interleaved, so that a noisy neighbour slows both alike
-            for name, fn in (("linear", lambda: F.linear(x, weight)), ("transposed", lambda: x @ weight_t)):
-                start = time.perf_counter()
-                fn()
-                timings[name].append(time.perf_counter() - start)
-    best = {name: sorted(t)[REPEATS // 2] for name, t in timings.items()}
+    variants = {"linear": lambda: F.linear(x, weight), "transposed": lambda: x @ weight_t}
+    with torch.inference_mode():  # interleaved, so that a noisy neighbour slows both alike
+        best = time_interleaved(variants, iters=1, repeats=REPEATS, warmup=0)
     transposed = best["transposed"] < best["linear"]
     log.info(
         "weight layout: %s (median x @ W^T %.3f ms, F.linear %.3f ms, %d rows x %d -> %d)",
